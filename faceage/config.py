@@ -1,0 +1,211 @@
+"""Typed configuration: one schema, loaded from YAML, overridable with ``--set key=value``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from faceage.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    """Fractions of the data held out; assignment hashes each file name, so it is stable."""
+
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError("split.val + split.test must leave something to train on (< 1.0)")
+        return self
+
+
+class DataConfig(_Strict):
+    format: Literal["utkface", "manifest", "prepared"] = "utkface"
+    path: str = "../shared/data/utkface"
+    split: SplitConfig = SplitConfig()
+    limit: int | None = Field(None, ge=1, description="use at most this many images (quick runs)")
+    cache_dir: str | None = Field(
+        None, description="where decoded images are cached (default ~/.cache/faceage/decoded)"
+    )
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer")
+
+
+class ModelConfig(_Strict):
+    backbone: str = "mobilenet_v2"
+    pretrained: str = Field("imagenet", description="imagenet | none | path to a state_dict")
+    weights_dir: str | None = Field(
+        "../shared/weights",
+        description="folder searched for torchvision's weight files before the torch hub cache "
+        "and a download (a missing folder is skipped)",
+    )
+    input_size: int = Field(128, ge=32, le=512)
+    head_hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class AugmentConfig(_Strict):
+    flip: bool = True
+    scale: tuple[float, float] = (0.75, 1.0)
+    rotate: float = Field(10.0, ge=0.0, le=45.0)
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    grayscale: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class StageConfig(_Strict):
+    """One stage of progressive unfreezing.
+
+    ``train`` names the layer groups that learn in this stage: ``"all"``, an int N (the head plus
+    the N backbone groups nearest the output), or an explicit list of group names.
+    """
+
+    name: str | None = None
+    train: int | Literal["all"] | list[str] = 0
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class ScheduleConfig(_Strict):
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [
+            StageConfig(name="head", train=0, epochs=1, lr=1e-3),
+            StageConfig(name="top", train=3, epochs=1, lr=3e-4),
+        ]
+    )
+    layer_lr_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="LR multiplier per group step away from the head"
+    )
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="share of each stage spent warming up")
+    decay: Literal["cosine", "plateau", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(1, ge=0)
+
+    @field_validator("stages")
+    @classmethod
+    def _non_empty(cls, v: list[StageConfig]) -> list[StageConfig]:
+        if not v:
+            raise ValueError("schedule.stages needs at least one stage")
+        return v
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(64, ge=1, description="per worker")
+    loss: Literal["l1", "smooth_l1", "mse"] = "l1"
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment: AugmentConfig = AugmentConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: AMP fp16 on GPUs, bf16 on CPUs with native bf16, else fp32"
+    )
+    channels_last: bool = True
+    eval_tta: bool = Field(False, description="average with the flipped image when validating")
+    keep_checkpoints: int = Field(2, ge=1, description="best N checkpoints kept, by val MAE")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs, tests)")
+    fail_at_epoch: int | None = Field(
+        None, description="testing aid: the first attempt crashes one worker at this epoch"
+    )
+
+
+class ScalingSettings(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float | None = Field(None, gt=0.0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+
+
+class Config(_Strict):
+    name: str = "faceage"
+    storage_path: str = "runs"
+    seed: int = 0
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: no end)")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSettings = ScalingSettings()
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.schedule.stages)
+
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML, so ``3``, ``1e-4``, ``true``, ``[a, b]`` get their types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a raw config dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.batch_size=32")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source} is not valid:"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise UserError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p} must hold a mapping of settings at the top level")
+        source = str(p)
+    apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_json(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

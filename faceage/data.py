@@ -1,0 +1,357 @@
+"""Data sets: UTKFace file names, CSV manifests and prepared indexes; splits, decode cache, transforms."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from faceage.config import AugmentConfig, DataConfig, SplitConfig
+from faceage.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_(\d+)\.jpg\.chip\.jpg$")
+MAX_AGE = 120
+COLUMNS = ["path", "age", "gender", "race"]
+
+
+@dataclass
+class LoadReport:
+    """What a reader kept and what it skipped, so a run can say it once."""
+
+    kept: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, []).append(path)
+
+    def summary(self, first: int = 3) -> str:
+        parts = [f"{self.kept} images"]
+        for reason, paths in self.skipped.items():
+            shown = ", ".join(os.path.basename(p) for p in paths[:first])
+            more = " ..." if len(paths) > first else ""
+            parts.append(f"skipped {len(paths)} {reason} ({shown}{more})")
+        return "; ".join(parts)
+
+
+def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
+    """Age, gender, race from ``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``; None if malformed."""
+    m = UTKFACE_NAME.match(name)
+    if not m:
+        return None
+    age = int(m.group(1))
+    if not 0 < age <= MAX_AGE:
+        return None
+    return age, int(m.group(2)), int(m.group(3))
+
+
+def _require_dir(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"data directory not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"expected a directory of UTKFace images, got a file: {path}")
+
+
+def read_utkface(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
+    """Every well-named UTKFace image under ``directory``; malformed names are counted, not fatal."""
+    root = Path(directory).expanduser()
+    _require_dir(root)
+    report = LoadReport()
+    rows = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_file() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        labels = parse_utkface_name(entry.name)
+        if labels is None:
+            report.skip("malformed names", entry.path)
+            continue
+        rows.append((entry.path, *labels))
+    if not rows:
+        raise UserError(
+            f"no UTKFace images found in {root} (expected names like "
+            "25_0_1_20170116174525125.jpg.chip.jpg)"
+        )
+    report.kept = len(rows)
+    return pd.DataFrame(rows, columns=COLUMNS), report
+
+
+def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, LoadReport]:
+    """A CSV with ``path,age`` (extra columns kept); relative paths are relative to the CSV."""
+    p = Path(csv_path).expanduser()
+    if not p.is_file():
+        raise UserError(f"manifest not found: {p}")
+    try:
+        df = pd.read_csv(p)
+    except Exception as exc:
+        raise UserError(f"{p} is not a readable CSV: {exc}") from None
+    missing = {"path", "age"} - set(df.columns)
+    if missing:
+        raise UserError(f"{p} needs columns path and age; missing {sorted(missing)}")
+    report = LoadReport()
+    ages = pd.to_numeric(df["age"], errors="coerce")
+    bad = ages.isna() | (ages <= 0) | (ages > MAX_AGE)
+    for path in df.loc[bad, "path"].astype(str):
+        report.skip("rows without a valid age", path)
+    df = df.loc[~bad].copy()
+    df["age"] = ages[~bad].astype(float)
+    base = p.parent
+    df["path"] = [str(x) if os.path.isabs(str(x)) else str(base / str(x)) for x in df["path"]]
+    for col in ("gender", "race"):
+        if col not in df.columns:
+            df[col] = -1
+    if df.empty:
+        raise UserError(f"{p} lists no usable rows (path, age)")
+    report.kept = len(df)
+    return df.reset_index(drop=True), report
+
+
+def read_prepared(index_path: str | Path) -> tuple[pd.DataFrame, LoadReport]:
+    """An index written by ``faceage prepare``: rows with a face use their aligned crop."""
+    p = Path(index_path).expanduser()
+    if p.is_dir():
+        p = p / "index.csv"
+    if not p.is_file():
+        raise UserError(f"prepared index not found: {p} (run `faceage prepare` first)")
+    df = pd.read_csv(p)
+    if not {"crop_path", "age"} <= set(df.columns):
+        raise UserError(f"{p} is not a prepare index (needs crop_path and age columns)")
+    report = LoadReport()
+    no_face = df["crop_path"].isna()
+    for src in df.loc[no_face, "source_path" if "source_path" in df.columns else "age"]:
+        report.skip("images without a detected face", str(src))
+    df = df.loc[~no_face].copy()
+    base = p.parent
+    df["path"] = [c if os.path.isabs(c) else str(base / c) for c in df["crop_path"].astype(str)]
+    for col in ("gender", "race"):
+        if col not in df.columns:
+            df[col] = -1
+    report.kept = len(df)
+    if df.empty:
+        raise UserError(f"{p} lists no crops with a face")
+    return df.reset_index(drop=True), report
+
+
+def read_dataset(cfg: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
+    readers = {"utkface": read_utkface, "manifest": read_manifest, "prepared": read_prepared}
+    df, report = readers[cfg.format](cfg.path)
+    if cfg.limit is not None and len(df) > cfg.limit:
+        # A hash-ordered subset is stable and spread over all ages.
+        order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
+        df = df.iloc[np.sort(order[: cfg.limit])].reset_index(drop=True)
+    return df, report
+
+
+def _unit_hash(text: str) -> float:
+    digest = hashlib.sha1(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(paths: Sequence[str], cfg: SplitConfig) -> np.ndarray:
+    """``train``/``val``/``test`` per file, from a hash of seed and file name: stable as files come."""
+    out = []
+    for p in paths:
+        u = _unit_hash(f"{cfg.seed}:{os.path.basename(p)}")
+        out.append("test" if u < cfg.test else "val" if u < cfg.test + cfg.val else "train")
+    return np.array(out)
+
+
+# -- decoding once -------------------------------------------------------------------------------
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode an image to RGB uint8 and resize its whole frame to ``size`` x ``size``."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+        im = im.convert("RGB")
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(im, dtype=np.uint8)
+
+
+class DecodedCache:
+    """All images decoded once into a uint8 memmap (N, S, S, 3) shared by every worker on a node.
+
+    Decoding JPEGs every epoch costs more than the model on small inputs; a cache keyed by the
+    file list and size is built once (under a file lock) and reused by later runs.
+    """
+
+    def __init__(self, paths: Sequence[str], size: int, cache_dir: str | None = None):
+        self.paths = list(paths)
+        self.size = size
+        key = hashlib.sha1(("\n".join(self.paths) + f"|{size}").encode()).hexdigest()[:16]
+        root = Path(cache_dir or os.path.expanduser("~/.cache/faceage/decoded"))
+        root.mkdir(parents=True, exist_ok=True)
+        self.array_path = root / f"{key}.u8"
+        self.meta_path = root / f"{key}.json"
+        self._lock_path = root / f"{key}.lock"
+        self.valid: np.ndarray | None = None
+        self.array: np.ndarray | None = None
+
+    def build(self, progress: bool = True, threads: int | None = None) -> DecodedCache:
+        from filelock import FileLock
+
+        with FileLock(str(self._lock_path)):
+            if not self.meta_path.exists():
+                self._decode_all(progress, threads)
+        meta = json.loads(self.meta_path.read_text())
+        self.valid = np.array(meta["valid"], dtype=bool)
+        shape = (len(self.paths), self.size, self.size, 3)
+        self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r", shape=shape)
+        return self
+
+    def _decode_all(self, progress: bool, threads: int | None) -> None:
+        from tqdm import tqdm
+
+        n = len(self.paths)
+        tmp = self.array_path.with_suffix(".tmp")
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, self.size, self.size, 3))
+        valid = np.ones(n, dtype=bool)
+
+        def work(i: int) -> None:
+            try:
+                out[i] = decode_image(self.paths[i], self.size)
+            except Exception:  # unreadable or truncated: reported by the caller
+                valid[i] = False
+
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            it = pool.map(work, range(n))
+            for _ in tqdm(it, total=n, desc=f"decoding images ({self.size}px)",
+                          disable=not progress, mininterval=5):
+                pass
+        out.flush()
+        del out
+        os.replace(tmp, self.array_path)
+        self.meta_path.write_text(json.dumps({"size": self.size, "valid": valid.tolist()}))
+
+    def unreadable(self) -> list[str]:
+        assert self.valid is not None
+        return [p for p, ok in zip(self.paths, self.valid) if not ok]
+
+
+# -- transforms (defined once; the eval transform is recorded in every model file) --------------
+
+
+def cache_size_for(input_size: int) -> int:
+    """Images are cached a little larger than the input, so random crops keep detail."""
+    return int(round(input_size * 1.25))
+
+
+def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """uint8 CHW tensor of the whole face crop → normalised float tensor at ``input_size``."""
+    return T.Compose([
+        T.Resize((input_size, input_size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def train_transform(input_size: int, aug: AugmentConfig, mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD) -> T.Compose:
+    steps: list = [
+        T.RandomResizedCrop(input_size, scale=tuple(aug.scale), ratio=(0.9, 1.1), antialias=True)
+    ]
+    if aug.rotate:
+        steps.append(T.RandomRotation(aug.rotate))
+    if aug.flip:
+        steps.append(T.RandomHorizontalFlip())
+    if aug.color_jitter:
+        j = aug.color_jitter
+        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
+    if aug.grayscale:
+        steps.append(T.RandomGrayscale(aug.grayscale))
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def preprocessing_metadata(input_size: int) -> dict:
+    """What inference needs to reproduce the eval transform; stored in the model file."""
+    return {
+        "input_size": input_size,
+        "resize": "bilinear-antialias, whole crop to input_size x input_size",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "color": "RGB",
+    }
+
+
+class FaceAgeDataset(torch.utils.data.Dataset):
+    """Rows of a cached array with their ages, through a transform."""
+
+    def __init__(self, cache: DecodedCache, indices: np.ndarray, ages: np.ndarray, transform):
+        self.cache = cache
+        self.indices = np.asarray(indices)
+        self.ages = np.asarray(ages, dtype=np.float32)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(np.array(self.cache.array[self.indices[i]])).permute(2, 0, 1)
+        return self.transform(img), torch.tensor(self.ages[i])
+
+
+@dataclass
+class PreparedData:
+    """The table of images with their split, the decoded cache, and what was skipped."""
+
+    table: pd.DataFrame  # path, age, gender, race, split, cache_index
+    cache: DecodedCache
+    report: LoadReport
+
+    def subset(self, split: str) -> pd.DataFrame:
+        return self.table[self.table["split"] == split]
+
+    def summary(self) -> dict:
+        counts = self.table["split"].value_counts().to_dict()
+        train = self.subset("train")
+        return {
+            "images": int(len(self.table)),
+            "train": int(counts.get("train", 0)),
+            "val": int(counts.get("val", 0)),
+            "test": int(counts.get("test", 0)),
+            "train_age_mean": float(train["age"].mean()) if len(train) else None,
+            "train_age_std": float(train["age"].std()) if len(train) > 1 else None,
+            "skipped": {k: len(v) for k, v in self.report.skipped.items()},
+        }
+
+
+def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> PreparedData:
+    """Read, split and decode-cache a data set; unreadable images are dropped and reported."""
+    df, report = read_dataset(cfg)
+    df = df.copy()
+    df["split"] = assign_split(df["path"].tolist(), cfg.split)
+    cache = DecodedCache(df["path"].tolist(), cache_size_for(input_size), cfg.cache_dir)
+    cache.build(progress=progress)
+    df["cache_index"] = np.arange(len(df))
+    assert cache.valid is not None
+    for path in cache.unreadable():
+        report.skip("unreadable or truncated files", path)
+    df = df[cache.valid].reset_index(drop=True)
+    report.kept = len(df)
+    if df.empty:
+        raise UserError(f"none of the images in {cfg.path} could be read")
+    if (df["split"] == "train").sum() == 0:
+        raise UserError(f"no images fell into the training split of {cfg.path}; add more data")
+    return PreparedData(df, cache, report)
+
+
+def make_dataset(data: PreparedData, split: str, transform) -> FaceAgeDataset:
+    rows = data.subset(split)
+    return FaceAgeDataset(data.cache, rows["cache_index"].to_numpy(), rows["age"].to_numpy(),
+                          transform)

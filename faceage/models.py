@@ -1,0 +1,193 @@
+"""Backbone registry and the age-regression model (backbone + Linear→ReLU→Dropout→Linear head)."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from faceage.errors import UserError
+
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build a torchvision backbone and cut it into layer groups (input → output)."""
+
+    factory: Callable[..., nn.Module]
+    weights: torchvision.models.WeightsEnum
+    feature_dim: int
+    groups: Callable[[nn.Module], list[tuple[str, nn.Module]]]
+    trunk: Callable[[nn.Module], nn.Module]
+
+
+def _features_groups(bounds: list[tuple[str, int, int]]):
+    def groups(net: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(name, net.features[a:b]) for name, a, b in bounds]
+
+    return groups
+
+
+def _pooled_features(net: nn.Module) -> nn.Module:
+    return nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _resnet_groups(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    return [("stem", stem)] + [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
+
+
+def _resnet_trunk(net: nn.Module) -> nn.Module:
+    groups = [m for _, m in _resnet_groups(net)]
+    return nn.Sequential(*groups, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet_v2": BackboneSpec(
+        factory=torchvision.models.mobilenet_v2,
+        weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
+        feature_dim=1280,
+        groups=_features_groups(
+            [("stem", 0, 2), ("block1", 2, 4), ("block2", 4, 7), ("block3", 7, 11),
+             ("block4", 11, 14), ("block5", 14, 17), ("block6", 17, 19)]
+        ),
+        trunk=_pooled_features,
+    ),
+    "mobilenet_v3_large": BackboneSpec(
+        factory=torchvision.models.mobilenet_v3_large,
+        weights=torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        feature_dim=960,
+        groups=_features_groups(
+            [("stem", 0, 2), ("block1", 2, 4), ("block2", 4, 7), ("block3", 7, 11),
+             ("block4", 11, 13), ("block5", 13, 16), ("block6", 16, 17)]
+        ),
+        trunk=_pooled_features,
+    ),
+    "resnet50": BackboneSpec(
+        factory=torchvision.models.resnet50,
+        weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+        feature_dim=2048,
+        groups=_resnet_groups,
+        trunk=_resnet_trunk,
+    ),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}"
+        ) from None
+
+
+class AgeRegressor(nn.Module):
+    """A pretrained trunk and a small regression head; ``forward`` returns ages in years, shape (B,)."""
+
+    def __init__(self, backbone: str, head_hidden: int = 256, dropout: float = 0.3,
+                 net: nn.Module | None = None):
+        super().__init__()
+        spec = backbone_spec(backbone)
+        net = net if net is not None else spec.factory(weights=None)
+        self.backbone_name = backbone
+        self.trunk = spec.trunk(net)
+        self._group_modules = spec.groups(net)
+        self.head = nn.Sequential(
+            nn.Linear(spec.feature_dim, head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, 1),
+        )
+        # The head predicts a standardised age; these buffers travel with the weights so a
+        # model file is self-contained. Defaults are UTKFace's rough mean and spread.
+        self.register_buffer("age_mean", torch.tensor(33.0))
+        self.register_buffer("age_std", torch.tensor(20.0))
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        """Named parameter groups from input to output, the head last."""
+        return [*self._group_modules, (HEAD, self.head)]
+
+    def group_names(self) -> list[str]:
+        return [name for name, _ in self.layer_groups()]
+
+    def set_target_stats(self, mean: float, std: float) -> None:
+        self.age_mean.fill_(float(mean))
+        self.age_std.fill_(max(float(std), 1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.trunk(x)).squeeze(1)
+        return z.float() * self.age_std + self.age_mean
+
+
+def _weights_file(spec: BackboneSpec, weights_dir: str | None) -> Path | None:
+    """A local copy of torchvision's weight file, looked up by its published file name."""
+    filename = os.path.basename(spec.weights.url)
+    dirs = [weights_dir] if weights_dir else []
+    dirs.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
+    for d in dirs:
+        p = Path(d).expanduser() / filename
+        if p.is_file():
+            return p
+    return None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"pretrained weights file not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise UserError(f"{p} is not a loadable PyTorch state_dict: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{p} does not hold a state_dict (a dict of tensors)")
+    return state
+
+
+def _pretrained_net(backbone: str, pretrained: str, weights_dir: str | None) -> nn.Module:
+    spec = backbone_spec(backbone)
+    net = spec.factory(weights=None)
+    if pretrained == "none":
+        return net
+    if pretrained == "imagenet":
+        local = _weights_file(spec, weights_dir)
+        if local is None:
+            try:
+                # torchvision's own API: downloads into $TORCH_HOME/hub/checkpoints once.
+                return spec.factory(weights=spec.weights)
+            except (urllib.error.URLError, OSError) as exc:
+                name = os.path.basename(spec.weights.url)
+                raise UserError(
+                    f"could not download ImageNet weights for {backbone} ({exc}). Offline, copy "
+                    f"{name} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} or set "
+                    "model.weights_dir to the folder holding it, or use model.pretrained=none."
+                ) from None
+        state = load_state_dict_file(local)
+    else:
+        state = load_state_dict_file(pretrained)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    # The ImageNet classifier is replaced by our head, so only trunk keys matter.
+    missing = [k for k in missing if not k.startswith(("classifier", "fc."))]
+    if missing or len(unexpected) > len(state) // 2:
+        raise UserError(
+            f"weights {pretrained!r} do not fit backbone {backbone}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {list(unexpected)[:3]})"
+        )
+    return net
+
+
+def build_model(backbone: str, pretrained: str = "none", head_hidden: int = 256,
+                dropout: float = 0.3, weights_dir: str | None = None) -> AgeRegressor:
+    """Build an ``AgeRegressor``; ``pretrained`` is ``imagenet``, ``none`` or a state_dict path."""
+    net = _pretrained_net(backbone, pretrained, weights_dir)
+    return AgeRegressor(backbone, head_hidden=head_hidden, dropout=dropout, net=net)

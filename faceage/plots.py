@@ -1,0 +1,72 @@
+"""PNG figures written next to the JSON reports: learning curves, predicted vs true, error by age."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def learning_curves(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Train loss and val MAE per epoch, with stage boundaries marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss")
+    ax2.plot(epochs, [h["val_mae"] for h in history], marker="o", color="tab:red",
+             label="val MAE")
+    if any("train_mae" in h for h in history):
+        ax2.plot(epochs, [h.get("train_mae", np.nan) for h in history], marker=".",
+                 color="tab:gray", label="train MAE (running)")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("years")
+    for ax in (ax1, ax2):
+        prev = None
+        for h in history:
+            if prev is not None and h["stage"] != prev:
+                ax.axvline(h["epoch"] - 0.5, color="k", alpha=0.3, linestyle="--")
+                ax.text(h["epoch"] - 0.45, ax.get_ylim()[1], h.get("stage_name", ""),
+                        va="top", fontsize=8, alpha=0.7)
+            prev = h["stage"]
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "learning curves")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def prediction_report(pred, true, by_decade: dict, path: str | Path, title: str = "") -> Path:
+    """Predicted vs true scatter and MAE by age decade."""
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax1.scatter(true, pred, s=4, alpha=0.35)
+    hi = max(float(true.max(initial=1)), float(pred.max(initial=1))) + 5
+    ax1.plot([0, hi], [0, hi], "k--", alpha=0.5)
+    ax1.set_xlim(0, hi)
+    ax1.set_ylim(0, hi)
+    ax1.set_xlabel("true age")
+    ax1.set_ylabel("predicted age")
+    ax1.grid(alpha=0.3)
+    labels = list(by_decade)
+    ax2.bar(labels, [by_decade[k]["mae"] for k in labels], color="tab:orange")
+    for i, k in enumerate(labels):
+        ax2.text(i, by_decade[k]["mae"], f"n={by_decade[k]['n']}", ha="center", va="bottom",
+                 fontsize=7)
+    ax2.set_xlabel("true age decade")
+    ax2.set_ylabel("MAE (years)")
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle(title or "predictions")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
