@@ -145,6 +145,28 @@ class Config(_Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def with_absolute_paths(self, base: str | Path | None = None) -> Config:
+        """A copy whose local paths are absolute, resolved against ``base`` (default: cwd).
+
+        Ray workers may run in another directory (a job's uploaded working dir, another node),
+        so the driver resolves paths before shipping the config.
+        """
+        root = Path(base) if base is not None else Path.cwd()
+
+        def fix(p: str | None) -> str | None:
+            if p is None or "://" in p:  # leave s3://, gs://, ... alone
+                return p
+            return str((root / Path(p).expanduser()).resolve())
+
+        out = self.model_copy(deep=True)
+        out.storage_path = fix(out.storage_path)
+        out.data.path = fix(out.data.path)
+        out.data.cache_dir = fix(out.data.cache_dir)
+        out.model.weights_dir = fix(out.model.weights_dir)
+        if out.model.pretrained not in ("imagenet", "none"):
+            out.model.pretrained = fix(out.model.pretrained)
+        return out
+
 
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML, so ``3``, ``1e-4``, ``true``, ``[a, b]`` get their types."""

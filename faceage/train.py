@@ -391,6 +391,7 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
 
     from faceage.plots import learning_curves
 
+    cfg = cfg.with_absolute_paths()
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
