@@ -8,7 +8,7 @@ import os
 import sys
 
 from faceage import __version__
-from faceage.errors import UserError
+from faceage.errors import TrainingFailed, UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -17,6 +17,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     run_training(load_config(args.config, flat_overrides(args)))
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from faceage.predict import run_predict
+
+    return run_predict(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from faceage.evaluate import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from faceage.prepare import run_prepare_command
+
+    return run_prepare_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the best checkpoint as a model file.")
     add_train_arguments(t)
     t.set_defaults(func=_cmd_train)
+
+    from faceage.evaluate import add_evaluate_arguments
+    from faceage.predict import add_predict_arguments
+    from faceage.prepare import add_prepare_arguments
+
+    pr = sub.add_parser("prepare", help="detect and align faces of a data set with Ray Data",
+                        description="Detect, align and crop every image's face in parallel "
+                                    "(Ray Data), writing crops, index.csv and prepare.json.")
+    add_prepare_arguments(pr)
+    pr.set_defaults(func=_cmd_prepare)
+
+    pd_ = sub.add_parser("predict", help="ages of the faces in photos, folders or a video",
+                         description="Detect, align and estimate the age of every face.")
+    add_predict_arguments(pd_)
+    pd_.set_defaults(func=_cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="MAE, RMSE, CS@5 of a model file on a labelled set",
+                        description="Evaluate a model file; writes a JSON report and a PNG.")
+    add_evaluate_arguments(ev)
+    ev.set_defaults(func=_cmd_evaluate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Under `uv run`, Ray would rebuild the uv project (a copy of the checkout and a fresh .venv)
+    # for every worker; the environment this command runs in already has everything.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -43,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

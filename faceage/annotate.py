@@ -1,0 +1,40 @@
+"""Draw face records (boxes, landmarks, ages) on a picture; Pillow only, so clients can use it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+BOX_COLOUR = (0, 220, 90)
+TEXT_COLOUR = (0, 0, 0)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def draw_faces(image: np.ndarray | Image.Image, faces: Sequence[dict[str, Any]]) -> Image.Image:
+    """A copy of ``image`` with each face record's box, landmarks and age drawn on it."""
+    im = Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    width = max(2, round(min(im.size) / 250))
+    for face in faces:
+        x1, y1, x2, y2 = face["box"]
+        draw.rectangle([x1, y1, x2, y2], outline=BOX_COLOUR, width=width)
+        for x, y in face.get("landmarks") or []:
+            draw.ellipse([x - width, y - width, x + width, y + width], fill=BOX_COLOUR)
+        label = f"{face['age']:.0f}"
+        font = _font(max(12, round((y2 - y1) / 5)))
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        tw, th = right - left, bottom - top
+        ty = y1 - th - 2 * width if y1 - th - 2 * width >= 0 else y1
+        draw.rectangle([x1, ty, x1 + tw + 2 * width, ty + th + 2 * width], fill=BOX_COLOUR)
+        draw.text((x1 + width - left, ty + width - top), label, fill=TEXT_COLOUR, font=font)
+    return im

@@ -1,0 +1,188 @@
+"""``faceage prepare``: detect and align every face of a labelled data set in parallel (Ray Data).
+
+Writes ``OUT/crops/...`` (one aligned crop per image: its largest face), ``OUT/index.csv`` (one row
+per source image, faceless and unreadable ones included with an empty ``crop_path``) and
+``OUT/prepare.json`` (the crop policy and detector settings, which training copies into the
+model file). Train on it with ``faceage train --set data.format=prepared data.path=OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from faceage.config import DataConfig
+from faceage.data import read_dataset
+from faceage.errors import UserError
+from faceage.vision import CropPolicy, DetectorConfig
+
+INDEX_COLUMNS = ["source_path", "crop_path", "age", "gender", "race", "status", "faces", "score",
+                 "x1", "y1", "x2", "y2", "error"]
+DEFAULT_CROP_SIZE = 200  # the UTKFace chip size; training resizes from here
+
+
+def crop_name(source: str, root: Path) -> str:
+    """The crop's path under ``crops/``: the source's path below the data root, as a JPEG.
+
+    Keeping the file name keeps the hash-based train/val/test split of the source data.
+    """
+    src = Path(source)
+    try:
+        rel = src.resolve().relative_to(root.resolve())
+    except ValueError:
+        rel = Path(src.name)
+    name = str(rel)
+    return name if name.lower().endswith((".jpg", ".jpeg")) else name + ".jpg"
+
+
+class DetectAlignCrops:
+    """A Ray Data actor: decodes, detects, aligns and writes the crop of each row's image."""
+
+    def __init__(self, out_dir: str, root: str, policy: dict, size: int, detector: dict,
+                 no_face: str = "skip", threads: int = 1):
+        import torch
+
+        from faceage.vision import FaceFinder
+
+        torch.set_num_threads(threads)
+        self.out_dir = Path(out_dir)
+        self.root = Path(root)
+        self.finder = FaceFinder(policy, size, detector, no_face)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from PIL import Image
+
+        from faceage.errors import ImageError
+        from faceage.vision import load_image
+
+        rows = []
+        for rec in batch.to_dict("records"):
+            row: dict[str, Any] = {c: rec.get(c) for c in ("source_path", "age", "gender", "race")}
+            row.update(crop_path=None, status="ok", faces=0, score=np.nan, x1=np.nan,
+                       y1=np.nan, x2=np.nan, y2=np.nan, error=None)
+            try:
+                image = load_image(rec["source_path"])
+                faces = self.finder.find(image)
+            except ImageError as exc:
+                row.update(status="unreadable", error=str(exc))
+                rows.append(row)
+                continue
+            row["faces"] = len(faces)
+            if not faces:
+                row["status"] = "no-face"
+                rows.append(row)
+                continue
+            face = faces[0]
+            name = crop_name(rec["source_path"], self.root)
+            target = self.out_dir / "crops" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(face.crop).save(target, quality=95)
+            x1, y1, x2, y2 = (float(v) for v in face.box)
+            row.update(crop_path=f"crops/{name}", score=float(face.score), x1=x1, y1=y1, x2=x2,
+                       y2=y2)
+            rows.append(row)
+        return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+
+
+def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
+                size: int = DEFAULT_CROP_SIZE, policy: CropPolicy | None = None,
+                detector: DetectorConfig | None = None, workers: int | None = None,
+                no_face: str = "skip", batch_size: int = 16) -> dict[str, Any]:
+    """Prepare ``data`` into ``out`` on the current Ray cluster; returns the summary."""
+    import ray
+
+    policy = policy or CropPolicy()
+    detector = detector or DetectorConfig()
+    df, load_report = read_dataset(DataConfig(format=fmt, path=data, limit=limit))
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(data).expanduser().resolve()
+    root = root if root.is_dir() else root.parent
+    table = df.rename(columns={"path": "source_path"})[["source_path", "age", "gender", "race"]]
+    table["source_path"] = [str(Path(p).resolve()) for p in table["source_path"]]
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = workers or max(1, cpus)
+    # Enough blocks that every actor stays busy and progress moves steadily.
+    blocks = max(1, min(len(table) // batch_size, workers * 8))
+    started = time.perf_counter()
+    ds = ray.data.from_pandas(np.array_split(table, blocks))
+    ds = ds.map_batches(
+        DetectAlignCrops,
+        fn_constructor_kwargs={"out_dir": str(out_dir), "root": str(root),
+                               "policy": policy.to_metadata(), "size": size,
+                               "detector": detector.model_dump(mode="json"), "no_face": no_face},
+        batch_size=batch_size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+    )
+    index = ds.to_pandas().sort_values("source_path").reset_index(drop=True)
+    seconds = time.perf_counter() - started
+    index = index[INDEX_COLUMNS]
+    index.to_csv(out_dir / "index.csv", index=False)
+    counts = index["status"].value_counts().to_dict()
+    summary = {
+        "images": int(len(index)),
+        "with_face": int(counts.get("ok", 0)),
+        "no_face": int(counts.get("no-face", 0)),
+        "unreadable": int(counts.get("unreadable", 0)),
+        "several_faces": int((index["faces"] > 1).sum()),
+        "skipped_when_reading": {k: len(v) for k, v in load_report.skipped.items()},
+        "seconds": round(seconds, 1),
+        "images_per_second": round(len(index) / max(seconds, 1e-9), 1),
+        "workers": workers,
+    }
+    meta = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(Path(data).expanduser().resolve()), "format": fmt, "limit": limit},
+        "crop_policy": policy.to_metadata(),
+        "crop_size": size,
+        "detector": detector.model_dump(mode="json"),
+        "no_face": no_face,
+        "summary": summary,
+    }
+    (out_dir / "prepare.json").write_text(json.dumps(meta, indent=2))
+    return {**summary, "out": str(out_dir)}
+
+
+def run_prepare_command(args: argparse.Namespace, out=sys.stdout) -> int:
+    if args.size < 32:
+        raise UserError(f"--size {args.size}: crops need at least 32 pixels")
+    policy = CropPolicy(margin=args.margin)
+    detector = DetectorConfig(min_face_size=args.min_face_size)
+    s = run_prepare(args.data, args.format, args.out, limit=args.limit, size=args.size,
+                    policy=policy, detector=detector, workers=args.workers,
+                    no_face=args.no_face)
+    print(f"\nprepared {s['images']} images in {s['seconds']:.0f}s "
+          f"({s['images_per_second']:.1f}/s on {s['workers']} workers): "
+          f"{s['with_face']} with a face, {s['no_face']} without, {s['unreadable']} unreadable, "
+          f"{s['several_faces']} with several faces (largest kept)", file=out)
+    print(f"index:  {Path(s['out']) / 'index.csv'}\ntrain:  faceage train --set "
+          f"data.format=prepared data.path={s['out']}", file=out)
+    return 0
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="UTKFace folder or CSV manifest (path,age)")
+    p.add_argument("--format", choices=("utkface", "manifest"), default="utkface")
+    p.add_argument("--out", required=True, help="output folder for crops/, index.csv, "
+                                                "prepare.json")
+    p.add_argument("--limit", type=int, help="prepare a stable subset of this many images")
+    p.add_argument("--size", type=int, default=DEFAULT_CROP_SIZE, help="crop side in pixels")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="widen the UTKFace-chip framing by this fraction per side")
+    p.add_argument("--min-face-size", type=int, default=20, help="smallest face in pixels")
+    p.add_argument("--no-face", choices=("skip", "whole"), default="skip",
+                   help="images without a detected face: list them (skip) or use the whole "
+                        "image (whole, for pre-cropped data)")
+    p.add_argument("--workers", type=int, help="detector actors (default: one per CPU)")

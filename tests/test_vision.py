@@ -1,0 +1,329 @@
+"""Decoding, detection and alignment on committed public-domain photos (tests/data)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceage.errors import ImageError, UserError
+from faceage.vision import (
+    UTKFACE_CHIP_TEMPLATE,
+    CropPolicy,
+    DetectorConfig,
+    Face,
+    FaceDetector,
+    FaceFinder,
+    FacePipeline,
+    align_face,
+    face_record,
+    load_image,
+    whole_image_face,
+)
+
+# Eileen Collins in astronaut.jpg, read off the picture: face box and eye centres (pixels).
+ASTRONAUT_BOX = (181, 62, 268, 172)
+ASTRONAUT_EYES = ((205, 102), (247, 104))
+
+
+@pytest.fixture(scope="module")
+def astronaut(astronaut_path) -> np.ndarray:
+    return load_image(astronaut_path)
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector()
+
+
+def _png_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (the pixel data never comes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def test_load_image_from_path_bytes_and_file(astronaut_path, astronaut):
+    assert astronaut.shape == (512, 512, 3) and astronaut.dtype == np.uint8
+    data = astronaut_path.read_bytes()
+    assert np.array_equal(load_image(data), astronaut)
+    assert np.array_equal(load_image(io.BytesIO(data)), astronaut)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "1", "I;16"])
+def test_load_image_converts_modes_to_rgb(astronaut, mode):
+    src = Image.fromarray(astronaut)
+    if mode == "I;16":
+        gray = np.asarray(src.convert("L"), dtype=np.uint16) * 257  # full 16-bit range
+        im = Image.fromarray(gray)
+    else:
+        im = src.convert(mode)
+    data = _jpeg_bytes(im) if mode == "CMYK" else _png_bytes(im)
+    out = load_image(data)
+    assert out.shape == (512, 512, 3) and out.dtype == np.uint8
+    if mode in ("L", "I;16", "CMYK", "RGBA", "P"):
+        # Same picture, not clipped or inverted: close to the original's brightness.
+        ref = np.asarray(src.convert("L"), dtype=float)
+        assert abs(out.mean() - ref.mean()) < 12
+
+
+def test_transparent_pixels_become_white():
+    im = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    out = load_image(_png_bytes(im))
+    assert out.shape == (30, 40, 3)
+    assert (out == 255).all()
+
+
+def test_palette_with_transparency():
+    im = Image.new("P", (20, 10), 0)
+    im.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    im.info["transparency"] = 0
+    out = load_image(_png_bytes(im, transparency=0))
+    assert (out == 255).all()
+
+
+def test_exif_orientation_is_honoured(astronaut, detector):
+    upright = Image.fromarray(astronaut[:, :400])  # 400 wide, 512 high
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a sideways camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = load_image(_jpeg_bytes(stored, exif=exif.tobytes()))
+    assert out.shape == (512, 400, 3)
+    assert np.abs(out.astype(int) - np.asarray(upright, dtype=int)).mean() < 6
+    faces = detector.detect(out)
+    assert len(faces) == 1
+    assert np.allclose(faces[0].box, ASTRONAUT_BOX, atol=12)
+
+
+def test_sixteen_bit_scaled_not_clipped():
+    a = np.full((8, 8), 32768, dtype=np.uint16)
+    out = load_image(_png_bytes(Image.fromarray(a)))
+    assert 120 <= int(out[0, 0, 0]) <= 135
+
+
+@pytest.mark.parametrize("name,data,status,words", [
+    ("empty", b"", 400, "empty"),
+    ("text", b"this is not a picture\n" * 20, 400, "not an image"),
+    ("bomb", _png_header_only(100_000, 100_000), 413, "pixels"),
+    ("over limit", _png_header_only(9_000, 9_000), 413, "megapixels"),
+])
+def test_bad_bytes_give_image_errors(name, data, status, words):
+    with pytest.raises(ImageError) as err:
+        load_image(data, name=name)
+    assert err.value.status == status
+    assert name in str(err.value) and words in str(err.value)
+
+
+def test_truncated_jpeg_is_a_400(astronaut_path):
+    data = astronaut_path.read_bytes()
+    with pytest.raises(ImageError) as err:
+        load_image(data[: len(data) // 2], name="half.jpg")
+    assert err.value.status == 400 and "truncated" in str(err.value)
+
+
+def test_pixel_limit_is_configurable(astronaut_path):
+    with pytest.raises(ImageError) as err:
+        load_image(astronaut_path, max_pixels=100_000)
+    assert err.value.status == 413
+
+
+def test_unreadable_paths(tmp_path):
+    with pytest.raises(ImageError, match="cannot read"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="folder"):
+        load_image(tmp_path)
+
+
+# -- detection -----------------------------------------------------------------------------------
+
+
+def test_detects_the_astronaut_where_she_is(astronaut, detector):
+    faces = detector.detect(astronaut)
+    assert len(faces) == 1
+    f = faces[0]
+    assert f.score > 0.95
+    assert np.allclose(f.box, ASTRONAUT_BOX, atol=10)
+    assert np.allclose(f.landmarks[:2], ASTRONAUT_EYES, atol=6)
+
+
+def test_no_face_in_the_rocket_photo(rocket_path, detector):
+    assert detector.detect(load_image(rocket_path)) == []
+
+
+def test_thirty_faces(astronaut, detector):
+    face = np.asarray(Image.fromarray(astronaut[40:200, 160:290]).resize((80, 98)))
+    canvas = np.full((5 * 110, 6 * 100, 3), 235, np.uint8)
+    for r in range(5):
+        for c in range(6):
+            canvas[r * 110 + 6: r * 110 + 104, c * 100 + 10: c * 100 + 90] = face
+    faces = detector.detect(canvas)
+    assert len(faces) == 30
+    centres = sorted(((f.box[1] + f.box[3]) / 2 // 110, (f.box[0] + f.box[2]) / 2 // 100)
+                     for f in faces)
+    assert centres == sorted((r, c) for r in range(5) for c in range(6))
+
+
+def test_face_filling_the_frame_is_found_by_padding(astronaut, detector):
+    tight = astronaut[66:166, 175:275]  # the face alone, as in a pre-cropped chip
+    faces = detector.detect(tight)
+    assert len(faces) == 1
+    eyes = np.array(ASTRONAUT_EYES) - np.array([175, 66])
+    assert np.allclose(faces[0].landmarks[:2], eyes, atol=6)
+
+
+def test_large_images_are_detected_downscaled_and_mapped_back(astronaut, detector):
+    big = np.asarray(Image.fromarray(astronaut).resize((3072, 3072), Image.Resampling.BILINEAR))
+    faces = detector.detect(big)
+    assert len(faces) == 1
+    assert np.allclose(faces[0].box, np.array(ASTRONAUT_BOX) * 6, atol=60)
+    assert np.allclose(faces[0].landmarks[:2], np.array(ASTRONAUT_EYES) * 6, atol=36)
+
+
+def test_min_face_size_and_tiny_images(astronaut):
+    assert FaceDetector(DetectorConfig(min_face_size=200)).detect(astronaut) == []
+    assert FaceDetector().detect(np.zeros((8, 8, 3), np.uint8)) == []
+
+
+def test_grayscale_photo(astronaut, detector):
+    gray = np.repeat(np.asarray(Image.fromarray(astronaut).convert("L"))[..., None], 3, axis=2)
+    assert len(detector.detect(gray)) == 1
+
+
+def test_rejects_non_rgb_arrays(detector):
+    with pytest.raises(ImageError):
+        detector.detect(np.zeros((10, 10), np.uint8))
+
+
+# -- alignment -----------------------------------------------------------------------------------
+
+
+def _landmarks_in_crop(face: Face, policy: CropPolicy, size: int) -> np.ndarray:
+    m = policy.matrix(face, size)
+    return face.landmarks @ m[:, :2].T + m[:, 2]
+
+
+@pytest.mark.parametrize("size", [96, 200])
+def test_aligned_crop_puts_landmarks_on_the_template(astronaut, detector, size):
+    face = detector.detect(astronaut)[0]
+    policy = CropPolicy()
+    crop = align_face(astronaut, face, policy, size)
+    assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
+    pts = _landmarks_in_crop(face, policy, size)
+    assert np.allclose(pts, np.array(UTKFACE_CHIP_TEMPLATE) * size, atol=0.05 * size)
+    assert abs(pts[0, 1] - pts[1, 1]) < 0.015 * size  # eyes level
+
+
+def test_alignment_undoes_head_tilt(astronaut, detector):
+    face = detector.detect(astronaut)[0]
+    upright = align_face(astronaut, face, CropPolicy(), 128)
+    cx, cy = (face.box[:2] + face.box[2:]) / 2
+    tilted = np.asarray(Image.fromarray(astronaut).rotate(25, center=(cx, cy),
+                                                          resample=Image.Resampling.BILINEAR))
+    tface = detector.detect(tilted)[0]
+    eyes = tface.landmarks[:2]
+    assert abs(np.degrees(np.arctan2(*(eyes[1] - eyes[0])[::-1]))) > 15  # the photo is tilted
+    crop = align_face(tilted, tface, CropPolicy(), 128)
+    pts = _landmarks_in_crop(tface, CropPolicy(), 128)
+    assert abs(pts[0, 1] - pts[1, 1]) < 2.5
+    # The same face comes out: the tilted photo's crop looks like the upright one's.
+    assert np.abs(crop.astype(int) - upright.astype(int))[16:112, 16:112].mean() < 20
+
+
+def test_margin_widens_the_crop(astronaut, detector):
+    face = detector.detect(astronaut)[0]
+    tight = _landmarks_in_crop(face, CropPolicy(), 200)
+    wide = _landmarks_in_crop(face, CropPolicy(margin=0.25), 200)
+    eye_tight = np.linalg.norm(tight[1] - tight[0])
+    eye_wide = np.linalg.norm(wide[1] - wide[0])
+    assert eye_wide == pytest.approx(eye_tight / 1.5, rel=1e-6)
+
+
+def test_big_faces_are_area_averaged_not_aliased(astronaut, detector):
+    big = np.asarray(Image.fromarray(astronaut).resize((2048, 2048), Image.Resampling.BICUBIC))
+    face = detector.detect(big)[0]
+    small = detector.detect(astronaut)[0]
+    a = align_face(big, face, CropPolicy(), 64).astype(float)
+    b = align_face(astronaut, small, CropPolicy(), 64).astype(float)
+    assert np.abs(a - b).mean() < 12
+
+
+def test_whole_image_face(astronaut):
+    f = whole_image_face(astronaut[:300], 96)
+    assert f.crop.shape == (96, 96, 3)
+    assert f.box.tolist() == [0, 0, 512, 300] and f.landmarks.shape == (0, 2)
+
+
+def test_crop_policy_metadata_round_trip():
+    default = CropPolicy.from_metadata({"name": "utkface-chip"})
+    assert default == CropPolicy() == CropPolicy.from_metadata(None)
+    assert CropPolicy.from_metadata(default.to_metadata()) == default
+    box = CropPolicy(name="b", kind="box", margin=0.3, box_scale=0.9, box_shift=0.07)
+    assert CropPolicy.from_metadata(json.loads(json.dumps(box.to_metadata()))) == box
+    with pytest.raises(UserError):
+        CropPolicy.from_metadata({"name": "x", "template": [[0, 0]]})
+    with pytest.raises(UserError):
+        CropPolicy.from_metadata({"name": "x", "template": "nonsense"})
+
+
+# -- the pipeline and its JSON record -------------------------------------------------------------
+
+
+def test_face_record_is_the_documented_json(astronaut, detector):
+    face = detector.detect(astronaut)[0]
+    rec = json.loads(json.dumps(face_record(face, np.float32(41.234))))
+    assert set(rec) == {"box", "score", "age", "landmarks"}
+    assert len(rec["box"]) == 4 and all(isinstance(v, float) for v in rec["box"])
+    assert isinstance(rec["score"], float) and rec["age"] == 41.23
+    assert len(rec["landmarks"]) == 5 and all(len(p) == 2 for p in rec["landmarks"])
+
+
+def test_pipeline_predicts_each_face(untrained_model_file, astronaut, rocket_path):
+    from faceage.modelfile import load_model_file
+
+    model = load_model_file(untrained_model_file)
+    pipe = FacePipeline(model)
+    assert pipe.finder.size == 96
+    (faces, ages), (none, no_ages) = pipe.predict_faces([astronaut, load_image(rocket_path)])
+    assert len(faces) == 1 and len(ages) == 1 and np.isfinite(ages[0])
+    assert faces[0].crop.shape == (96, 96, 3)
+    assert none == [] and len(no_ages) == 0
+    records = pipe.predict(astronaut)
+    assert records[0]["age"] == pytest.approx(float(ages[0]), abs=0.01)
+    # Serve composes the same two steps: FaceFinder.find then AgeModel.predict.
+    finder = FaceFinder.for_model(model.metadata)
+    again = model.predict([f.crop for f in finder.find(astronaut)])
+    assert again[0] == pytest.approx(float(ages[0]), abs=1e-4)
+
+
+def test_no_face_whole_uses_the_image(untrained_model_file, rocket_path):
+    from faceage.modelfile import load_model_file
+
+    pipe = FacePipeline(load_model_file(untrained_model_file), no_face="whole")
+    rocket = load_image(rocket_path)
+    records = pipe.predict(rocket)
+    assert len(records) == 1
+    assert records[0]["box"] == [0.0, 0.0, float(rocket.shape[1]), float(rocket.shape[0])]
+    assert records[0]["score"] == 0.0 and records[0]["landmarks"] == []
