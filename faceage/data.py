@@ -1,4 +1,4 @@
-"""Data sets: UTKFace file names, CSV manifests and prepared indexes; splits, decode cache, transforms."""
+"""Data sets: UTKFace names, CSV manifests, prepared indexes; splits, decode cache, transforms."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2 as T
 
 from faceage.config import AugmentConfig, DataConfig, SplitConfig
@@ -37,16 +39,20 @@ class LoadReport:
 
     kept: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    available: int | None = None  # images before ``data.limit`` took a subset
 
-    def skip(self, reason: str, path: str) -> None:
-        self.skipped.setdefault(reason, []).append(path)
+    def skip(self, reason: str, item: str) -> None:
+        """Record a skipped ``item`` (a file name or path, shown as given) under ``reason``."""
+        self.skipped.setdefault(reason, []).append(item)
 
     def summary(self, first: int = 3) -> str:
         parts = [f"{self.kept} images"]
-        for reason, paths in self.skipped.items():
-            shown = ", ".join(os.path.basename(p) for p in paths[:first])
-            more = " ..." if len(paths) > first else ""
-            parts.append(f"skipped {len(paths)} {reason} ({shown}{more})")
+        if self.available is not None:
+            parts[0] += f" (a stable subset of {self.available}: data.limit)"
+        for reason, items in self.skipped.items():
+            shown = ", ".join(items[:first])
+            more = ", ..." if len(items) > first else ""
+            parts.append(f"skipped {len(items)} {reason} ({shown}{more})")
         return "; ".join(parts)
 
 
@@ -63,13 +69,13 @@ def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
 
 def _require_dir(path: Path) -> None:
     if not path.exists():
-        raise UserError(f"data directory not found: {path}")
+        raise UserError(f"data directory not found: {path} (set data.path to the image folder)")
     if not path.is_dir():
         raise UserError(f"expected a directory of UTKFace images, got a file: {path}")
 
 
 def read_utkface(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
-    """Every well-named UTKFace image under ``directory``; malformed names are counted, not fatal."""
+    """Every well-named UTKFace image in ``directory``; malformed names are counted, not fatal."""
     root = Path(directory).expanduser()
     _require_dir(root)
     report = LoadReport()
@@ -79,7 +85,7 @@ def read_utkface(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
             continue
         labels = parse_utkface_name(entry.name)
         if labels is None:
-            report.skip("malformed names", entry.path)
+            report.skip("malformed names", entry.name)
             continue
         rows.append((entry.path, *labels))
     if not rows:
@@ -153,7 +159,9 @@ def read_dataset(cfg: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
     if cfg.limit is not None and len(df) > cfg.limit:
         # A hash-ordered subset is stable and spread over all ages.
         order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
+        report.available = len(df)
         df = df.iloc[np.sort(order[: cfg.limit])].reset_index(drop=True)
+        report.kept = len(df)
     return df, report
 
 
@@ -163,7 +171,7 @@ def _unit_hash(text: str) -> float:
 
 
 def assign_split(paths: Sequence[str], cfg: SplitConfig) -> np.ndarray:
-    """``train``/``val``/``test`` per file, from a hash of seed and file name: stable as files come."""
+    """``train``/``val``/``test`` per file from a hash of seed and name: stable as files come."""
     out = []
     for p in paths:
         u = _unit_hash(f"{cfg.seed}:{os.path.basename(p)}")
@@ -193,7 +201,15 @@ class DecodedCache:
     def __init__(self, paths: Sequence[str], size: int, cache_dir: str | None = None):
         self.paths = list(paths)
         self.size = size
-        key = hashlib.sha1(("\n".join(self.paths) + f"|{size}").encode()).hexdigest()[:16]
+        key = hashlib.sha1(f"{size}".encode())
+        for p in self.paths:
+            # Size and mtime in the key: a file replaced in place is decoded again.
+            try:
+                st = os.stat(p)
+                key.update(f"\n{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+            except OSError:
+                key.update(f"\n{p}|missing".encode())
+        key = key.hexdigest()[:16]
         root = Path(cache_dir or os.path.expanduser("~/.cache/faceage/decoded"))
         root.mkdir(parents=True, exist_ok=True)
         self.array_path = root / f"{key}.u8"
@@ -225,7 +241,7 @@ class DecodedCache:
         def work(i: int) -> None:
             try:
                 out[i] = decode_image(self.paths[i], self.size)
-            except Exception:  # unreadable or truncated: reported by the caller
+            except Exception:  # unreadable, truncated or missing: reported by the caller
                 valid[i] = False
 
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
@@ -234,13 +250,15 @@ class DecodedCache:
                           disable=not progress, mininterval=5):
                 pass
         out.flush()
-        del out
         os.replace(tmp, self.array_path)
-        self.meta_path.write_text(json.dumps({"size": self.size, "valid": valid.tolist()}))
+        # The meta file marks the cache complete, so it is written last and atomically.
+        meta_tmp = self.meta_path.with_suffix(".json.tmp")
+        meta_tmp.write_text(json.dumps({"size": self.size, "valid": valid.tolist()}))
+        os.replace(meta_tmp, self.meta_path)
 
     def unreadable(self) -> list[str]:
         assert self.valid is not None
-        return [p for p, ok in zip(self.paths, self.valid) if not ok]
+        return [p for p, ok in zip(self.paths, self.valid, strict=True) if not ok]
 
 
 # -- transforms (defined once; the eval transform is recorded in every model file) --------------
@@ -252,7 +270,7 @@ def cache_size_for(input_size: int) -> int:
 
 
 def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-    """uint8 CHW tensor of the whole face crop → normalised float tensor at ``input_size``."""
+    """uint8 CHW face crop (or a BCHW batch of them) → normalised float tensor at ``input_size``."""
     return T.Compose([
         T.Resize((input_size, input_size), antialias=True),
         T.ToDtype(torch.float32, scale=True),
@@ -260,22 +278,96 @@ def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.C
     ])
 
 
-def train_transform(input_size: int, aug: AugmentConfig, mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD) -> T.Compose:
-    steps: list = [
-        T.RandomResizedCrop(input_size, scale=tuple(aug.scale), ratio=(0.9, 1.1), antialias=True)
-    ]
-    if aug.rotate:
-        steps.append(T.RandomRotation(aug.rotate))
-    if aug.flip:
-        steps.append(T.RandomHorizontalFlip())
-    if aug.color_jitter:
-        j = aug.color_jitter
-        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
-    if aug.grayscale:
-        steps.append(T.RandomGrayscale(aug.grayscale))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-    return T.Compose(steps)
+LUMA = (0.299, 0.587, 0.114)
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, one 3x3 matrix per image.
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+class BatchAugment(nn.Module):
+    """Training augmentation for a whole uint8 batch (B, 3, S, S) → normalised (B, 3, N, N).
+
+    One affine warp per image does the random resized crop, rotation and mirror; brightness,
+    contrast, saturation, hue and grayscale are per-image colour maps. Working on the batch, on
+    whatever device it lives on, costs a few milliseconds where per-image torchvision transforms
+    (rotation, hue) cost more than the model step on a CPU.
+    """
+
+    def __init__(self, input_size: int, aug: AugmentConfig, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        super().__init__()
+        self.input_size = input_size
+        self.aug = aug
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+        yiq = torch.tensor(_RGB_TO_YIQ)
+        self.register_buffer("rgb_to_yiq", yiq, persistent=False)
+        self.register_buffer("yiq_to_rgb", torch.linalg.inv(yiq), persistent=False)
+
+    def _uniform(self, n: int, lo: float, hi: float, gen) -> torch.Tensor:
+        return torch.rand(n, generator=gen, device=self.mean.device) * (hi - lo) + lo
+
+    def affine(self, n: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Per-image 2x3 maps from output to input coordinates (``F.affine_grid``'s theta)."""
+        a = self.aug
+        area = self._uniform(n, a.scale[0], a.scale[1], gen)
+        log_ratio = self._uniform(n, float(np.log(0.9)), float(np.log(1.1)), gen)
+        w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
+        h = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        cx = (1 - w) * self._uniform(n, -1.0, 1.0, gen)
+        cy = (1 - h) * self._uniform(n, -1.0, 1.0, gen)
+        angle = torch.deg2rad(self._uniform(n, -a.rotate, a.rotate, gen))
+        if a.flip:
+            flip = torch.rand(n, generator=gen, device=w.device) < 0.5
+            w = torch.where(flip, -w, w)
+        cos, sin = angle.cos(), angle.sin()
+        return torch.stack([
+            torch.stack([w * cos, -h * sin, cx], dim=1),
+            torch.stack([w * sin, h * cos, cy], dim=1),
+        ], dim=1)
+
+    def colour(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Brightness, contrast, saturation, hue jitter and random grayscale of x in [0, 1].
+
+        Each of them is linear in RGB, so they compose into one 3x3 matrix and offset per image
+        and cost a single batched matmul.
+        """
+        n, j, dev = x.shape[0], self.aug.color_jitter, x.device
+        eye = torch.eye(3, device=dev).expand(n, 3, 3)
+        to_gray = self.luma.view(1, 1, 3).expand(n, 3, 3)  # every output channel = luma
+        m, offset = eye, torch.zeros(n, 3, 1, device=dev)
+        if j:
+            def factor() -> torch.Tensor:
+                return self._uniform(n, max(0.0, 1 - j), 1 + j, gen).view(n, 1, 1)
+
+            brightness, contrast, saturation = factor(), factor(), factor()
+            mean_luma = (x * self.luma).sum(1).mean((1, 2)).view(n, 1, 1)
+            m = brightness * contrast * eye
+            offset = ((1 - contrast) * brightness * mean_luma).expand(n, 3, 1)
+            m_sat = saturation * eye + (1 - saturation) * to_gray
+            hue = min(j / 4, 0.5) * 2 * np.pi
+            theta = self._uniform(n, -hue, hue, gen)
+            rot = torch.zeros(n, 3, 3, device=dev)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2] = theta.cos(), -theta.sin()
+            rot[:, 2, 1], rot[:, 2, 2] = theta.sin(), theta.cos()
+            m_hue = self.yiq_to_rgb @ rot @ self.rgb_to_yiq
+            m, offset = m_hue @ m_sat @ m, m_hue @ m_sat @ offset
+        if self.aug.grayscale:
+            pick = (torch.rand(n, generator=gen, device=dev) < self.aug.grayscale).view(n, 1, 1)
+            m, offset = torch.where(pick, to_gray @ m, m), torch.where(pick, to_gray @ offset,
+                                                                       offset)
+        h, w = x.shape[2:]
+        out = torch.baddbmm(offset, m, x.reshape(n, 3, h * w)).view(n, 3, h, w)
+        return out.clamp_(0, 1)
+
+    def forward(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        x = batch.float() / 255.0
+        n, size = x.shape[0], self.input_size
+        grid = F.affine_grid(self.affine(n, gen), [n, 3, size, size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                          align_corners=False)
+        return self.colour(x, gen).sub_(self.mean).div_(self.std)
 
 
 def preprocessing_metadata(input_size: int) -> dict:
@@ -290,9 +382,14 @@ def preprocessing_metadata(input_size: int) -> dict:
 
 
 class FaceAgeDataset(torch.utils.data.Dataset):
-    """Rows of a cached array with their ages, through a transform."""
+    """Rows of a cached array with their ages: uint8 CHW images, or through ``transform``.
 
-    def __init__(self, cache: DecodedCache, indices: np.ndarray, ages: np.ndarray, transform):
+    Training leaves ``transform`` unset and transforms whole batches (``BatchAugment``,
+    ``eval_transform``), which is much cheaper than one image at a time.
+    """
+
+    def __init__(self, cache: DecodedCache, indices: np.ndarray, ages: np.ndarray,
+                 transform=None):
         self.cache = cache
         self.indices = np.asarray(indices)
         self.ages = np.asarray(ages, dtype=np.float32)
@@ -303,7 +400,9 @@ class FaceAgeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img = torch.from_numpy(np.array(self.cache.array[self.indices[i]])).permute(2, 0, 1)
-        return self.transform(img), torch.tensor(self.ages[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, torch.tensor(self.ages[i])
 
 
 @dataclass
@@ -351,7 +450,7 @@ def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> Pre
     return PreparedData(df, cache, report)
 
 
-def make_dataset(data: PreparedData, split: str, transform) -> FaceAgeDataset:
+def make_dataset(data: PreparedData, split: str, transform=None) -> FaceAgeDataset:
     rows = data.subset(split)
     return FaceAgeDataset(data.cache, rows["cache_index"].to_numpy(), rows["age"].to_numpy(),
                           transform)

@@ -144,7 +144,9 @@ def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeM
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not match backbone {meta['backbone']}: {exc}") from None
+        raise UserError(
+            f"{path}: weights do not match backbone {meta['backbone']}: {exc}"
+        ) from None
     dev = torch.device(device)
     net.to(dev).eval()
     return AgeModel(net, meta, dev)

@@ -90,7 +90,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 class AgeRegressor(nn.Module):
-    """A pretrained trunk and a small regression head; ``forward`` returns ages in years, shape (B,)."""
+    """A pretrained trunk and a small regression head; ``forward`` returns ages in years, (B,)."""
 
     def __init__(self, backbone: str, head_hidden: int = 256, dropout: float = 0.3,
                  net: nn.Module | None = None):

@@ -1,4 +1,4 @@
-"""PNG figures written next to the JSON reports: learning curves, predicted vs true, error by age."""
+"""PNG figures next to the JSON reports: learning curves, predicted vs true, error by age."""
 
 from __future__ import annotations
 

@@ -45,6 +45,8 @@ def resolve_groups(spec: int | str | list[str], group_names: list[str]) -> tuple
                 f"({', '.join(backbone)})"
             )
         return tuple(backbone[len(backbone) - spec:]) + (head,)
+    if not spec:
+        raise UserError("stage train=[]: name at least one group to train, e.g. [head]")
     unknown = [g for g in spec if g not in group_names]
     if unknown:
         raise UserError(
