@@ -12,7 +12,6 @@ Starting a run whose folder already has checkpoints resumes it.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -344,9 +343,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, total):
         stage = schedule.stage_at(epoch)
         if stage.index != stage_index:
-            # Drop the previous DDP wrapper (and its gradient hooks) before wrapping again.
+            # Let the previous stage's wrapper and optimizer state go before building new ones.
             wrapped = optimizer = None
-            gc.collect()
             optimizer = _build_optimizer(model, schedule, stage, cfg.train.weight_decay)
             if opt_state is not None:
                 optimizer.load_state_dict(opt_state)

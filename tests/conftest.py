@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Under `uv run pytest`, Ray would otherwise rebuild the uv project (a copy of the checkout and a
+# new .venv) for every worker process it starts; these must be set before `import ray`.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Two loaded cores can take more than Ray Train's default 60 s to start a worker group.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -45,3 +50,50 @@ def astronaut_path() -> Path:
 def rocket_path() -> Path:
     """A public-domain launch photo without a face."""
     return TEST_DATA / "rocket.jpg"
+
+
+# -- training (issue 2) --------------------------------------------------------------------------
+
+
+def write_utkface_images(folder: Path, count: int, size: int = 40, seed: int = 0) -> list[Path]:
+    """JPEGs named like UTKFace files (``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``), one colour
+    per image with a little noise; the shade follows the age, so there is something to learn."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        age = int(rng.integers(1, 91))
+        colour = np.array([age * 2.5, 120, 255 - age * 2.5])
+        pixels = colour + rng.normal(0, 12, (size, size, 3))
+        path = folder / f"{age}_{i % 2}_{i % 5}_20170117{seed:03d}{i:06d}.jpg.chip.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def utkface_images():
+    """``write_utkface_images(folder, count, size=40, seed=0)``, for tests that need odd files."""
+    return write_utkface_images
+
+
+@pytest.fixture(scope="session")
+def tiny_utkface(tmp_path_factory) -> Path:
+    """160 generated UTKFace-named images: enough for a 2-worker run at 32 px in seconds."""
+    folder = tmp_path_factory.mktemp("tiny_utkface")
+    write_utkface_images(folder, 160)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (2 CPUs, no dashboard), never someone else's."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,112 @@
+"""The exported model file: self-describing, loaded with weights_only, predicts like training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from faceage.data import eval_transform, preprocessing_metadata
+from faceage.errors import UserError
+from faceage.modelfile import FORMAT, FORMAT_VERSION, load_model_file, save_model_file
+from faceage.models import build_model
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", "none", head_hidden=16, dropout=0.2)
+    model.set_target_stats(41.0, 17.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_path(trained_like, tmp_path_factory):
+    path = tmp_path_factory.mktemp("modelfile") / "model.pt"
+    return save_model_file(trained_like, path, {
+        "preprocessing": preprocessing_metadata(SIZE),
+        "crop_policy": {"name": "utkface-chip"},
+        "data": {"images": 10, "train_age_mean": 41.0},
+        "metrics": {"val_mae": 7.5},
+    })
+
+
+def crops(*sizes: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for s in sizes]
+
+
+def test_metadata_describes_the_model(model_path):
+    model = load_model_file(model_path)
+    meta = model.metadata
+    assert meta["format"] == FORMAT and meta["format_version"] == FORMAT_VERSION
+    assert meta["backbone"] == "mobilenet_v2" and meta["head_hidden"] == 16
+    assert meta["dropout"] == pytest.approx(0.2)
+    assert meta["preprocessing"] == json.loads(json.dumps(preprocessing_metadata(SIZE)))
+    assert meta["metrics"]["val_mae"] == 7.5 and meta["data"]["images"] == 10
+    assert model.input_size == SIZE and model.crop_policy == {"name": "utkface-chip"}
+    assert model.name == "faceage-mobilenet_v2"
+    assert model.version.startswith("0.1.0+") and len(model.version) == len("0.1.0+") + 12
+    assert not model.net.training
+
+
+def test_loaded_model_predicts_exactly_like_the_trained_one(trained_like, model_path):
+    model = load_model_file(model_path)
+    assert float(model.net.age_mean) == 41.0 and float(model.net.age_std) == 17.0
+    images = crops(SIZE, 80, 200)
+    expected = torch.stack([eval_transform(SIZE)(torch.from_numpy(c).permute(2, 0, 1))
+                            for c in images])
+    with torch.inference_mode():
+        want = trained_like(expected).numpy()
+        want_tta = (want + trained_like(torch.flip(expected, dims=[3])).numpy()) / 2
+    assert np.array_equal(model.predict(images), want)
+    assert np.allclose(model.predict(images, tta=True), want_tta, atol=1e-5)
+    assert np.array_equal(model.predict(images, batch_size=2), want)
+    assert model.predict([]).shape == (0,)
+
+
+def test_version_follows_the_weights(trained_like, tmp_path):
+    meta = {"preprocessing": preprocessing_metadata(SIZE)}
+    a = load_model_file(save_model_file(trained_like, tmp_path / "a.pt", meta)).version
+    b = load_model_file(save_model_file(trained_like, tmp_path / "b.pt", meta)).version
+    changed = build_model("mobilenet_v2", "none", head_hidden=16)
+    c = load_model_file(save_model_file(changed, tmp_path / "c.pt", meta)).version
+    assert a == b != c
+
+
+def test_bad_model_files_are_user_errors(model_path, tmp_path):
+    with pytest.raises(UserError, match="model file not found"):
+        load_model_file(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00\x01 not torch")
+    with pytest.raises(UserError, match="is not a faceage model file"):
+        load_model_file(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="is not a faceage model file"):
+        load_model_file(plain)
+
+    blob = torch.load(model_path, weights_only=True)
+    newer = tmp_path / "newer.pt"
+    torch.save({**blob, "format_version": FORMAT_VERSION + 1}, newer)
+    with pytest.raises(UserError, match="newer faceage"):
+        load_model_file(newer)
+    mismatched = tmp_path / "mismatched.pt"
+    meta = json.loads(blob["metadata_json"])
+    torch.save({**blob, "metadata_json": json.dumps({**meta, "backbone": "resnet50"})},
+               mismatched)
+    with pytest.raises(UserError, match="weights do not match backbone resnet50"):
+        load_model_file(mismatched)
+
+
+def test_model_files_load_with_weights_only(model_path, tmp_path):
+    # A file that needs arbitrary unpickling (here: a whole nn.Module) is refused, not executed.
+    blob = torch.load(model_path, weights_only=True)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({**blob, "extra": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(UserError, match="is not a faceage model file"):
+        load_model_file(pickled)

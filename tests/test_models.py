@@ -1,0 +1,111 @@
+"""Backbone registry, layer groups and pretrained weights (offline: local files only)."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from faceage.errors import UserError
+from faceage.models import BACKBONES, build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MOBILENET_V2_FILE = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+needs_shared_weights = pytest.mark.skipif(
+    not MOBILENET_V2_FILE.is_file(), reason=f"{MOBILENET_V2_FILE} is absent (../shared not here)")
+
+
+def weights_file_name(backbone: str) -> str:
+    return os.path.basename(BACKBONES[backbone].weights.url)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mobilenet_v3_large", "resnet50"])
+def test_registry_builds_each_backbone_with_groups_from_input_to_output(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, "none", head_hidden=8, dropout=0.1).eval()
+    groups = model.layer_groups()
+    names = [n for n, _ in groups]
+    assert names[0] == "stem" and names[-1] == "head" and len(set(names)) == len(names)
+
+    # Every trunk parameter belongs to exactly one group, and the groups run in the listed order.
+    trunk_ids = [id(p) for p in model.trunk.parameters()]
+    grouped = [id(p) for _, m in groups[:-1] for p in m.parameters()]
+    assert grouped == trunk_ids
+    # A group is a view on the trunk's own layers, so hooks go on the layers it holds.
+    order: list[str] = []
+
+    def seen(name):
+        return lambda *_: order.append(name) if name not in order else None
+
+    hooks = [c.register_forward_hook(seen(n)) for n, m in groups for c in m.children()]
+    with torch.no_grad():
+        ages = model(torch.randn(2, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert order == names
+    assert ages.shape == (2,) and torch.isfinite(ages).all()
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(UserError, match=r"unknown backbone 'vgg11'.*mobilenet_v2.*resnet50"):
+        build_model("vgg11")
+
+
+def test_pretrained_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=f"pretrained weights file not found: {missing}"):
+        build_model("mobilenet_v2", str(missing))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable PyTorch state_dict"):
+        build_model("mobilenet_v2", str(garbage))
+    other = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    with pytest.raises(UserError, match="do not fit backbone mobilenet_v2"):
+        build_model("mobilenet_v2", str(other))
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save(torchvision.models.resnet18(), evil)  # a whole pickled module, not a state_dict
+    with pytest.raises(UserError, match="not a loadable PyTorch state_dict"):
+        build_model("resnet50", str(evil))
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "mobilenet_v3_large"])
+def test_imagenet_reads_torchvisions_file_from_weights_dir(tmp_path, backbone):
+    # Offline stand-in for the ImageNet file: the same architecture and file name, random values.
+    reference = BACKBONES[backbone].factory(weights=None)
+    torch.save(reference.state_dict(), tmp_path / weights_file_name(backbone))
+    model = build_model(backbone, "imagenet", weights_dir=str(tmp_path))
+    first_conv = next(model.trunk.parameters())
+    assert torch.equal(first_conv, next(reference.parameters()))
+
+
+def test_imagenet_offline_without_a_file_says_where_to_put_it(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as err:
+        build_model("resnet50", "imagenet", weights_dir=str(tmp_path / "weights"))
+    message = str(err.value)
+    assert weights_file_name("resnet50") in message and "model.weights_dir" in message
+    assert "model.pretrained=none" in message
+
+
+@needs_shared_weights
+def test_shared_mobilenet_v2_weights_as_path_and_as_imagenet():
+    state = torch.load(MOBILENET_V2_FILE, map_location="cpu", weights_only=True)
+    by_path = build_model("mobilenet_v2", str(MOBILENET_V2_FILE))
+    by_name = build_model("mobilenet_v2", "imagenet", weights_dir=str(MOBILENET_V2_FILE.parent))
+    stem_conv = by_path.layer_groups()[0][1][0][0].weight
+    assert torch.equal(stem_conv, state["features.0.0.weight"])
+    for a, b in zip(by_path.trunk.state_dict().values(), by_name.trunk.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
