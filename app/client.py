@@ -1,0 +1,228 @@
+"""HTTP and WebSocket client of the faceage Serve API, with errors a person can read."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+SERVE_URL_ENV = "FACEAGE_SERVE_URL"
+DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
+# Connect, read (seconds): a refused or unrouted address fails fast; a busy CPU replica may take a
+# while to answer one photo.
+DEFAULT_TIMEOUT = (3.05, 60.0)
+SLOW_HEALTH_S = 1.0
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class ServeError(Exception):
+    """A request to Serve that did not give a result; ``kind`` says whose problem it is.
+
+    kinds: ``unreachable`` (nothing listening), ``timeout`` (no answer in time), ``overloaded``
+    (503), ``rejected`` (4xx: the input), ``server`` (other 5xx), ``protocol`` (not our API).
+    """
+
+    def __init__(self, message: str, *, kind: str, status: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("overloaded", "timeout", "unreachable")
+
+
+def serve_url_from_env() -> str:
+    """The Serve base URL from ``$FACEAGE_SERVE_URL``, else http://127.0.0.1:8000."""
+    return normalise_url(os.environ.get(SERVE_URL_ENV) or DEFAULT_SERVE_URL)
+
+
+def normalise_url(url: str) -> str:
+    """``url`` with a scheme and without a trailing slash; raises ValueError when unusable."""
+    url = (url or "").strip()
+    if not url:
+        raise ValueError("the Serve URL is empty; use e.g. http://127.0.0.1:8000")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8000")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def websocket_url(base_url: str, path: str = "/stream") -> str:
+    """The ws(s):// URL of ``path`` on the Serve at ``base_url``."""
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
+
+
+def error_message(response: requests.Response) -> str:
+    """The message in a Serve error body (``error``, ``detail`` or ``message``), else the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text or response.reason or "").strip()[:300]
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            value = body.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or json.dumps(value)
+            if isinstance(value, list):  # FastAPI validation errors
+                value = "; ".join(str(v.get("msg", v)) if isinstance(v, dict) else str(v)
+                                  for v in value)
+            if value:
+                return str(value)[:300]
+    return json.dumps(body)[:300]
+
+
+def _check_result(body: Any, url: str) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get("faces"), list):
+        raise ServeError(f"{url} answered, but not with a faceage result (no 'faces' list); "
+                         "is the Serve URL right?", kind="protocol")
+    return body
+
+
+class ServeClient:
+    """Calls one Serve endpoint: ``predict`` for photos and frames, ``health`` and ``model``."""
+
+    def __init__(self, base_url: str, timeout: tuple[float, float] = DEFAULT_TIMEOUT):
+        self.base_url = normalise_url(base_url)
+        self.timeout = timeout
+        self.session = requests.Session()
+        # Loopback traffic must never go through an HTTP(S)_PROXY from the environment.
+        if urlsplit(self.base_url).hostname in LOOPBACK_HOSTS:
+            self.session.trust_env = False
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> ServeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, timeout=None, **kw) -> requests.Response:
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, timeout=timeout or self.timeout, **kw)
+        except requests.Timeout:
+            raise ServeError(f"Serve at {self.base_url} did not answer in time; it is busy or "
+                             "stuck. Try again, or check its replicas in the Ray dashboard.",
+                             kind="timeout") from None
+        except requests.ConnectionError:
+            raise ServeError(f"Cannot reach Serve at {self.base_url}. Start it with "
+                             "`serve run serve/config.yaml`, or fix the Serve URL in the sidebar.",
+                             kind="unreachable") from None
+        if response.status_code == 503:
+            raise ServeError(f"Serve at {self.base_url} is overloaded (503): "
+                             f"{error_message(response)}. Try again in a moment.",
+                             kind="overloaded", status=503)
+        if 400 <= response.status_code < 500:
+            raise ServeError(f"Serve rejected the input ({response.status_code}): "
+                             f"{error_message(response)}", kind="rejected",
+                             status=response.status_code)
+        if response.status_code >= 500:
+            raise ServeError(f"Serve failed ({response.status_code}): {error_message(response)}",
+                             kind="server", status=response.status_code)
+        return response
+
+    def _json(self, response: requests.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise ServeError(f"{response.url} did not answer with JSON; is the Serve URL right?",
+                             kind="protocol") from None
+
+    def predict(self, image: bytes, content_type: str = "image/jpeg") -> dict:
+        """The faces in one encoded image (JPEG, PNG, ...): the ``POST /predict`` result."""
+        response = self._request("POST", "/predict", data=image,
+                                 headers={"Content-Type": content_type})
+        return _check_result(self._json(response), response.url)
+
+    def predict_retrying(self, image: bytes, content_type: str = "image/jpeg",
+                         attempts: int = 5, backoff_s: float = 0.25) -> dict:
+        """``predict``, retried with backoff while Serve sheds load (503) or times out."""
+        for attempt in range(attempts):
+            try:
+                return self.predict(image, content_type)
+            except ServeError as exc:
+                if exc.kind not in ("overloaded", "timeout") or attempt == attempts - 1:
+                    raise
+                time.sleep(backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def health(self, timeout: float = 3.0) -> float:
+        """Seconds ``GET /healthz`` took; raises ServeError when Serve is down or unhealthy."""
+        start = time.perf_counter()
+        self._request("GET", "/healthz", timeout=(min(timeout, 3.05), timeout))
+        return time.perf_counter() - start
+
+    def model(self, timeout: float = 5.0) -> dict:
+        """``GET /model``: metadata of the loaded model (at least ``name`` and ``version``)."""
+        body = self._json(self._request("GET", "/model", timeout=(3.05, timeout)))
+        return body if isinstance(body, dict) else {"name": str(body)}
+
+
+class StreamClient:
+    """One WebSocket to ``/stream``: send a JPEG frame, get its result (one at a time)."""
+
+    def __init__(self, base_url: str, open_timeout: float = 5.0):
+        self.url = websocket_url(normalise_url(base_url))
+        self.open_timeout = open_timeout
+        self._ws: ClientConnection | None = None
+
+    def _connect(self) -> ClientConnection:
+        if self._ws is None:
+            try:
+                # Loopback frames must never go through a proxy named in the environment.
+                loopback = urlsplit(self.url).hostname in LOOPBACK_HOSTS
+                self._ws = connect(self.url, open_timeout=self.open_timeout, max_size=2 ** 22,
+                                   compression=None, proxy=None if loopback else True)
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                raise ServeError(f"Cannot open the Serve stream at {self.url} ({exc}). Is Serve "
+                                 "running at that address?", kind="unreachable") from None
+        return self._ws
+
+    def predict(self, jpeg: bytes, timeout: float = 10.0) -> dict:
+        """The result for one JPEG frame; on any failure the socket is closed and reopened later."""
+        ws = self._connect()
+        try:
+            ws.send(jpeg)
+            message = ws.recv(timeout=timeout)
+        except TimeoutError:
+            self.close()
+            raise ServeError(f"Serve did not answer a frame within {timeout:.0f} s",
+                             kind="timeout") from None
+        except (OSError, WebSocketException) as exc:
+            self.close()
+            raise ServeError(f"The Serve stream at {self.url} closed ({exc})",
+                             kind="unreachable") from None
+        try:
+            body = json.loads(message)
+        except ValueError:
+            self.close()
+            raise ServeError(f"{self.url} sent a message that is not JSON",
+                             kind="protocol") from None
+        if isinstance(body, dict) and "faces" not in body and ("error" in body
+                                                               or "detail" in body):
+            status = body.get("status") or body.get("code")
+            kind = "overloaded" if status == 503 else "rejected"
+            raise ServeError(f"Serve rejected a frame: {body.get('error') or body.get('detail')}",
+                             kind=kind, status=status if isinstance(status, int) else None)
+        return _check_result(body, self.url)
+
+    def close(self) -> None:
+        if self._ws is not None:
+            try:
+                self._ws.close()
+            except Exception:  # closing a broken socket must not raise
+                pass
+            self._ws = None

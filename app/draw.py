@@ -1,0 +1,77 @@
+"""Pictures for the page: faces drawn on frames (faceage.annotate, Pillow only), status banners,
+JPEG/PNG encoding."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from faceage.annotate import draw_faces
+
+BANNER_OK = (20, 20, 20)
+BANNER_WARN = (200, 30, 30)
+
+
+def annotate(rgb: np.ndarray, faces: Sequence[dict[str, Any]], banner: str | None = None,
+             warn: bool = False) -> np.ndarray:
+    """``rgb`` with each face's box and age drawn, and an optional one-line banner on top."""
+    im = draw_faces(rgb, faces) if faces else Image.fromarray(rgb)
+    if banner:
+        draw = ImageDraw.Draw(im)
+        size = max(12, round(im.height / 28))
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow without FreeType
+            font = ImageFont.load_default()
+        left, top, right, bottom = draw.textbbox((0, 0), banner, font=font)
+        pad = max(3, size // 4)
+        draw.rectangle([0, 0, right - left + 2 * pad, bottom - top + 2 * pad],
+                       fill=BANNER_WARN if warn else BANNER_OK)
+        draw.text((pad - left, pad - top), banner, fill=(255, 255, 255), font=font)
+    return np.asarray(im)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """JPEG bytes of an RGB array (OpenCV: several times faster than Pillow for video frames)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("could not encode the frame as JPEG")
+    return buf.tobytes()
+
+
+def encode_image(im: Image.Image | np.ndarray, fmt: str = "PNG") -> bytes:
+    """``im`` encoded as ``fmt`` (PNG or JPEG) for a download button."""
+    pil = Image.fromarray(im) if isinstance(im, np.ndarray) else im
+    buf = io.BytesIO()
+    pil.convert("RGB").save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def shrink(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """``rgb`` scaled down so its longer side is at most ``max_side``, and the scale used."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale >= 1.0:
+        return rgb, 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), scale
+
+
+def scale_faces(faces: Sequence[dict[str, Any]], factor: float) -> list[dict[str, Any]]:
+    """Face records with boxes and landmarks multiplied by ``factor`` (back to full size)."""
+    if factor == 1.0:
+        return [dict(f) for f in faces]
+    out = []
+    for f in faces:
+        g = dict(f)
+        g["box"] = [v * factor for v in f["box"]]
+        if f.get("landmarks"):
+            g["landmarks"] = [[x * factor, y * factor] for x, y in f["landmarks"]]
+        out.append(g)
+    return out

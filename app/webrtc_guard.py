@@ -1,0 +1,36 @@
+"""Work around a race in streamlit-webrtc 0.79's orphaned-context check (no site-packages patch).
+
+``streamlit_webrtc.component._get_or_create_context`` (added by upstream PR #2478 for multi-page
+apps) resets the context, and stops its worker, when Streamlit's
+``session_info.script_run_count`` has grown by more than one since the component last rendered:
+it takes that to mean the iframe was unmounted and remounted. But ``script_run_count`` is raised
+on the event-loop thread when a run's ``script_finished`` message is *sent*, and the runtime
+yields between sent messages. While WebRTC signals, the browser answers each run at once (SDP
+offer, then ICE candidates, then ``playing``), so the next run's script thread often reads the
+count before the previous run's ``script_finished`` went out. That run records a stale, one-too-low
+count; one run later the count has "jumped" by two, the check fires, and the worker is stopped
+just after ICE connected: the stream dies at random, more often on a loaded machine.
+
+Our app renders the component in every run (it sits in a tab, filled first in the script), so
+the iframe is never orphaned between runs and the check can only misfire. ``disarm_orphan_check``
+clears the context's recorded run count just before ``webrtc_streamer`` runs; with ``None`` there
+the check is skipped and the library records the current count again. Everything else (workers,
+signalling, STOP/START) stays the library's. Only this module touches the private attribute; if a
+later streamlit-webrtc drops it this is a no-op.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+CONTEXT_CLASS = "WebRtcStreamerContext"
+RUN_COUNT_ATTR = "_last_rendered_run_count"
+
+
+def disarm_orphan_check(key: str) -> bool:
+    """Skip streamlit-webrtc's run-count orphan check for ``key`` in this run; True if it did."""
+    context = st.session_state.get(key)
+    if type(context).__name__ != CONTEXT_CLASS or not hasattr(context, RUN_COUNT_ATTR):
+        return False
+    setattr(context, RUN_COUNT_ATTR, None)
+    return True

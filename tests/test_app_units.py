@@ -1,0 +1,142 @@
+"""The Streamlit app's helpers without a browser: tracking, client errors, video, no torch."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from app.client import ServeClient, ServeError, StreamClient, normalise_url, websocket_url
+from app.draw import annotate, encode_jpeg, scale_faces, shrink
+from app.tracking import FaceTracker, iou
+from app.video import VideoError, probe_video, suggested_stride
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def face(box, age, score=0.99):
+    return {"box": list(box), "score": score, "age": age, "landmarks": []}
+
+
+def test_iou():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+
+
+def test_tracker_keeps_identity_and_smooths_age():
+    tracker = FaceTracker(alpha=0.5)
+    first = tracker.update([face([0, 0, 100, 100], 30), face([200, 0, 300, 100], 60)])
+    assert [f["track"] for f in first] == [1, 2]
+    # The faces come back in the other order, moved a little: same tracks, ages averaged.
+    second = tracker.update([face([205, 2, 305, 102], 70), face([3, 1, 103, 101], 40)])
+    assert [f["track"] for f in second] == [2, 1]
+    assert [f["age"] for f in second] == [65.0, 35.0]
+    assert [f["raw_age"] for f in second] == [70, 40]
+    # A face far from any track starts a new one.
+    third = tracker.update([face([500, 500, 600, 600], 20)])
+    assert third[0]["track"] == 3 and third[0]["age"] == 20
+    assert {t["face"] for t in tracker.summary()} == {1, 2, 3}
+
+
+def test_tracker_drops_lost_faces_after_max_misses():
+    tracker = FaceTracker(max_misses=2)
+    tracker.update([face([0, 0, 10, 10], 30)])
+    for _ in range(2):
+        tracker.update([])
+    assert len(tracker.tracks) == 1 and tracker.visible() == []
+    tracker.update([])
+    assert tracker.tracks == [] and tracker.summary()[0]["frames"] == 1
+
+
+def test_urls():
+    assert normalise_url(" 127.0.0.1:8000/ ") == "http://127.0.0.1:8000"
+    assert websocket_url("https://example.org/faceage") == "wss://example.org/faceage/stream"
+    for bad in ("", "ftp://x", "http://"):
+        with pytest.raises(ValueError):
+            normalise_url(bad)
+
+
+def test_client_says_plainly_when_serve_is_down():
+    url = f"http://127.0.0.1:{closed_port()}"
+    with ServeClient(url) as client:
+        with pytest.raises(ServeError) as down:
+            client.predict(b"\xff\xd8 not sent anyway")
+    assert down.value.kind == "unreachable" and "Cannot reach Serve" in str(down.value)
+    with pytest.raises(ServeError) as stream_down:
+        StreamClient(url, open_timeout=2).predict(b"frame")
+    assert stream_down.value.kind == "unreachable"
+
+
+def test_drawing_helpers():
+    rgb = np.full((100, 200, 3), 128, np.uint8)
+    out = annotate(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")
+    assert out.shape == rgb.shape and not np.array_equal(out, rgb)
+    assert encode_jpeg(rgb)[:2] == b"\xff\xd8"
+    small, scale = shrink(rgb, 100)
+    assert small.shape[:2] == (50, 100) and scale == 0.5
+    assert scale_faces([face([1, 2, 3, 4], 5)], 2.0)[0]["box"] == [2, 4, 6, 8]
+
+
+def _tiny_video(frames: int = 6) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            rgb = np.full((48, 64, 3), i * 30, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_probe_video_and_stride():
+    info = probe_video(_tiny_video(6))
+    assert (info.width, info.height, info.frames) == (64, 48, 6)
+    assert info.fps == pytest.approx(5)
+    with pytest.raises(VideoError, match="not a readable video"):
+        probe_video(b"this is not a video", "notes.mp4")
+    assert suggested_stride(None) == 1 and suggested_stride(300) == 1
+    assert suggested_stride(301) == 2 and suggested_stride(3000) == 10
+
+
+def test_app_never_imports_torch():
+    """The app modules, and a whole script run of app/main.py, leave torch unimported."""
+    code = """
+import json, sys
+import app.client, app.draw, app.live, app.tracking, app.video, app.webrtc_guard
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file("app/main.py", default_timeout=60).run()
+print(json.dumps({
+    "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.",
+                                                                            "facenet_pytorch"))),
+    "exceptions": [e.value for e in at.exception],
+    "errors": [e.value for e in at.error],
+}))
+"""
+    env = {**os.environ, "FACEAGE_SERVE_URL": f"http://127.0.0.1:{closed_port()}"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["torch"] == []
+    assert report["exceptions"] == []
+    # Serve is down in this run: the page says so in words.
+    assert any("Cannot reach Serve" in e for e in report["errors"]), report
