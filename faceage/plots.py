@@ -13,29 +13,35 @@ import numpy as np  # noqa: E402
 
 
 def learning_curves(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Train loss and val MAE per epoch, with stage boundaries marked."""
-    epochs = [h["epoch"] for h in history]
+    """Train loss and val MAE per epoch (numbered from 1, as in the logs), stages marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] + 1 for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    ax1.set_xlabel("epoch")
     ax1.set_ylabel("train loss")
     ax2.plot(epochs, [h["val_mae"] for h in history], marker="o", color="tab:red",
              label="val MAE")
     if any("train_mae" in h for h in history):
         ax2.plot(epochs, [h.get("train_mae", np.nan) for h in history], marker=".",
-                 color="tab:gray", label="train MAE (running)")
-    ax2.set_xlabel("epoch")
+                 color="tab:gray", label="train MAE (augmented, running)")
     ax2.set_ylabel("years")
     for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         prev = None
-        for h in history:
-            if prev is not None and h["stage"] != prev:
-                ax.axvline(h["epoch"] - 0.5, color="k", alpha=0.3, linestyle="--")
-                ax.text(h["epoch"] - 0.45, ax.get_ylim()[1], h.get("stage_name", ""),
-                        va="top", fontsize=8, alpha=0.7)
+        for x, h in zip(epochs, history, strict=True):
+            if h["stage"] != prev:
+                # Stage names sit just inside the top of the plot, right of their boundary.
+                where, coords = (0.01, 1), ("axes fraction", "axes fraction")
+                if prev is not None:
+                    ax.axvline(x - 0.5, color="k", alpha=0.3, linestyle="--")
+                    where, coords = (x - 0.45, 1), ("data", "axes fraction")
+                ax.annotate(h.get("stage_name", ""), where, xycoords=coords, xytext=(0, -4),
+                            textcoords="offset points", va="top", fontsize=8, alpha=0.7)
             prev = h["stage"]
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower left")  # curves mostly fall: that corner stays clear
     fig.suptitle(title or "learning curves")
     fig.tight_layout()
     path = Path(path)

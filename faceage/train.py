@@ -347,7 +347,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             wrapped = optimizer = None
             optimizer = _build_optimizer(model, schedule, stage, cfg.train.weight_decay)
             if opt_state is not None:
-                optimizer.load_state_dict(opt_state)
+                try:
+                    optimizer.load_state_dict(opt_state)
+                except ValueError as exc:  # the stages changed since the checkpoint
+                    say(f"[faceage] optimizer state does not fit this stage ({exc}); "
+                        "starting it afresh")
                 opt_state = None
             wrapped = _wrap(model, world)
             stage_index = stage.index
@@ -562,7 +566,8 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
     """
     from faceage.modelfile import save_model_file
 
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if np.isfinite(m.get(METRIC))]
+    ranked = [(c, m) for c, m in (result.best_checkpoints or [])
+              if np.isfinite(m.get(METRIC, np.nan))]
     if not ranked or result.checkpoint is None:
         raise TrainingFailed(f"training in {run_dir} produced no checkpoint with a val MAE")
     best_ckpt, best_metrics = min(ranked, key=lambda cm: cm[1][METRIC])
@@ -657,7 +662,9 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     checked.table[["path", "age", "split"]].to_csv(run_dir / "split.csv", index=False)
     print(f"[faceage] data: {checked.report.summary()}")
 
-    local = ray.is_initialized() is False and not os.environ.get("RAY_ADDRESS")
+    # The dashboard's Train page lists runs, attempts and workers only with state tracking on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     started_ray = _start_ray()
     started = time.time()
     try:
