@@ -112,7 +112,8 @@ def default_report_path(model_path: Path, data: str, detect: bool, split: str) -
     return Path("runs") / "evaluate" / f"{model_path.stem}-{name}{suffix}.json"
 
 
-def run_evaluate(args: argparse.Namespace, out=sys.stdout) -> int:
+def run_evaluate(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
     from faceage.plots import prediction_report
 

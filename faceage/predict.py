@@ -97,7 +97,8 @@ def _check_output(output: Path | None, n_inputs: int) -> None:
         raise UserError(f"--output {output}: name an image file (.jpg, .png) for one input")
 
 
-def run_predict(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
+def run_predict(args: argparse.Namespace, out=None, err=None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
     from faceage.annotate import draw_faces
     from faceage.modelfile import load_model_file
 
@@ -140,8 +141,9 @@ def detector_config(args: argparse.Namespace) -> DetectorConfig:
 # -- video ---------------------------------------------------------------------------------------
 
 
-def run_video(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
+def run_video(args: argparse.Namespace, out=None, err=None) -> int:
     """Annotate every frame of ``args.video`` into ``args.output`` (and JSON lines per frame)."""
+    out, err = out or sys.stdout, err or sys.stderr
     import av
     from tqdm import tqdm
 

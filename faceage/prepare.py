@@ -93,13 +93,41 @@ class DetectAlignCrops:
         return pd.DataFrame(rows, columns=INDEX_COLUMNS)
 
 
+def _prepare_on_ray(table: pd.DataFrame, actor_kwargs: dict, batch_size: int,
+                    workers: int | None) -> tuple[pd.DataFrame, int]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
+                 include_dashboard=False)
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Enough blocks that every actor stays busy and progress moves steadily.
+    blocks = max(1, min(len(table) // batch_size, workers * 8))
+    ds = ray.data.from_pandas(np.array_split(table, blocks))
+    ds = ds.map_batches(DetectAlignCrops, fn_constructor_kwargs=actor_kwargs,
+                        batch_size=batch_size, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    return ds.to_pandas(), workers
+
+
+def _prepare_here(table: pd.DataFrame, actor_kwargs: dict, batch_size: int) -> pd.DataFrame:
+    from tqdm import tqdm
+
+    work = DetectAlignCrops(**actor_kwargs, threads=max(1, (os.cpu_count() or 1) // 2))
+    parts = []
+    with tqdm(total=len(table), desc="preparing", unit="img", file=sys.stderr) as bar:
+        for start in range(0, len(table), batch_size):
+            parts.append(work(table.iloc[start:start + batch_size]))
+            bar.update(len(parts[-1]))
+    return pd.concat(parts, ignore_index=True)
+
+
 def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
                 size: int = DEFAULT_CROP_SIZE, policy: CropPolicy | None = None,
                 detector: DetectorConfig | None = None, workers: int | None = None,
-                no_face: str = "skip", batch_size: int = 16) -> dict[str, Any]:
-    """Prepare ``data`` into ``out`` on the current Ray cluster; returns the summary."""
-    import ray
-
+                no_face: str = "skip", batch_size: int = 16,
+                local: bool = False) -> dict[str, Any]:
+    """Prepare ``data`` into ``out`` with Ray Data (or in this process); returns a summary."""
     policy = policy or CropPolicy()
     detector = detector or DetectorConfig()
     df, load_report = read_dataset(DataConfig(format=fmt, path=data, limit=limit))
@@ -110,23 +138,15 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
     table = df.rename(columns={"path": "source_path"})[["source_path", "age", "gender", "race"]]
     table["source_path"] = [str(Path(p).resolve()) for p in table["source_path"]]
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = workers or max(1, cpus)
-    # Enough blocks that every actor stays busy and progress moves steadily.
-    blocks = max(1, min(len(table) // batch_size, workers * 8))
+    actor_kwargs = {"out_dir": str(out_dir), "root": str(root), "policy": policy.to_metadata(),
+                    "size": size, "detector": detector.model_dump(mode="json"),
+                    "no_face": no_face}
     started = time.perf_counter()
-    ds = ray.data.from_pandas(np.array_split(table, blocks))
-    ds = ds.map_batches(
-        DetectAlignCrops,
-        fn_constructor_kwargs={"out_dir": str(out_dir), "root": str(root),
-                               "policy": policy.to_metadata(), "size": size,
-                               "detector": detector.model_dump(mode="json"), "no_face": no_face},
-        batch_size=batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-    )
-    index = ds.to_pandas().sort_values("source_path").reset_index(drop=True)
+    if local:
+        index, workers = _prepare_here(table, actor_kwargs, batch_size), 1
+    else:
+        index, workers = _prepare_on_ray(table, actor_kwargs, batch_size, workers)
+    index = index.sort_values("source_path").reset_index(drop=True)
     seconds = time.perf_counter() - started
     index = index[INDEX_COLUMNS]
     index.to_csv(out_dir / "index.csv", index=False)
@@ -155,16 +175,17 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
     return {**summary, "out": str(out_dir)}
 
 
-def run_prepare_command(args: argparse.Namespace, out=sys.stdout) -> int:
+def run_prepare_command(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     if args.size < 32:
         raise UserError(f"--size {args.size}: crops need at least 32 pixels")
     policy = CropPolicy(margin=args.margin)
-    detector = DetectorConfig(min_face_size=args.min_face_size)
+    detector = DetectorConfig(min_face_size=args.min_face_size, pad=args.pad)
     s = run_prepare(args.data, args.format, args.out, limit=args.limit, size=args.size,
                     policy=policy, detector=detector, workers=args.workers,
-                    no_face=args.no_face)
+                    no_face=args.no_face, local=args.local)
     print(f"\nprepared {s['images']} images in {s['seconds']:.0f}s "
-          f"({s['images_per_second']:.1f}/s on {s['workers']} workers): "
+          f"({s['images_per_second']:.1f}/s, {s['workers']} worker(s)): "
           f"{s['with_face']} with a face, {s['no_face']} without, {s['unreadable']} unreadable, "
           f"{s['several_faces']} with several faces (largest kept)", file=out)
     print(f"index:  {Path(s['out']) / 'index.csv'}\ntrain:  faceage train --set "
@@ -182,7 +203,12 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=float, default=0.0,
                    help="widen the UTKFace-chip framing by this fraction per side")
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face in pixels")
+    p.add_argument("--pad", choices=("auto", "always", "never"), default="auto",
+                   help="pad images before detecting: always suits pre-cropped data like UTKFace "
+                        "(a face filling the frame), saving auto's first pass")
     p.add_argument("--no-face", choices=("skip", "whole"), default="skip",
                    help="images without a detected face: list them (skip) or use the whole "
                         "image (whole, for pre-cropped data)")
     p.add_argument("--workers", type=int, help="detector actors (default: one per CPU)")
+    p.add_argument("--local", action="store_true",
+                   help="run in this process without Ray (small sets, debugging)")
