@@ -70,16 +70,7 @@ def test_prepare_in_process(capsys, manifest, tmp_path):
     _check_prepared(tmp_path / "prep", manifest)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_prepare_with_ray_data_actors(local_ray, manifest, tmp_path):
+def test_prepare_with_ray_data_actors(ray_local, manifest, tmp_path):
     summary = run_prepare(str(manifest), "manifest", str(tmp_path / "prep"), workers=2,
                           batch_size=1)
     assert summary["workers"] == 2 and summary["images"] == 4
@@ -87,7 +78,7 @@ def test_prepare_with_ray_data_actors(local_ray, manifest, tmp_path):
 
 
 @pytest.mark.skipif(not UTKFACE.is_dir(), reason=f"UTKFace not present at {UTKFACE}")
-def test_prepare_utkface_chips_keeps_names(local_ray, tmp_path):
+def test_prepare_utkface_chips_keeps_names(ray_local, tmp_path):
     summary = run_prepare(str(UTKFACE), "utkface", str(tmp_path / "prep"), limit=6,
                           detector=DetectorConfig(pad="always"), workers=1)
     assert summary["with_face"] == 6
