@@ -1,0 +1,1 @@
+"""The Ray Serve application (``serve/app.py``) and its config (``serve/config.yaml``)."""

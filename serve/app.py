@@ -1,0 +1,504 @@
+"""The faceage HTTP API on Ray Serve: Ingress (FastAPI) ─▶ Detector (MTCNN) ─▶ AgeRegressor.
+
+    serve run serve/config.yaml          # from the repository root; http://127.0.0.1:8000/docs
+
+``app`` is the application builder ``serve/config.yaml`` names (``import_path: serve.app:app``);
+its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and batching come from the
+config. The deployments are thin: decoding, detection, alignment and the JSON face record are
+``faceage.vision``'s, the model is ``faceage.modelfile``'s, exactly as ``faceage predict`` uses
+them, so the API returns the CLI's faces for the same photo and model.
+"""
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from faceage import __version__
+from faceage.errors import ImageError, UserError
+from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file, read_model_file
+from faceage.vision import (
+    DEFAULT_MAX_PIXELS,
+    DetectorConfig,
+    Face,
+    FaceDetector,
+    FaceFinder,
+    face_record,
+    load_image,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MiB = 1024 * 1024
+
+# Content types /predict takes as a raw body: the formats faceage.vision decodes. Anything else
+# (text, JSON, SVG, HEIC) is a 415; octet-stream is sniffed like a file.
+RAW_IMAGE_TYPES = frozenset({
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/avif",
+    "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff", "image/x-portable-pixmap",
+    "application/octet-stream",
+})
+MULTIPART = "multipart/form-data"
+
+
+class ServeArgs(BaseModel):
+    """The application's ``args`` in serve/config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_path: str | None = Field(
+        None, description="model file; relative paths are from the repository root "
+                          "(default: the shipped models/faceage-default.pt)")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    no_face: Literal["skip", "whole"] = Field(
+        "skip", description="no face found: report none, or age the whole image")
+    tta: bool = Field(False, description="average each face with its mirror image")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when the replica was given a GPU (num_gpus)")
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="larger request bodies and "
+                                                               "WebSocket frames get 413")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images get 413, "
+                                                                  "checked before decoding")
+    max_frames: int = Field(32, ge=1, description="most frames in one /predict/frames request")
+    frames_in_flight: int = Field(4, ge=1, description="frames of one /predict/frames request "
+                                                       "detected concurrently")
+    health_timeout_s: float = Field(10.0, gt=0, description="/healthz waits this long for "
+                                                            "the Detector and AgeRegressor")
+
+    def resolved_model_path(self) -> Path:
+        if self.model_path is None:
+            return DEFAULT_MODEL_PATH
+        path = Path(self.model_path).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+class BatchSettings(BaseModel):
+    """AgeRegressor's ``user_config``: changeable on a running deployment without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1, description="most requests merged into one forward "
+                                                      "pass (1 turns batching off)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long the first request "
+                                                                "waits for others")
+
+
+def replica_device(setting: str) -> str:
+    """The torch device for this replica: cuda when Ray gave it a GPU (or when told to)."""
+    if setting != "auto":
+        return setting
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+# -- the two model deployments ----------------------------------------------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=2,
+                  max_queued_requests=32)
+class Detector:
+    """Decode, detect (MTCNN) and align: photo bytes in, faces with crops framed for the model."""
+
+    def __init__(self, model_path: str, detector: dict, no_face: str, max_pixels: int,
+                 device: str):
+        metadata, _ = read_model_file(model_path)
+        self.device = replica_device(device)
+        self.finder = FaceFinder.for_model(
+            metadata, FaceDetector(DetectorConfig(**detector), device=self.device), no_face)
+        self.max_pixels = max_pixels
+        self.finder.find(np.full((160, 160, 3), 128, np.uint8))  # first call pays torch's setup
+
+    def find(self, data: bytes, name: str = "image") -> dict[str, Any]:
+        """Faces in an encoded image, or ``{"error", "status"}`` for one that cannot be used."""
+        start = time.perf_counter()
+        try:
+            image = load_image(data, name=name, max_pixels=self.max_pixels)
+        except ImageError as exc:
+            # Returned, not raised: a bad upload is the client's error, not a replica failure.
+            return {"error": str(exc), "status": exc.status}
+        decoded = time.perf_counter()
+        faces = self.finder.find(image)
+        return {"faces": faces, "width": int(image.shape[1]), "height": int(image.shape[0]),
+                "timings_ms": {"decode": _ms(decoded - start),
+                               "detect": _ms(time.perf_counter() - decoded)}}
+
+    def info(self) -> dict[str, Any]:
+        return {"device": self.device, "detector": self.finder.detector.config.model_dump(),
+                "no_face": self.finder.no_face, "crop_size": self.finder.size,
+                "crop_policy": self.finder.policy.to_metadata(), "max_pixels": self.max_pixels}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32,
+                  max_queued_requests=64)
+class AgeRegressor:
+    """The exported model; ``@serve.batch`` merges face crops of concurrent requests."""
+
+    def __init__(self, model_path: str, tta: bool, device: str):
+        self.path = str(model_path)
+        self.model = load_model_file(model_path, device=replica_device(device))
+        self.tta = tta
+        self.batching = BatchSettings()
+        size = self.model.input_size
+        self.model.predict([np.zeros((size, size, 3), np.uint8)], tta=tta)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply ``user_config`` (``BatchSettings``) from serve/config.yaml."""
+        self.batching = BatchSettings(**(user_config or {}))
+        self.ages.set_max_batch_size(self.batching.max_batch_size)
+        self.ages.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def ages(self, crop_stacks: list[np.ndarray]) -> list[np.ndarray]:
+        """Ages for each request's (N, S, S, 3) crops; one forward pass for the whole batch."""
+        crops = [crop for stack in crop_stacks for crop in stack]
+        # In a thread so the event loop keeps queueing the next batch during this one.
+        ages = await asyncio.to_thread(self.model.predict, crops, self.tta)
+        bounds = np.cumsum([0] + [len(s) for s in crop_stacks])
+        return [ages[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.model.name, "version": self.model.version, "path": self.path,
+                "device": str(self.model.device), "tta": self.tta,
+                "batching": self.batching.model_dump(), "metadata": self.model.metadata}
+
+
+# -- the HTTP API ------------------------------------------------------------------------------
+
+
+class FaceOut(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
+    score: float = Field(description="detection score")
+    age: float = Field(description="estimated age in years")
+    landmarks: list[list[float]] = Field(
+        description="eyes, nose, mouth corners as [x, y] (empty for a whole-image face)")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    faces: list[FaceOut]
+    image: ImageSize
+    model: ModelRef
+    timings_ms: dict[str, float] = Field(description="decode, detect, age and total")
+
+
+class FrameResult(BaseModel):
+    """One frame of /predict/frames or /stream: a prediction, or an error with its status."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    frame: int
+    faces: list[FaceOut] | None = None
+    image: ImageSize | None = None
+    model: ModelRef | None = None
+    timings_ms: dict[str, float] | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+class FramesResult(BaseModel):
+    frames: list[FrameResult]
+    timings_ms: dict[str, float]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    status: int
+
+
+class ApiError(Exception):
+    """An HTTP error answered as ``{"error": message, "status": status}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _error_response(status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in {
+    400: "not an image, corrupt or truncated",
+    413: "body, frame count or pixel count over the limit",
+    415: "unsupported content type",
+    503: "at capacity or a replica is restarting: retry after a moment",
+}.items()}
+
+api = FastAPI(
+    title="faceage",
+    version=__version__,
+    description="Ages of the faces in photos and video frames: MTCNN detection, alignment "
+                "and a regression model, served by Ray Serve.",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(exc.status, exc.message)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_response(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(400, f"invalid request: {exc.errors()}")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise ApiError(400, f"invalid Content-Length {declared!r}") from None
+        if too_big:
+            raise ApiError(413, f"the body is {int(declared)} bytes, above the limit of "
+                                f"{limit}; send a smaller image")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes; "
+                                "send a smaller image")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_file_parts(request: Request, body: bytes, max_parts: int) -> list[tuple[str, Any]]:
+    """(field name, bytes or text) of a multipart body's parts, in order."""
+    async def replay() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_parts,
+                                                         max_fields=max_parts)
+    except StarletteHTTPException as exc:
+        raise ApiError(400, f"malformed multipart body: {exc.detail}") from None
+    except Exception as exc:  # python-multipart's parser errors
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
+    parts: list[tuple[str, Any]] = []
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                part_type = _media_type(value.content_type)
+                if part_type and part_type not in RAW_IMAGE_TYPES:
+                    raise ApiError(415, f"part {key!r} is {part_type}; send an image "
+                                        "(JPEG, PNG, WebP, ...)")
+                parts.append((key, await value.read()))
+            else:
+                parts.append((key, value))
+    finally:
+        await form.close()
+    return parts
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+                  max_queued_requests=64)
+@serve.ingress(api)
+class Ingress:
+    """The HTTP and WebSocket API; composes Detector and AgeRegressor through their handles."""
+
+    def __init__(self, detector: DeploymentHandle, regressor: DeploymentHandle,
+                 settings: dict):
+        self.detector = detector
+        self.regressor = regressor
+        self.settings = ServeArgs(**settings)
+        self._model_ref: dict[str, str] | None = None
+
+    async def _call(self, response) -> Any:
+        """Await a handle call; overload and replica failures become 503, not 500."""
+        try:
+            return await response
+        except BackPressureError:
+            raise ApiError(503, "the service is at capacity; retry in a moment") from None
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
+            raise ApiError(503, "a model replica is restarting; retry in a moment") from None
+
+    async def _model(self) -> dict[str, str]:
+        if self._model_ref is None:
+            info = await self._call(self.regressor.info.remote())
+            self._model_ref = {"name": info["name"], "version": info["version"]}
+        return self._model_ref
+
+    async def predict_image(self, data: bytes, name: str) -> dict[str, Any]:
+        """One image's result; raises ``ApiError`` for a bad image or an overloaded service."""
+        start = time.perf_counter()
+        found = await self._call(self.detector.find.remote(data, name))
+        if "error" in found:
+            raise ApiError(found["status"], found["error"])
+        faces: list[Face] = found["faces"]
+        aged = time.perf_counter()
+        ages = np.zeros(0, np.float32)
+        if faces:
+            ages = await self._call(self.regressor.ages.remote(np.stack([f.crop for f in faces])))
+        done = time.perf_counter()
+        return {
+            "faces": [face_record(f, a) for f, a in zip(faces, ages, strict=True)],
+            "image": {"width": found["width"], "height": found["height"]},
+            "model": await self._model(),
+            "timings_ms": {**found["timings_ms"], "age": _ms(done - aged),
+                           "total": _ms(done - start)},
+        }
+
+    async def _frame(self, index: int, data: Any) -> dict[str, Any]:
+        if not isinstance(data, (bytes, bytearray)):
+            return {"frame": index, "error": "send each frame as binary image data (JPEG, PNG)",
+                    "status": 415}
+        if len(data) > self.settings.max_body_bytes:
+            return {"frame": index, "status": 413,
+                    "error": f"frame {index} is {len(data)} bytes, above the limit of "
+                             f"{self.settings.max_body_bytes}"}
+        try:
+            return {"frame": index, **await self.predict_image(bytes(data), f"frame {index}")}
+        except ApiError as exc:
+            return {"frame": index, "error": exc.message, "status": exc.status}
+
+    @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra={
+        "requestBody": {"required": True, "content": {
+            **{t: _BINARY for t in ("image/jpeg", "image/png", "image/webp",
+                                    "application/octet-stream")},
+            MULTIPART: {"schema": {"type": "object", "required": ["file"],
+                                   "properties": {"file": {"type": "string",
+                                                           "format": "binary"}}}},
+        }}})
+    async def predict(self, request: Request) -> dict[str, Any]:
+        """Ages of the faces in one image: the raw bytes (image/jpeg, image/png, ...) or a
+        multipart form with the image in field `file`."""
+        media = _media_type(request.headers.get("content-type"))
+        if media != MULTIPART and media not in RAW_IMAGE_TYPES:
+            raise ApiError(415, f"unsupported content type {media or '(none)'!r}; send the "
+                                "image bytes as image/jpeg, image/png, ... or a multipart form "
+                                "with field 'file'")
+        body = await read_body(request, self.settings.max_body_bytes)
+        if media == MULTIPART:
+            files = [v for k, v in await read_file_parts(request, body, 8)
+                     if k == "file" and isinstance(v, bytes)]
+            if not files:
+                raise ApiError(400, "the multipart form has no file field named 'file'")
+            body = files[0]
+        return await self.predict_image(body, "image")
+
+    @api.post("/predict/frames", response_model=FramesResult, response_model_exclude_none=True,
+              responses=_ERRORS, openapi_extra={
+        "requestBody": {"required": True, "content": {MULTIPART: {"schema": {
+            "type": "object", "required": ["frames"],
+            "properties": {"frames": {"type": "array",
+                                      "items": {"type": "string", "format": "binary"}}}}}}}})
+    async def predict_frames(self, request: Request) -> dict[str, Any]:
+        """Several frames (multipart, repeated field `frames`); results in the same order, a
+        frame that fails carries its own error and status."""
+        media = _media_type(request.headers.get("content-type"))
+        if media != MULTIPART:
+            raise ApiError(415, f"unsupported content type {media or '(none)'!r}; send a "
+                                "multipart form with the frames in repeated field 'frames'")
+        start = time.perf_counter()
+        body = await read_body(request, self.settings.max_body_bytes)
+        limit = self.settings.max_frames
+        frames = [v for _, v in await read_file_parts(request, body, limit + 1)
+                  if isinstance(v, bytes)]
+        if not frames:
+            raise ApiError(400, "the multipart form has no files; send them in field 'frames'")
+        if len(frames) > limit:
+            raise ApiError(413, f"{len(frames)} frames, above the limit of {limit} per request")
+        gate = asyncio.Semaphore(self.settings.frames_in_flight)
+
+        async def one(index: int, data: bytes) -> dict[str, Any]:
+            async with gate:
+                return await self._frame(index, data)
+
+        results = await asyncio.gather(*(one(i, f) for i, f in enumerate(frames)))
+        return {"frames": results, "timings_ms": {"total": _ms(time.perf_counter() - start)}}
+
+    @api.websocket("/stream")
+    async def stream(self, websocket: WebSocket) -> None:
+        """Send frames as binary messages (JPEG); each gets one JSON message back, in order."""
+        await websocket.accept()
+        index = 0
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                result = await self._frame(index, data if data is not None else
+                                           message.get("text"))
+                await websocket.send_json(result)
+                index += 1
+        except WebSocketDisconnect:
+            pass
+
+    @api.get("/healthz", responses={503: {"model": ErrorOut}})
+    async def healthz(self) -> dict[str, Any]:
+        """200 when the Detector and the AgeRegressor answer, 503 otherwise."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(self._call(self.detector.info.remote()), self._model()),
+                self.settings.health_timeout_s)
+        except (ApiError, asyncio.TimeoutError) as exc:
+            detail = exc.message if isinstance(exc, ApiError) else "no answer in time"
+            raise ApiError(503, f"not ready: {detail}") from None
+        return {"status": "ok"}
+
+    @api.get("/model", responses={503: {"model": ErrorOut}})
+    async def model(self) -> dict[str, Any]:
+        """The loaded model's metadata, the detector's settings and the request limits."""
+        info, detector = await asyncio.gather(self._call(self.regressor.info.remote()),
+                                              self._call(self.detector.info.remote()))
+        limits = self.settings.model_dump(include={"max_body_bytes", "max_pixels", "max_frames"})
+        return {**info, "detector": detector, "limits": limits}
+
+
+def app(args: dict[str, Any]) -> serve.Application:
+    """The application ``serve/config.yaml`` runs; ``args`` are validated as ``ServeArgs``."""
+    args = ServeArgs.model_validate(args or {})
+    path = args.resolved_model_path()
+    try:
+        read_model_file(path)  # fail the deploy now, with the reason, not in every replica
+    except UserError as exc:
+        raise UserError(f"serve/config.yaml args.model_path: {exc}") from None
+    detector = Detector.bind(str(path), args.detector.model_dump(), args.no_face,
+                             args.max_pixels, args.device)
+    regressor = AgeRegressor.bind(str(path), args.tta, args.device)
+    return Ingress.bind(detector, regressor, args.model_dump())
