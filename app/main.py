@@ -40,6 +40,11 @@ ICE_SERVERS_ENV = "FACEAGE_ICE_SERVERS"
 DEFAULT_ICE_SERVERS = [{"urls": ["stun:stun.l.google.com:19302"]}]
 SLOW_HEALTH_S = 1.5
 LOGGER = logging.getLogger("faceage.app")
+if not LOGGER.handlers:  # Streamlit configures only its own loggers; ours go to stderr too
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    LOGGER.addHandler(_handler)
+    LOGGER.setLevel(logging.INFO)
 
 
 # -- Serve ---------------------------------------------------------------------------------------
@@ -234,6 +239,11 @@ def video_tab(url: str | None) -> None:
         except (ServeError, VideoError) as exc:
             bar.empty()
             st.error(f"{upload.name}: {exc}")
+            return
+        except Exception as exc:  # a codec or container failure: a message, not a traceback
+            LOGGER.exception("annotating %s failed", upload.name)
+            bar.empty()
+            st.error(f"{upload.name}: annotating the video failed ({type(exc).__name__}: {exc}).")
             return
         bar.progress(1.0, text=f"{result.frames}/{result.frames} frames · "
                                f"{result.frames_per_second:.1f} frames/s")

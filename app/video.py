@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -122,7 +124,10 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
     start = time.perf_counter()
     written = analysed = rejected = 0
     visible: list[dict[str, Any]] = []
-    out = io.BytesIO()
+    # A real file, not BytesIO: +faststart (the index up front, so browsers start playing before
+    # the whole file is in) rewrites the file after encoding by reopening it by name.
+    fd, out = tempfile.mkstemp(suffix=".mp4", prefix="faceage-video-")
+    os.close(fd)
 
     def analyse(rgb: np.ndarray) -> dict:
         small, scale = shrink(rgb, analyse_max_side)
@@ -185,7 +190,9 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
             for packet in vout.encode():
                 outc.mux(packet)
             width, height = vout.width, vout.height
+        mp4 = open(out, "rb").read()  # noqa: SIM115 - read at once
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return VideoResult(out.getvalue(), written, analysed, width, height,
+        os.unlink(out)
+    return VideoResult(mp4, written, analysed, width, height,
                        time.perf_counter() - start, codec, rejected, tracker.summary())
