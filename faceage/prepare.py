@@ -67,8 +67,9 @@ class DetectAlignCrops:
         rows = []
         for rec in batch.to_dict("records"):
             row: dict[str, Any] = {c: rec.get(c) for c in ("source_path", "age", "gender", "race")}
-            row.update(crop_path=None, status="ok", faces=0, score=np.nan, x1=np.nan,
-                       y1=np.nan, x2=np.nan, y2=np.nan, error=None)
+            # Empty strings, not None: every block then has the same Arrow schema.
+            row.update(crop_path="", status="ok", faces=0, score=np.nan, x1=np.nan,
+                       y1=np.nan, x2=np.nan, y2=np.nan, error="")
             try:
                 image = load_image(rec["source_path"])
                 faces = self.finder.find(image)
@@ -103,7 +104,9 @@ def _prepare_on_ray(table: pd.DataFrame, actor_kwargs: dict, batch_size: int,
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Enough blocks that every actor stays busy and progress moves steadily.
     blocks = max(1, min(len(table) // batch_size, workers * 8))
-    ds = ray.data.from_pandas(np.array_split(table, blocks))
+    bounds = np.linspace(0, len(table), blocks + 1).astype(int)
+    ds = ray.data.from_pandas([table.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:],
+                                                               strict=True)])
     ds = ds.map_batches(DetectAlignCrops, fn_constructor_kwargs=actor_kwargs,
                         batch_size=batch_size, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)

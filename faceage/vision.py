@@ -275,10 +275,10 @@ class FaceDetector:
             score = float(b[4])
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
             # A face found in the padding (centre outside the frame) is an artefact.
-            side = max(b[2] - b[0], b[3] - b[1])
             if score < cfg.min_score or not (0 <= cx < w and 0 <= cy < h):
                 continue
-            if side < cfg.min_face_size:  # MTCNN's box regression can shrink below its pyramid
+            # MTCNN's box regression can shrink a box below the pyramid's smallest face.
+            if max(b[2] - b[0], b[3] - b[1]) < cfg.min_face_size:
                 continue
             box = np.array([np.clip(b[0], 0, w), np.clip(b[1], 0, h),
                             np.clip(b[2], 0, w), np.clip(b[3], 0, h)], dtype=np.float32)
