@@ -97,3 +97,41 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+# -- Serve (issue 4) -----------------------------------------------------------------------------
+
+# serve/config.yaml as the tests run it: their own model, a free port, and limits small enough
+# that the 413 and overload cases are cheap to reach. Requests may wait out a replica restart on
+# a loaded machine (the fault test) rather than time out at the proxy.
+SERVE_TEST_OVERRIDES = {
+    "http_options.request_timeout_s": 240,
+    "args.max_body_bytes": 2 * 1024 * 1024,
+    "args.max_pixels": 4_000_000,
+    "args.max_frames": 8,
+    "deployments.Ingress.max_ongoing_requests": 16,
+    "deployments.Ingress.max_queued_requests": 16,
+}
+
+
+@pytest.fixture(scope="session")
+def serve_app(untrained_model_file, tmp_path_factory):
+    """serve/config.yaml on a private Ray instance (2 CPUs) in a child process, for the session.
+
+    Its own process and Ray instance, not the session's ``ray_local``: Serve holds CPUs for the
+    whole session, which Ray Train's workers in the same instance would wait for.
+    """
+    from serve.local import LocalServe
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    service = LocalServe({**SERVE_TEST_OVERRIDES, "args.model_path": str(untrained_model_file)},
+                         num_cpus=2, log_path=log, timeout=900)
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_url(serve_app) -> str:
+    """Base URL (http://127.0.0.1:PORT, no trailing slash) of the session's Serve application."""
+    return serve_app.url
