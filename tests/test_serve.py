@@ -177,6 +177,52 @@ def frames_640x480(astronaut_path) -> list[bytes]:
     return frames
 
 
+# -- serve/config.yaml -----------------------------------------------------------------------------
+
+
+def test_config_yaml_validates_and_fits_two_cores():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import BatchSettings, ServeArgs
+    from serve.local import DEFAULT_CONFIG, apply_overrides
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert (app.name, app.route_prefix, app.import_path) == ("faceage", "/", "serve.app:app")
+    ServeArgs.model_validate(app.args)
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "Detector", "AgeRegressor"}
+    cpus = sum(d.num_replicas * d.ray_actor_options.num_cpus for d in deployments.values())
+    assert cpus <= 2
+    batching = BatchSettings(**deployments["AgeRegressor"].user_config)
+    assert deployments["AgeRegressor"].max_ongoing_requests >= batching.max_batch_size
+    for d in deployments.values():
+        assert d.max_queued_requests > 0, f"{d.name}: unbounded queue"
+
+    changed = apply_overrides(raw, {"args.model_path": "/m.pt", "http_options.port": 1234,
+                                    "deployments.Detector.num_replicas": 1,
+                                    "deployments.AgeRegressor.user_config.max_batch_size": 1})
+    app = changed["applications"][0]
+    assert app["args"]["model_path"] == "/m.pt" and changed["http_options"]["port"] == 1234
+    detector = next(d for d in app["deployments"] if d["name"] == "Detector")
+    regressor = next(d for d in app["deployments"] if d["name"] == "AgeRegressor")
+    assert detector["num_replicas"] == 1 and regressor["user_config"]["max_batch_size"] == 1
+    assert raw["applications"][0]["args"]["model_path"] != "/m.pt", "the input is not changed"
+    with pytest.raises(KeyError):
+        apply_overrides(raw, {"replicas": 3})
+
+
+def test_a_missing_model_fails_the_build_with_the_path():
+    from faceage.errors import UserError
+    from serve.app import app
+
+    with pytest.raises(UserError, match="model file not found: /nonexistent/model.pt"):
+        app({"model_path": "/nonexistent/model.pt"})
+
+
 # -- results: the same faces as `faceage predict --json` -------------------------------------------
 
 
