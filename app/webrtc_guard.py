@@ -21,10 +21,14 @@ later streamlit-webrtc drops it this is a no-op.
 
 from __future__ import annotations
 
+import logging
+
 import streamlit as st
+from streamlit_webrtc.session_info import get_script_run_count, get_this_session_info
 
 CONTEXT_CLASS = "WebRtcStreamerContext"
 RUN_COUNT_ATTR = "_last_rendered_run_count"
+LOGGER = logging.getLogger("faceage.app.webrtc_guard")
 
 
 def disarm_orphan_check(key: str) -> bool:
@@ -32,5 +36,13 @@ def disarm_orphan_check(key: str) -> bool:
     context = st.session_state.get(key)
     if type(context).__name__ != CONTEXT_CLASS or not hasattr(context, RUN_COUNT_ATTR):
         return False
+    last = getattr(context, RUN_COUNT_ATTR)
+    session = get_this_session_info()
+    now = get_script_run_count(session) if session is not None else None
+    if last is not None and now is not None and now > last + 1:
+        # Logged so the workaround's effect can be counted: the library would have stopped the
+        # worker here although the component was rendered in every run.
+        LOGGER.info("kept webrtc context %r: its orphan check would have reset it "
+                    "(run count %d, last rendered at %d)", key, now, last)
     setattr(context, RUN_COUNT_ATTR, None)
     return True
