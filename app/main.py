@@ -264,7 +264,8 @@ def video_tab(url: str | None) -> None:
                            key=f"download-video-{digest}", on_click="ignore")
         if result.faces:
             st.markdown("Faces followed across frames (smoothed age):")
-            st.table(result.faces, hide_index=True)
+            st.table([{k: f"{v:.1f}" if isinstance(v, float) else v for k, v in row.items()}
+                      for row in result.faces], hide_index=True)
         else:
             st.info("No face found in the analysed frames.")
 
