@@ -166,7 +166,8 @@ class AgeRegressor:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def ages(self, crop_stacks: list[np.ndarray]) -> list[np.ndarray]:
         """Ages for each request's (N, S, S, 3) crops; one forward pass for the whole batch."""
-        crops = [crop for stack in crop_stacks for crop in stack]
+        # One writable copy: arrays from Ray's object store are read-only, which torch warns of.
+        crops = list(np.concatenate(crop_stacks))
         # In a thread so the event loop keeps queueing the next batch during this one.
         ages = await asyncio.to_thread(self.model.predict, crops, self.tta)
         bounds = np.cumsum([0] + [len(s) for s in crop_stacks])
