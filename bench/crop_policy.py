@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--model", action="append", default=[], metavar="LABEL=FILE")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 
     df, _ = read_utkface(args.data)
     df = df[assign_split(df["path"].tolist(), SplitConfig()) == "test"]
@@ -83,7 +83,7 @@ def main() -> None:
         for name, policy in POLICIES.items():
             crops[name].append(align_face(photo, face, policy, size))
             framing[name].append(framing_error(policy.matrix(face, size), m, chip.shape[0], size))
-        if (i + 1) % 200 == 0:
+        if (i + 1) % 50 == 0:
             print(f"  {i + 1}/{len(df)} photos, {time.perf_counter() - start:.0f}s", flush=True)
 
     n = len(ages)
