@@ -111,8 +111,9 @@ class AgeModel:
         """HxWx3 uint8 RGB face crops → a normalised batch, exactly as at evaluation time."""
         pp = self.metadata["preprocessing"]
         tf = eval_transform(self.input_size, pp["mean"], pp["std"])
-        return torch.stack([tf(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1))
-                            for c in crops])
+        # np.require copies only read-only or strided arrays (np.asarray(PIL image) is read-only).
+        tensors = [torch.from_numpy(np.require(c, np.uint8, ["C", "W"])) for c in crops]
+        return torch.stack([tf(t.permute(2, 0, 1)) for t in tensors])
 
     @torch.inference_mode()
     def predict_batch(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:

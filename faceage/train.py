@@ -263,7 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.seed * 1000 + rank)
+    torch.manual_seed(cfg.seed)  # the same initial head on every worker
     say = _say if rank == 0 else (lambda *a, **k: None)
     # The run config's LoggingConfig leaves the "ray" logger's console handler alone, so a line
     # per report and checkpoint would still reach the job log from every worker.
@@ -352,10 +352,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 except ValueError as exc:  # the stages changed since the checkpoint
                     say(f"[faceage] optimizer state does not fit this stage ({exc}); "
                         "starting it afresh")
+                    resumes[-1]["optimizer_restored"] = False
                 opt_state = None
             wrapped = _wrap(model, world)
             stage_index = stage.index
         sampler.set_epoch(epoch)
+        # Seeded per epoch and worker: a resumed epoch draws the augmentations it would have.
+        torch.manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + rank)
         stats = train_one_epoch(wrapped, loader, optimizer, schedule, epoch, loss_fn, ctx,
                                 augment, steps)
         loss_sum, abs_sum, images = _sum_across(

@@ -1,0 +1,345 @@
+"""Ray Train end to end on generated images: real TorchTrainer runs with 2 CPU workers.
+
+A worker killed mid-run (SIGKILL) must resume at the right stage and epoch; a crashed run must
+resume when started again under the same name; a ``ray job submit`` against a head node we start
+ourselves must succeed. Driver-side checks must fail fast with one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from PIL import Image
+
+from faceage.cli import main as cli_main
+from faceage.config import load_config
+from faceage.errors import TrainingFailed, UserError
+from faceage.modelfile import load_model_file
+from faceage.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_STAGES = "schedule.stages=[{name: head, train: 0, epochs: %d, lr: 0.002}, " \
+             "{name: top, train: 2, epochs: %d, lr: 0.001}]"
+
+
+def tiny_settings(data: Path, storage: Path, name: str, cache: Path) -> list[str]:
+    """Overrides for a run that takes seconds: 32 px, a small head, batches of 8."""
+    return [
+        f"data.path={data}", f"storage_path={storage}", f"name={name}", "data.limit=null",
+        f"data.cache_dir={cache}", "model.pretrained=none", "model.input_size=32",
+        "model.head_hidden=16", "train.batch_size=8", "train.ray_log_level=INFO",
+    ]
+
+
+def tiny_config(data: Path, storage: Path, name: str, cache: Path, *extra: str):
+    return load_config(None, [*tiny_settings(data, storage, name, cache),
+                              "scaling.num_workers=2", "scaling.cpus_per_worker=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def decode_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("decoded")
+
+
+def reported_epochs_callback(path: Path):
+    """A Ray Train callback (it runs in the controller) that appends each epoch whose checkpoint
+    Ray Train has registered to ``path``: a checkpoint folder alone is not yet resumable."""
+    import ray.train
+
+    class ReportedEpochs(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                with open(path, "a") as f:
+                    f.write(f"{metrics[0]['epoch']}\n")
+
+    return ReportedEpochs()
+
+
+def registered_epochs(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def train_worker_processes() -> list[psutil.Process]:
+    """This session's Ray Train workers: the local Ray instance runs as our child processes."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_a_worker_after(reported: Path, epoch: int, run: threading.Thread) -> int:
+    """SIGKILL one training worker once Ray Train registered the checkpoint of ``epoch``.
+
+    Returns the last epoch registered before the kill: the run must resume after it.
+    """
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert run.is_alive(), "the run ended before a worker could be killed"
+        done = registered_epochs(reported)
+        if done and done[-1] >= epoch:
+            workers = train_worker_processes()
+            if workers:
+                workers[-1].send_signal(signal.SIGKILL)
+                return done[-1]
+        time.sleep(0.05)
+    pytest.fail(f"Ray Train registered no checkpoint of epoch {epoch}")
+
+
+def start_run(cfg, callbacks: list) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target():
+        try:
+            box["outcome"] = run_training(cfg, callbacks)
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def faces(folder: Path, count: int) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())[:count]]
+
+
+def assert_epochs_once_in_order(history: list[dict], stages: list[int]) -> None:
+    assert [h["epoch"] for h in history] == list(range(len(stages)))
+    assert [h["stage"] for h in history] == stages
+
+
+@pytest.mark.timeout(1200)
+def test_killed_worker_resumes_at_the_right_epoch_and_exports(ray_local, tiny_utkface,
+                                                              decode_cache, tmp_path):
+    cfg = tiny_config(tiny_utkface, tmp_path, "fault", decode_cache,
+                      "max_failures=1", TWO_STAGES % (1, 4))
+    reported = tmp_path / "reported.txt"
+    run, box = start_run(cfg, [reported_epochs_callback(reported)])
+    last_saved = kill_a_worker_after(reported, epoch=1, run=run)
+    run.join(timeout=900)
+    assert "error" not in box, box.get("error")
+    outcome = box["outcome"]
+
+    # Every epoch exactly once, each in its stage; one resume, mid-stage, with the optimizer.
+    assert_epochs_once_in_order(outcome.history, [0, 1, 1, 1, 1])
+    assert len(outcome.resumes) == 1
+    resume = outcome.resumes[0]
+    assert last_saved + 1 <= resume["epoch"] <= 4
+    assert resume["stage"] == 1 and resume["workers"] == 2
+    assert resume["optimizer_restored"] is True
+    assert set(outcome.history[0]) >= {"lr_head"} and "lr_block6" not in outcome.history[0]
+    assert {"lr_block5", "lr_block6", "lr_head"} <= set(outcome.history[-1])
+
+    # Both workers' validation shards were gathered: each epoch saw every val image once.
+    split = pd.read_csv(outcome.run_dir / "split.csv")
+    n_train, n_val = (split["split"] == "train").sum(), (split["split"] == "val").sum()
+    assert all(h["val_images"] == n_val for h in outcome.history)
+    assert all(h["train_images"] == n_train // 16 * 16 for h in outcome.history)
+
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert summary["resumes"] == outcome.resumes and len(summary["history"]) == 5
+    assert (outcome.run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (outcome.run_dir / "config.yaml").is_file()
+
+    model = load_model_file(outcome.model_path)
+    assert model.metadata["metrics"]["val_mae"] == pytest.approx(outcome.best["val_mae"])
+    assert model.metadata["data"]["train"] == n_train and model.input_size == 32
+    assert model.metadata["config"]["name"] == "fault"
+    ages = model.predict(faces(tiny_utkface, 5))
+    assert ages.shape == (5,) and np.isfinite(ages).all()
+
+
+@pytest.mark.timeout(1200)
+def test_crashed_run_fails_readably_and_resumes_when_run_again(ray_local, tiny_utkface,
+                                                                decode_cache, tmp_path, capsys):
+    cfg = tiny_config(tiny_utkface, tmp_path, "rerun", decode_cache,
+                      "max_failures=0", TWO_STAGES % (2, 3))
+    reported = tmp_path / "reported.txt"
+    run, box = start_run(cfg, [reported_epochs_callback(reported)])
+    last_saved = kill_a_worker_after(reported, epoch=1, run=run)
+    run.join(timeout=900)
+    error = box.get("error")
+    assert isinstance(error, TrainingFailed), error
+    message = str(error)
+    assert "worker" in message and "run the same command again to resume" in message
+    assert str(tmp_path / "rerun") in message and len(message.splitlines()) <= 3
+
+    capsys.readouterr()
+    outcome = run_training(cfg)
+    assert "has checkpoints of an earlier run: resuming it" in capsys.readouterr().out
+    assert_epochs_once_in_order(outcome.history, [0, 0, 1, 1, 1])
+    assert len(outcome.resumes) == 1
+    resume = outcome.resumes[0]
+    assert last_saved + 1 <= resume["epoch"] <= 4 and resume["stage"] == 1
+    # Resuming at a stage's first epoch builds that stage's optimizer afresh, as a full run does.
+    assert resume["optimizer_restored"] is (resume["epoch"] != 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbone=vgg11", "unknown backbone 'vgg11'"),
+    ("schedule.stages=[{train: 12}]", "stage train=12: this backbone has 7 groups"),
+    ("schedule.stages=[{train: [block9]}]", "unknown groups ['block9']"),
+    ("model.pretrained=/nowhere/weights.pth", "pretrained weights file not found"),
+    ("train.batch_size=4096", "fewer than one step needs"),
+    ("data.split.val=0.0", "no images fell into the validation split"),
+    ("storage_path=s3://bucket/runs", "object storage is not supported"),
+])
+def test_preflight_stops_bad_runs_with_one_message(tiny_utkface, tmp_path, override, message):
+    cfg = tiny_config(tiny_utkface, tmp_path, "bad", tmp_path / "cache", override)
+    with pytest.raises(UserError) as err:
+        run_training(cfg)
+    assert message in str(err.value)
+
+
+def test_preflight_names_missing_or_empty_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, message in ((tmp_path / "missing", "data directory not found"),
+                            (empty, "no UTKFace images found")):
+        with pytest.raises(UserError, match=f"{message}.*{folder}"):
+            run_training(tiny_config(folder, tmp_path, "x", tmp_path / "cache"))
+
+
+def test_rerun_with_another_model_is_refused(tiny_utkface, tmp_path):
+    earlier = tiny_config(tiny_utkface, tmp_path, "taken", tmp_path / "cache")
+    run_dir = tmp_path / "taken"
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(
+        "model: {backbone: resnet50, input_size: 32, head_hidden: 16}\n")
+    with pytest.raises(UserError, match="model.backbone='resnet50'.*cannot be resumed"):
+        run_training(earlier)
+
+
+def test_cli_prints_the_message_without_a_traceback(tiny_utkface, tmp_path, capsys):
+    code = cli_main(["train", "--set", *tiny_settings(tiny_utkface, tmp_path, "x", tmp_path),
+                     "model.backbone=alexnet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unknown backbone 'alexnet'")
+    assert "Traceback" not in err
+
+
+def test_relative_paths_in_a_ray_job_get_a_clear_message(tiny_utkface, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"storage_path 'runs' is relative.*=\$PWD/runs"):
+        run_training(tiny_config(tiny_utkface, Path("runs"), "job", tmp_path))
+    with pytest.raises(UserError, match=r"data.path '../data' not found.*data.path=\$PWD/../data"):
+        run_training(tiny_config(Path("../data"), tmp_path, "job", tmp_path))
+
+
+# -- `ray job submit` against a head node of our own -------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """``ray start --head --block`` on free ports with the dashboard and token auth on."""
+    bin_dir = Path(sys.executable).parent
+    (gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env, node_manager,
+     object_manager, client) = free_ports(9)
+    temp_dir = Path(f"/tmp/fa-{secrets.token_hex(3)}")  # short: Ray's sockets live in it
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path_factory.mktemp("ray_head") / "ray_start.log").open("w")
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={node_manager}",
+         f"--object-manager-port={object_manager}", f"--ray-client-server-port={client}",
+         "--min-worker-port=0", "--max-worker-port=0"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 300
+        while True:
+            assert head.poll() is None, f"ray start exited; see {log.name}"
+            try:
+                if requests.get(f"{address}/api/version", timeout=5,
+                                headers={"Authorization": f"Bearer {token}"}).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"dashboard never came up; see {log.name}"
+            time.sleep(1)
+        yield {"address": address, "token": token, "env": env}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(1200)
+def test_ray_job_submit_against_a_local_head(ray_head, tiny_utkface, decode_cache, tmp_path):
+    import requests
+
+    storage = tmp_path / "runs"
+    submission = f"faceage-test-{secrets.token_hex(4)}"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
+           "--address", ray_head["address"], "--working-dir", str(REPO),
+           "--submission-id", submission, "--",
+           "python", "-m", "faceage.train", "--config", "configs/train.yaml", "--set",
+           *tiny_settings(tiny_utkface, storage, "job", decode_cache),
+           "scaling.num_workers=1", "scaling.cpus_per_worker=1", "max_failures=0",
+           "train.eval_tta=false", TWO_STAGES % (1, 1)]
+    done = subprocess.run(cmd, env=ray_head["env"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1100)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs[-4000:]
+
+    headers = {"Authorization": f"Bearer {ray_head['token']}"}
+    job = requests.get(f"{ray_head['address']}/api/jobs/{submission}", headers=headers,
+                       timeout=30).json()
+    assert job["status"] == "SUCCEEDED", job
+    assert "[faceage] epoch 1/2 [head]" in logs and "[faceage] epoch 2/2 [top]" in logs
+    assert "best val MAE" in logs
+    run_dir = storage / "job"
+    assert load_model_file(run_dir / "model.pt").metadata["config"]["name"] == "job"
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+
+    # The dashboard's Train page has the run, finished.
+    runs = requests.get(f"{ray_head['address']}/api/train/v2/runs/v1", headers=headers,
+                        timeout=30).json()["train_runs"]
+    mine = [r for r in runs if r["name"] == "job"]
+    assert mine and mine[0]["status"] == "FINISHED", runs
