@@ -93,8 +93,15 @@ def ray_local():
     """One local Ray instance for the session (2 CPUs, no dashboard), never someone else's."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        except Exception:  # a loaded machine can miss the raylet's startup deadline; retry
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 

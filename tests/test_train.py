@@ -323,9 +323,13 @@ def test_ray_job_submit_against_a_local_head(ray_head, tiny_utkface, decode_cach
            *tiny_settings(tiny_utkface, storage, "job", decode_cache),
            "scaling.num_workers=1", "scaling.cpus_per_worker=1", "max_failures=0",
            "train.eval_tta=false", TWO_STAGES % (1, 1)]
-    done = subprocess.run(cmd, env=ray_head["env"], cwd=REPO, capture_output=True, text=True,
-                          timeout=1100)
-    logs = done.stdout + done.stderr
+    for _ in range(20):  # the head answers before its node's job agent has registered
+        done = subprocess.run(cmd, env=ray_head["env"], cwd=REPO, capture_output=True,
+                              text=True, timeout=1100)
+        logs = done.stdout + done.stderr
+        if "No available agent to submit job" not in logs:
+            break
+        time.sleep(5)
     assert done.returncode == 0, logs[-4000:]
 
     headers = {"Authorization": f"Bearer {ray_head['token']}"}
