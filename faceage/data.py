@@ -31,6 +31,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_(\d+)\.jpg\.chip\.jpg$")
 MAX_AGE = 120
 COLUMNS = ["path", "age", "gender", "race"]
+# UTKFace's label codes (-1: unknown, e.g. a manifest without the column).
+UTKFACE_GENDERS = {0: "male", 1: "female"}
+UTKFACE_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 
 
 @dataclass

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from faceage.config import DataConfig, SplitConfig
-from faceage.data import assign_split, read_dataset
+from faceage.data import UTKFACE_GENDERS, UTKFACE_RACES, assign_split, read_dataset
 from faceage.errors import ImageError, UserError
-from faceage.metrics import mae_by_decade, regression_metrics
+from faceage.metrics import mae_by, mae_by_decade, regression_metrics
 from faceage.vision import FaceFinder, load_image, whole_image_face
 
 BATCH_IMAGES = 32
@@ -30,9 +30,15 @@ def select_split(df: pd.DataFrame, split: str, metadata: dict) -> pd.DataFrame:
     return df[assign_split(df["path"].tolist(), cfg) == split].reset_index(drop=True)
 
 
+def _label(value) -> int:
+    return int(value) if pd.notna(value) else -1
+
+
 def evaluate_model(model, df: pd.DataFrame, detect: bool, tta: bool = False,
                    detector=None, progress: bool = True) -> pd.DataFrame:
-    """Per-image predictions: ``path, age, pred, faces, status`` (ok, no-face or unreadable).
+    """Per-image predictions: ``path, age, gender, race, pred, faces, status``.
+
+    ``status`` is ok, no-face or unreadable; gender and race are -1 where the data has no labels.
 
     Without ``detect`` the whole image is the face (pre-cropped data, as in training); with it,
     the largest detected face is aligned by the model's crop policy.
@@ -46,8 +52,11 @@ def evaluate_model(model, df: pd.DataFrame, detect: bool, tta: bool = False,
     for start in range(0, len(df), BATCH_IMAGES):
         chunk = df.iloc[start:start + BATCH_IMAGES]
         crops, owners = [], []
-        for path, age in zip(chunk["path"], chunk["age"], strict=True):
-            row = {"path": path, "age": float(age), "pred": np.nan, "faces": 0, "status": "ok"}
+        labels = zip(chunk["path"], chunk["age"], chunk.get("gender", [-1] * len(chunk)),
+                     chunk.get("race", [-1] * len(chunk)), strict=True)
+        for path, age, gender, race in labels:
+            row = {"path": path, "age": float(age), "race": _label(race), "gender": _label(gender),
+                   "pred": np.nan, "faces": 0, "status": "ok"}
             rows.append(row)
             try:
                 image = load_image(path)
@@ -69,7 +78,19 @@ def evaluate_model(model, df: pd.DataFrame, detect: bool, tta: bool = False,
                 row["pred"] = float(pred)
         bar.update(len(chunk))
     bar.close()
-    return pd.DataFrame(rows, columns=["path", "age", "pred", "faces", "status"])
+    return pd.DataFrame(rows, columns=["path", "age", "gender", "race", "pred", "faces",
+                                       "status"])
+
+
+def _mae_by_label(ok: pd.DataFrame, column: str, names: dict[int, str]) -> dict[str, dict]:
+    """MAE per UTKFace label of ``column``; empty when the data carries no such labels."""
+    known = ok[ok[column] >= 0]
+    if known.empty:
+        return {}
+    keys = [names.get(int(v), str(v)) for v in known[column]]
+    by = mae_by(known["pred"].to_numpy(), known["age"].to_numpy(), keys)
+    order = {name: i for i, name in enumerate(names.values())}
+    return dict(sorted(by.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def summarise(preds: pd.DataFrame) -> dict[str, Any]:
@@ -78,6 +99,8 @@ def summarise(preds: pd.DataFrame) -> dict[str, Any]:
         "metrics": regression_metrics(ok["pred"].to_numpy(), ok["age"].to_numpy()),
         "mae_by_decade": mae_by_decade(ok["pred"].to_numpy(), ok["age"].to_numpy())
         if len(ok) else {},
+        "mae_by_gender": _mae_by_label(ok, "gender", UTKFACE_GENDERS),
+        "mae_by_race": _mae_by_label(ok, "race", UTKFACE_RACES),
         "images": int(len(preds)),
         "evaluated": int(len(ok)),
         "no_face": int((preds["status"] == "no-face").sum()),
@@ -103,6 +126,10 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for decade, v in report["mae_by_decade"].items():
         lines.append(f"{decade:<7}  {v['mae']:5.2f}  {v['n']:>4}")
+    for key, title in (("mae_by_gender", "gender"), ("mae_by_race", "race")):
+        if report.get(key):
+            lines += ["", f"{title:<7}  MAE     n"]
+            lines += [f"{k:<7}  {v['mae']:5.2f}  {v['n']:>4}" for k, v in report[key].items()]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -236,3 +237,22 @@ def test_evaluate_utkface_chips(capsys, untrained_model_file, tmp_path):
                         untrained_model_file, "--report", tmp_path / "r.json")
     assert code == 0 and "MAE" in out
     assert json.loads((tmp_path / "r.json").read_text())["evaluated"] == 12
+
+
+def test_evaluate_breaks_errors_down_by_utkface_labels(capsys, untrained_model_file, tiny_utkface,
+                                                       tmp_path):
+    report = tmp_path / "utk.json"
+    code, out, _ = _run(capsys, "evaluate", "--data", tiny_utkface, "--model",
+                        untrained_model_file, "--limit", "40", "--json", "--report", report)
+    assert code == 0
+    r = json.loads(out)
+    assert r["evaluated"] == 40
+    assert set(r["mae_by_gender"]) <= {"male", "female"} and r["mae_by_gender"]
+    assert set(r["mae_by_race"]) <= {"White", "Black", "Asian", "Indian", "Others"}
+    for key in ("mae_by_decade", "mae_by_gender", "mae_by_race"):
+        assert sum(v["n"] for v in r[key].values()) == 40, key
+    preds = pd.read_csv(report.with_suffix(".csv"))
+    assert set(preds["gender"]) <= {0, 1} and set(preds["race"]) <= {0, 1, 2, 3, 4}
+    code, out, _ = _run(capsys, "evaluate", "--data", tiny_utkface, "--model",
+                        untrained_model_file, "--limit", "40", "--report", report)
+    assert code == 0 and "gender" in out and "race" in out
