@@ -38,7 +38,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from faceage.train import add_train_arguments
+    from faceage.config import add_train_arguments
 
     p = argparse.ArgumentParser(prog="faceage", description="Face age regression on Ray.")
     p.add_argument("--version", action="version", version=f"faceage {__version__}")

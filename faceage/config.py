@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -235,3 +236,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def config_json(cfg: Config) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE ...`` as ``faceage train`` and ``tune`` take them."""
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
+                   metavar="KEY=VALUE", help="override a setting, e.g. train.batch_size=32")
+
+
+def flat_overrides(args: argparse.Namespace) -> list[str]:
+    return [item for group in args.overrides for item in group]

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 
 from faceage.config import DataConfig, SplitConfig
-from faceage.data import UTKFACE_GENDERS, UTKFACE_RACES, assign_split, read_dataset
 from faceage.errors import ImageError, UserError
 from faceage.metrics import mae_by, mae_by_decade, regression_metrics
 from faceage.vision import FaceFinder, load_image, whole_image_face
@@ -23,6 +22,8 @@ BATCH_IMAGES = 32
 
 def select_split(df: pd.DataFrame, split: str, metadata: dict) -> pd.DataFrame:
     """Rows of ``split`` under the model's own split settings (``all`` keeps every row)."""
+    from faceage.data import assign_split  # torch comes with it: keep `faceage --help` fast
+
     if split == "all":
         return df
     raw = ((metadata.get("config") or {}).get("data") or {}).get("split")
@@ -94,6 +95,8 @@ def _mae_by_label(ok: pd.DataFrame, column: str, names: dict[int, str]) -> dict[
 
 
 def summarise(preds: pd.DataFrame) -> dict[str, Any]:
+    from faceage.data import UTKFACE_GENDERS, UTKFACE_RACES
+
     ok = preds[preds["status"] == "ok"]
     return {
         "metrics": regression_metrics(ok["pred"].to_numpy(), ok["age"].to_numpy()),
@@ -141,6 +144,7 @@ def default_report_path(model_path: Path, data: str, detect: bool, split: str) -
 
 def run_evaluate(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
+    from faceage.data import read_dataset
     from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
     from faceage.plots import prediction_report
 

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from faceage.config import DataConfig
-from faceage.data import read_dataset
 from faceage.errors import UserError
 from faceage.vision import CropPolicy, DetectorConfig
 
@@ -133,6 +132,8 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
     """Prepare ``data`` into ``out`` with Ray Data (or in this process); returns a summary."""
     policy = policy or CropPolicy()
     detector = detector or DetectorConfig()
+    from faceage.data import read_dataset  # torch comes with it: keep `faceage --help` fast
+
     df, load_report = read_dataset(DataConfig(format=fmt, path=data, limit=limit))
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,13 @@ import torch
 import yaml
 from torch import nn
 
-from faceage.config import Config, load_config, save_config
+from faceage.config import (  # noqa: F401 (the argument helpers are re-exported)
+    Config,
+    add_train_arguments,
+    flat_overrides,
+    load_config,
+    save_config,
+)
 from faceage.data import (
     BatchAugment,
     LoadReport,
@@ -696,16 +702,6 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     print(f"\nbest val MAE {best['val_mae']:.2f} at epoch {best['epoch'] + 1}; {wall:.0f}s")
     print(f"model:  {model_path}\ncurves: {curves}\nrun:    {run_dir}")
     return TrainOutcome(run_dir, model_path, best, history, resumes)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
-                   metavar="KEY=VALUE", help="override a setting, e.g. train.batch_size=32")
-
-
-def flat_overrides(args: argparse.Namespace) -> list[str]:
-    return [item for group in args.overrides for item in group]
 
 
 def main(argv: list[str] | None = None) -> int:
