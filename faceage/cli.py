@@ -19,6 +19,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from faceage.tune import run_tune_command
+
+    return run_tune_command(args)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from faceage.predict import run_predict
 
@@ -37,6 +43,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return run_prepare_command(args)
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from faceage.up import run_up
+
+    return run_up(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from faceage.config import add_train_arguments
 
@@ -49,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the best checkpoint as a model file.")
     add_train_arguments(t)
     t.set_defaults(func=_cmd_train)
+
+    from faceage.tune import add_tune_arguments
+
+    tu = sub.add_parser("tune", help="compare backbones and schedules with Ray Tune (ASHA)",
+                        description="Ray Tune over training runs (one TorchTrainer per trial, "
+                                    "ASHA on val MAE); writes a results table, a plot and the "
+                                    "best trial's model file.")
+    add_tune_arguments(tu)
+    tu.set_defaults(func=_cmd_tune)
 
     from faceage.evaluate import add_evaluate_arguments
     from faceage.predict import add_predict_arguments
@@ -69,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate a model file; writes a JSON report and a PNG.")
     add_evaluate_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
+
+    from faceage.up import add_up_arguments
+
+    up = sub.add_parser("up", help="Ray head, dashboard, Serve API and Streamlit app, locally",
+                        description="Start a Ray head with its dashboard (or use $RAY_ADDRESS), "
+                                    "the Serve application of serve/config.yaml and the "
+                                    "Streamlit app; Ctrl-C stops them all.")
+    add_up_arguments(up)
+    up.set_defaults(func=_cmd_up)
     return p
 
 

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Prometheus metrics endpoint port (0: a free one)")
     p.add_argument("--temp-dir", help="Ray's session folder (default: Ray's)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /healthz")
+    p.add_argument("--address", help="deploy on this running Ray cluster (e.g. $RAY_ADDRESS) "
+                                      "instead of starting one; on exit only the application "
+                                      "is removed (and Serve, if this process started it)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -206,12 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     ready = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    app_name = schema.applications[0].name
     try:
-        context = start_ray(args.num_cpus, init)
+        if args.address:
+            context = ray.init(address=args.address, namespace="serve", log_to_driver=False)
+            serve_was_running = _prepare_shared_serve(schema, app_name)
+        else:
+            context = start_ray(args.num_cpus, init)
+            serve_was_running = False
     except KeyboardInterrupt:
         ray.shutdown()
         kill_children()
         return 130
+    except RuntimeError as exc:  # the cluster's Serve already runs an application of this name
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        ray.shutdown()
+        return 1
     for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own SIGTERM handler
         signal.signal(sig, on_signal)
     code = 0
@@ -221,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         client = serve_start(http_options=schema.http_options.model_dump(),
                              proxy_location=schema.proxy_location,
                              controller_options=schema.controller_options)
+        http_options = client.http_config  # a Serve already running keeps its own
         client.deploy_apps(schema, _blocking=False)
-        host = schema.http_options.host
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:" \
-              f"{schema.http_options.port}"
-        _wait_healthy(url, time.monotonic() + args.timeout, schema.applications[0].name)
+        host = http_options.host
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_options.port}"
+        _wait_healthy(url, time.monotonic() + args.timeout, app_name)
         info = {"url": url, "pid": os.getpid(), "gcs_address": context.address_info["gcs_address"]}
-        if args.dashboard_port is not None:
+        if (args.dashboard_port is not None or args.address) and context.dashboard_url:
             info["dashboard"] = f"http://{context.dashboard_url}"
         if "_metrics_export_port" in init:
             info["metrics"] = f"http://127.0.0.1:{init['_metrics_export_port']}/metrics"
@@ -244,10 +257,45 @@ def main(argv: list[str] | None = None) -> int:
         from ray import serve
 
         try:
-            serve.shutdown()
+            if serve_was_running:
+                serve.delete(app_name)  # the cluster's other applications keep running
+            else:
+                serve.shutdown()
         finally:
             ray.shutdown()
     return code
+
+
+def _prepare_shared_serve(schema, app_name: str) -> bool:
+    """Ready ``schema`` for a cluster this process did not start; True if Serve already runs there.
+
+    Deploying a config replaces every application, so the cluster's other applications are put
+    into ``schema``; its replicas find ``serve.app`` through PYTHONPATH (this checkout).
+    """
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    ours = schema.applications[0]
+    runtime_env = dict(ours.runtime_env or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    env_vars.setdefault("PYTHONPATH", str(REPO_ROOT))
+    ours.runtime_env = {**runtime_env, "env_vars": env_vars}
+    import ray
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    from ray import serve
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**serve.context._connect().get_serve_details())
+    if app_name in details.applications:
+        raise RuntimeError(f"Serve on this cluster already runs an application {app_name!r}; "
+                           "use it, or remove it first (serve delete / serve shutdown)")
+    others = [app.deployed_app_config for app in details.applications.values()
+              if app.deployed_app_config is not None]
+    schema.applications = others + schema.applications
+    return True
 
 
 class LocalServe:
@@ -256,12 +304,13 @@ class LocalServe:
     def __init__(self, overrides: dict[str, Any] | None = None, *, config: str | Path | None = None,
                  num_cpus: float = 2, port: int = 0, dashboard_port: int | None = None,
                  metrics_port: int | None = None, timeout: float = 600,
-                 log_path: str | Path | None = None):
+                 log_path: str | Path | None = None, address: str | None = None):
         self.overrides = dict(overrides or {})
         self.config = Path(config or DEFAULT_CONFIG)
         self.num_cpus, self.port, self.timeout = num_cpus, port, timeout
         self.dashboard_port, self.metrics_port = dashboard_port, metrics_port
         self.log_path = Path(log_path) if log_path else None
+        self.address = address
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, Any] = {}
         self._temp_dir: str | None = None
@@ -287,6 +336,8 @@ class LocalServe:
             cmd += ["--dashboard-port", str(self.dashboard_port)]
         if self.metrics_port is not None:
             cmd += ["--metrics-port", str(self.metrics_port)]
+        if self.address:
+            cmd += ["--address", self.address]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                            os.environ.get("PYTHONPATH")]))}

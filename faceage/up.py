@@ -1,0 +1,275 @@
+"""``faceage up``: a Ray head and its dashboard, the Serve API and the Streamlit app, at once.
+
+Serve runs through ``serve.local`` (serve/config.yaml on a Ray instance of its own, or on the
+cluster ``$RAY_ADDRESS`` names); Streamlit runs ``app/main.py`` pointed at it. Each child leads
+its own process group, so Ctrl-C or SIGTERM here stops all of them and whatever they started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from faceage.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "faceage-default.pt"
+HOST = "127.0.0.1"
+READY = "faceage up: ready"
+STREAMLIT_START_S = 300
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="FILE", type=Path, default=DEFAULT_MODEL,
+                   help="model file to serve (default: the shipped models/faceage-default.pt)")
+    p.add_argument("--serve-port", type=int, default=8000, help="Serve API port (0: a free one)")
+    p.add_argument("--app-port", type=int, default=8501, help="Streamlit port (0: a free one)")
+    p.add_argument("--dashboard-port", type=int, default=8265,
+                   help="Ray dashboard port (0: a free one; unused with $RAY_ADDRESS)")
+    p.add_argument("--no-app", action="store_true", help="start Ray and Serve only")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs of the local Ray head (default: all of the machine's)")
+    p.add_argument("--timeout", type=float, default=900,
+                   help="seconds to wait for Serve to answer /healthz")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def check_port(port: int, option: str) -> None:
+    """Raise UserError when something already listens on ``HOST:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind: SO_REUSEADDR ignores TIME_WAIT leftovers, not live listeners.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise UserError(f"port {port} ({option}) is already in use on {HOST}; stop what "
+                            f"listens there or pick another port, e.g. {option} 0 for a free "
+                            "one") from None
+
+
+def _resolve_ports(args: argparse.Namespace, attach: bool) -> dict[str, int]:
+    wanted = {"--serve-port": args.serve_port}
+    if not args.no_app:
+        wanted["--app-port"] = args.app_port
+    if not attach:
+        wanted["--dashboard-port"] = args.dashboard_port
+    ports = {}
+    for option, port in wanted.items():
+        if not 0 <= port < 65536:
+            raise UserError(f"{option} {port}: use a port from 1 to 65535 (0: a free one)")
+        if port:
+            check_port(port, option)
+        ports[option] = port or _free_port()
+    taken = [o for o in ports if list(ports.values()).count(ports[o]) > 1]
+    if taken:
+        raise UserError(f"{' and '.join(taken)} name the same port {ports[taken[0]]}; "
+                        "give each its own")
+    return ports
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                        os.environ.get("PYTHONPATH")]))}
+
+
+def start_streamlit(port: int, serve_url: str, log_path: Path) -> subprocess.Popen:
+    """``streamlit run app/main.py`` on ``HOST:port`` using ``serve_url``, in its own group."""
+    log = open(log_path, "wb")  # noqa: SIM115 - the child holds it; closed here right after
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "app" / "main.py"),
+             "--server.address", HOST, "--server.port", str(port),
+             "--browser.gatherUsageStats", "false", "--server.headless", "true",
+             "--server.fileWatcherType", "none", "--global.developmentMode", "false"],
+            cwd=REPO_ROOT, env={**_child_env(), "FACEAGE_SERVE_URL": serve_url},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()
+
+
+def _wait_streamlit(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    import requests
+
+    deadline = time.monotonic() + STREAMLIT_START_S
+    session = requests.Session()
+    session.trust_env = False  # loopback: never through an HTTP(S)_PROXY
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"Streamlit exited with code {proc.returncode}; see {log_path}")
+        try:
+            if session.get(url + "/_stcore/health", timeout=5).ok:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"Streamlit did not answer {url} within {STREAMLIT_START_S} s; "
+                            f"see {log_path}")
+        time.sleep(0.5)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the process group ``proc`` leads, then SIGKILL what is left of it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(10)
+
+
+def _kill_leftovers(procs: list, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL, whichever of ``procs`` (psutil) still run (same PID and start)."""
+    import psutil
+
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived: stop everything."""
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start Ray, Serve and Streamlit; block until Ctrl-C or SIGTERM; stop all of them."""
+    import psutil
+
+    from serve.local import LocalServe
+
+    model = args.model.expanduser().resolve()
+    if not model.is_file():
+        if model == DEFAULT_MODEL.resolve():
+            raise UserError(f"the shipped model {DEFAULT_MODEL.relative_to(REPO_ROOT)} does not "
+                            "exist yet; train one (`faceage train`) and pass it with --model FILE")
+        raise UserError(f"--model {args.model}: no such file; pass a model file `faceage train` "
+                        "exported")
+    address = os.environ.get("RAY_ADDRESS") or None
+    ports = _resolve_ports(args, attach=address is not None)
+    serve_url = f"http://{HOST}:{ports['--serve-port']}"
+    app_url = None if args.no_app else f"http://{HOST}:{ports['--app-port']}"
+    dashboard_url = None if address else f"http://{HOST}:{ports['--dashboard-port']}"
+
+    log_dir = Path(tempfile.mkdtemp(prefix="faceage-up-"))
+    where = f"the Ray cluster at {address}" if address else "a new local Ray head"
+    print(f"faceage up: Serve (serve/config.yaml, model {model}) on {where}"
+          + ("" if args.no_app else ", and the Streamlit app"), flush=True)
+    if dashboard_url:
+        print(f"  Ray dashboard  {dashboard_url}   (log in with the token "
+              "`ray get-auth-token` prints)", flush=True)
+    print(f"  Serve API      {serve_url}   (docs: {serve_url}/docs)", flush=True)
+    if app_url:
+        print(f"  Streamlit app  {app_url}", flush=True)
+    print(f"  logs           {log_dir}", flush=True)
+    print("Waiting for Serve to answer /healthz (the first start can take minutes) ...", flush=True)
+
+    ready = False
+
+    def on_signal(signum, _frame):
+        if not ready:
+            raise _Stop(signal.Signals(signum).name)
+
+    stop_requested: list[str] = []
+
+    def on_signal_ready(signum, _frame):
+        stop_requested.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    service = LocalServe({"args.model_path": str(model)}, port=ports["--serve-port"],
+                         dashboard_port=None if address else ports["--dashboard-port"],
+                         num_cpus=args.num_cpus or os.cpu_count() or 1, timeout=args.timeout,
+                         log_path=log_dir / "serve.log", address=address)
+    streamlit: subprocess.Popen | None = None
+    code = 0
+    try:
+        if app_url:
+            streamlit = start_streamlit(ports["--app-port"], serve_url, log_dir / "streamlit.log")
+        try:
+            service.start()
+        except RuntimeError as exc:
+            print(f"error: Serve did not start: {exc}", file=sys.stderr, flush=True)
+            code = 1
+            return code
+        if service.url != serve_url:  # a Serve already running on RAY_ADDRESS keeps its port
+            serve_url = service.url
+            print(f"  Serve API      {serve_url}   (the cluster's Serve port)", flush=True)
+        if address and service.info.get("dashboard"):
+            print(f"  Ray dashboard  {service.info['dashboard']}", flush=True)
+        if streamlit is not None:
+            _wait_streamlit(streamlit, app_url, log_dir / "streamlit.log")
+        for sig in previous:
+            signal.signal(sig, on_signal_ready)
+        ready = True
+        print(f"{READY}: Serve answers {serve_url}/healthz"
+              + (f", the app is at {app_url}" if app_url else "")
+              + ". Ctrl-C stops everything.", flush=True)
+        while not stop_requested:
+            if service.proc.poll() is not None:
+                print(f"error: Serve stopped (exit code {service.proc.returncode}); see "
+                      f"{log_dir / 'serve.log'}", file=sys.stderr, flush=True)
+                code = 1
+                break
+            if streamlit is not None and streamlit.poll() is not None:
+                print(f"error: Streamlit stopped (exit code {streamlit.returncode}); see "
+                      f"{log_dir / 'streamlit.log'}", file=sys.stderr, flush=True)
+                code = 1
+                break
+            time.sleep(0.5)
+    except _Stop:
+        code = 130
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        # Late signals must not cut the clean-up short.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        print("faceage up: stopping ...", flush=True)
+        descendants = psutil.Process().children(recursive=True)
+        if streamlit is not None:
+            stop_group(streamlit)
+        service.stop()
+        _kill_leftovers(descendants)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if code == 0:
+            shutil.rmtree(log_dir, ignore_errors=True)
+            print("faceage up: stopped; nothing left running.", flush=True)
+        else:
+            print(f"faceage up: stopped; logs kept in {log_dir}", flush=True)
+    return code

@@ -1,0 +1,188 @@
+"""``faceage up``: the whole local stack starts, answers, and stops without leaving a process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from faceage.cli import main as faceage_main
+from faceage.up import READY
+
+REPO = Path(__file__).resolve().parents[1]
+# Upper bounds on a loaded 2-core machine; every wait ends as soon as its condition holds.
+START_S = 900
+STOP_S = 180
+URL_LINE = re.compile(r"^\s+(Ray dashboard|Serve API|Streamlit app)\s+(http://\S+)")
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def http() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # loopback only, never through a proxy from the environment
+    return session
+
+
+class UpProcess:
+    """``faceage up ...`` as a child process; its stdout lines are collected as they come."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]):
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "faceage.cli", "up", *args],
+                                     cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_ready(self, timeout: float) -> dict[str, str]:
+        """The printed URLs by name, once the ready line is out; fails if the process ends."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if line.startswith(READY):
+                urls = {}
+                for earlier in self.lines:
+                    match = URL_LINE.match(earlier)
+                    if match:
+                        urls[match.group(1)] = match.group(2)
+                return urls
+        self.log.flush()
+        raise AssertionError(f"faceage up was not ready (exit code {self.proc.poll()}); "
+                             f"stdout: {''.join(self.lines)}\nstderr: "
+                             f"{Path(self.log.name).read_text()[-4000:]}")
+
+    def tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def close(self) -> None:
+        """Make sure nothing is left, whatever the test did (by PID, never by name)."""
+        if self.proc.poll() is None:
+            leftovers = self.tree()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_S)
+            except subprocess.TimeoutExpired:
+                pass
+            for p in leftovers:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        self.log.close()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "PYTHONUNBUFFERED": "1", **extra}
+    if "RAY_ADDRESS" not in extra:
+        env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def assert_stops_cleanly(up: UpProcess, ports: list[int]) -> None:
+    """SIGTERM: exit code 0, the process and all its descendants gone, the ports free."""
+    tree = up.tree()
+    assert len(tree) > 2, "faceage up should have started Serve's and Streamlit's processes"
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(STOP_S) == 0
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+    for port in ports:
+        assert port_is_free(port), f"port {port} still in use after faceage up stopped"
+
+
+@pytest.mark.timeout(START_S + 2 * STOP_S)
+def test_up_starts_the_stack_and_stops_everything(untrained_model_file, astronaut_path,
+                                                  tmp_path):
+    serve_port, app_port, dashboard_port = free_ports(3)
+    up = UpProcess(["--model", str(untrained_model_file), "--serve-port", str(serve_port),
+                    "--app-port", str(app_port), "--dashboard-port", str(dashboard_port),
+                    "--num-cpus", "2", "--timeout", str(START_S)],
+                   tmp_path / "up.stderr.log", child_env())
+    try:
+        urls = up.wait_ready(START_S)
+        assert urls == {"Ray dashboard": f"http://127.0.0.1:{dashboard_port}",
+                        "Serve API": f"http://127.0.0.1:{serve_port}",
+                        "Streamlit app": f"http://127.0.0.1:{app_port}"}
+        client = http()
+        serve_url = urls["Serve API"]
+        assert client.get(f"{serve_url}/healthz", timeout=60).json() == {"status": "ok"}
+        assert client.get(f"{serve_url}/docs", timeout=60).status_code == 200
+        result = client.post(f"{serve_url}/predict", data=astronaut_path.read_bytes(),
+                             headers={"Content-Type": "image/jpeg"}, timeout=120)
+        assert result.status_code == 200, result.text
+        faces = result.json()["faces"]
+        assert len(faces) == 1 and isinstance(faces[0]["age"], float)
+        assert result.json()["model"]["name"] == "faceage-untrained-test"
+        assert client.get(f"{urls['Streamlit app']}/_stcore/health", timeout=60).status_code == 200
+        # The dashboard's page loads without the token; its API wants it (Ray 2.60 token auth).
+        dashboard = client.get(urls["Ray dashboard"], timeout=60)
+        assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
+
+        assert_stops_cleanly(up, [serve_port, app_port, dashboard_port])
+    finally:
+        up.close()
+
+
+def test_up_names_a_port_in_use(untrained_model_file, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = faceage_main(["up", "--model", str(untrained_model_file), "--serve-port", "0",
+                             "--dashboard-port", "0", "--app-port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"port {port} (--app-port) is already in use" in err
+    assert "Traceback" not in err
+
+
+def test_up_without_a_model_file_says_so(tmp_path, capsys):
+    missing = tmp_path / "nothing.pt"
+    assert faceage_main(["up", "--model", str(missing), "--serve-port", "0"]) == 2
+    assert f"--model {missing}: no such file" in capsys.readouterr().err
