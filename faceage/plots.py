@@ -76,3 +76,27 @@ def prediction_report(pred, true, by_decade: dict, path: str | Path, title: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def tune_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], labels: dict[str, str],
+                path: str | Path, title: str = "") -> Path:
+    """Val MAE per epoch (numbered from 1) of every tuning trial, one line each."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for trial, (epochs, maes) in curves.items():
+        ax.plot(epochs, maes, marker="o", label=labels.get(trial, trial))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val MAE (years)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no trial reported a val MAE", ha="center", transform=ax.transAxes)
+    ax.set_title(title or "val MAE per trial")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

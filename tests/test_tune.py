@@ -1,0 +1,163 @@
+"""``faceage tune`` end to end on generated images: Ray Tune, one TorchTrainer per trial, ASHA.
+
+The search-space mistakes must end before any trial starts, with one message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from faceage.cli import main as cli_main
+from faceage.errors import UserError
+from faceage.modelfile import load_model_file
+from faceage.tune import load_tune_settings, plan_search, run_tune
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_tune(data: Path, storage: Path, cache: Path, **changes) -> dict:
+    """A search that takes about a minute: 2 backbones at 32 px, 2 epochs of 2 steps each."""
+    settings = {
+        "name": "tiny",
+        "storage_path": str(storage),
+        "base": {
+            "data": {"path": str(data), "limit": None, "cache_dir": str(cache)},
+            "model": {"pretrained": "none", "input_size": 32, "head_hidden": 16},
+            "train": {"batch_size": 8, "max_steps_per_epoch": 2, "eval_tta": False},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+            "max_failures": 0,
+        },
+        "schedules": {"two": [{"name": "head", "train": 0, "epochs": 1, "lr": 0.002},
+                              {"name": "top", "train": 2, "epochs": 1, "lr": 0.001}]},
+        "space": {"backbone": {"grid": ["mobilenet_v2", "mobilenet_v3_large"]},
+                  "schedule": "two", "lr_scale": {"loguniform": [0.5, 2.0]},
+                  "loss": ["l1", "smooth_l1"]},
+        "search": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+    }
+    for key, value in changes.items():
+        settings[key] = value
+    return settings
+
+
+def write_yaml(path: Path, settings: dict) -> Path:
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def faces(folder: Path, count: int) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())[:count]]
+
+
+@pytest.mark.timeout(900)
+def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, tmp_path, capsys):
+    config = write_yaml(tmp_path / "tune.yaml",
+                        tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache"))
+    code = cli_main(["tune", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    tune_dir = tmp_path / "runs" / "tiny"
+
+    table = pd.read_csv(tune_dir / "results.csv")
+    assert len(table) == 2
+    assert set(table["backbone"]) == {"mobilenet_v2", "mobilenet_v3_large"}
+    assert set(table["status"]) <= {"completed", "stopped by ASHA"}, table["status"].tolist()
+    # ASHA saw each trial's first epoch; the first trial at the rung always continues.
+    assert (table["epochs_run"] >= 1).all() and (table["epochs_run"] <= 2).all()
+    assert (table["status"] == "completed").any()
+    assert (table.loc[table["status"] == "completed", "epochs_run"] == 2).all()
+    assert np.isfinite(table["best_val_mae"]).all() and (table["time_s"] > 0).all()
+    assert table["best_val_mae"].is_monotonic_increasing
+    assert table["params"].str.contains("lr_scale=").all()
+    assert table["params"].str.contains("loss=").all()
+
+    md = (tune_dir / "results.md").read_text()
+    assert "| trial | backbone | params | best val MAE |" in md
+    assert all(t in md for t in table["trial"])
+    assert (tune_dir / "val_mae.png").read_bytes()[:4] == b"\x89PNG"
+
+    best = table.iloc[0]
+    model = load_model_file(tune_dir / "best_model.pt")
+    assert model.metadata["config"]["model"]["backbone"] == best["backbone"]
+    assert model.metadata["metrics"]["val_mae"] == pytest.approx(best["best_val_mae"])
+    assert model.input_size == 32
+    ages = model.predict(faces(tiny_utkface, 4))
+    assert ages.shape == (4,) and np.isfinite(ages).all()
+
+    # Each completed trial's Train run exported its own model and summary.
+    for _, row in table[table["status"] == "completed"].iterrows():
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert len(summary["history"]) == 2
+    assert f"best trial {best['trial']}" in out and str(tune_dir / "best_model.pt") in out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"optimizer": ["adam"]}}, "space.optimizer: unknown search key 'optimizer'"),
+    ({"space": {"backbone": ["mobilenet_v2", "vgg11"]}}, "unknown backbone 'vgg11'"),
+    ({"space": {"loss": ["l1", "huber"]}}, "space.loss: unknown loss 'huber'"),
+    ({"space": {"schedule": ["fast"]}}, "space.schedule: 'fast' is not a named schedule"),
+    ({"space": {"input_size": [16]}}, "model.input_size: Input should be greater than or equal"),
+    ({"space": {"lr_scale": {"loguniform": [2.0, 1.0]}}}, "expected [low, high] with 0 < low"),
+    ({"serach": {"num_samples": 2}}, "serach: Extra inputs are not permitted"),
+    ({"schedules": {"bad": [{"train": ["block9"]}]}, "space": {"schedule": "bad"}},
+     "unknown groups ['block9']"),
+    ({"space": {"pretrained": ["none", "/nowhere/weights.pth"]}},
+     "pretrained=/nowhere/weights.pth: pretrained weights file not found"),
+])
+def test_bad_search_space_stops_before_any_trial(tiny_utkface, tmp_path, change, message):
+    settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
+    if "space" in change:
+        settings["space"] = {**settings["space"], **change.pop("space")}
+    settings.update(change)
+    config = write_yaml(tmp_path / "tune.yaml", settings)
+    with pytest.raises(UserError) as err:
+        run_tune(load_tune_settings(config))
+    assert message in str(err.value)
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_cli_prints_the_message_without_a_traceback(tiny_utkface, tmp_path, capsys):
+    config = write_yaml(tmp_path / "tune.yaml",
+                        tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache"))
+    code = cli_main(["tune", "--config", str(config), "--set", "space.backbone=[alexnet]"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unknown backbone 'alexnet'")
+    assert "Traceback" not in err
+
+
+def test_set_splits_between_tune_and_base_settings(tiny_utkface, tmp_path):
+    config = write_yaml(tmp_path / "tune.yaml",
+                        tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache"))
+    settings = load_tune_settings(config, ["name=other", "search.num_samples=3",
+                                           "train.batch_size=4", "model.dropout=0.1"])
+    plan = plan_search(settings)
+    assert plan.tune_dir == (tmp_path / "runs" / "other").resolve()
+    assert plan.trial_count == 6  # 2 backbones (grid) x 3 samples
+    assert plan.base.train.batch_size == 4 and plan.base.model.dropout == 0.1
+    assert plan.base.train.max_steps_per_epoch == 2  # the YAML's base settings stay
+
+
+def test_shipped_tune_config_is_valid_offline(monkeypatch):
+    monkeypatch.chdir(REPO)
+    plan = plan_search(load_tune_settings(REPO / "configs" / "tune.yaml"), REPO / "configs")
+    assert plan.trial_count == 6 and plan.max_epochs() == 4
+    assert {d.key for d in plan.dims} >= {"backbone", "pretrained", "input_size", "lr_scale",
+                                          "schedule", "loss"}
+    # Only MobileNetV2's ImageNet weights are available offline; the default space needs none.
+    assert next(d for d in plan.dims if d.key == "pretrained").values == ["none"]
+
+
+def test_relative_storage_in_a_ray_job_gets_a_clear_message(tiny_utkface, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}}))
+    monkeypatch.chdir(tmp_path)
+    settings = tiny_tune(tiny_utkface, Path("runs"), tmp_path / "cache")
+    with pytest.raises(UserError, match=r"storage_path 'runs' is relative"):
+        run_tune(load_tune_settings(write_yaml(tmp_path / "tune.yaml", settings)))
