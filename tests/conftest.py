@@ -122,7 +122,15 @@ SERVE_TEST_OVERRIDES = {
 
 
 @pytest.fixture(scope="session")
-def serve_app(untrained_model_file, tmp_path_factory):
+def serve_model_file(untrained_model_file) -> Path:
+    """The model the session's Serve runs: the shipped one (what users get), else untrained."""
+    from faceage.modelfile import DEFAULT_MODEL_PATH
+
+    return DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.exists() else untrained_model_file
+
+
+@pytest.fixture(scope="session")
+def serve_app(serve_model_file, tmp_path_factory):
     """serve/config.yaml on a private Ray instance (2 CPUs) in a child process, for the session.
 
     Its own process and Ray instance, not the session's ``ray_local``: Serve holds CPUs for the
@@ -131,7 +139,7 @@ def serve_app(untrained_model_file, tmp_path_factory):
     from serve.local import LocalServe
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    service = LocalServe({**SERVE_TEST_OVERRIDES, "args.model_path": str(untrained_model_file)},
+    service = LocalServe({**SERVE_TEST_OVERRIDES, "args.model_path": str(serve_model_file)},
                          num_cpus=2, log_path=log, timeout=900)
     service.start()
     yield service

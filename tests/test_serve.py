@@ -1,8 +1,9 @@
 """The Serve application of serve/config.yaml over real HTTP and WebSocket (real Ray, real model).
 
 One application serves the whole session (``serve_app`` in conftest.py): a private Ray instance
-with 2 CPUs, the untrained test model, a free loopback port and small limits. The load and fault
-tests print what they measured (run with ``-s`` to see it); they assert behaviour, never speed.
+with 2 CPUs, the shipped model (an untrained one until it exists), a free loopback port and small
+limits. The load and fault tests print what they measured (run with ``-s`` to see it); they
+assert behaviour, never speed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 from faceage.cli import main as faceage_main
+from faceage.modelfile import read_model_file
 
 # The limits conftest.py's SERVE_TEST_OVERRIDES gives the session's application.
 MAX_BODY = 2 * 1024 * 1024
@@ -226,10 +228,10 @@ def test_a_missing_model_fails_the_build_with_the_path():
 # -- results: the same faces as `faceage predict --json` -------------------------------------------
 
 
-def test_predict_equals_the_cli(serve_url, untrained_model_file, astronaut_path, rocket_path,
+def test_predict_equals_the_cli(serve_url, serve_model_file, astronaut_path, rocket_path,
                                 two_faces_path, capsys):
     photos = [astronaut_path, rocket_path, two_faces_path]
-    expected = cli_faces(untrained_model_file, *photos, capsys=capsys)
+    expected = cli_faces(serve_model_file, *photos, capsys=capsys)
     model = requests.get(serve_url + "/model", timeout=TIMEOUT).json()
     for photo in photos:
         r = post_image(serve_url, photo.read_bytes())
@@ -289,11 +291,12 @@ def test_multipart_frames_and_stream_agree_with_predict(serve_url, astronaut_pat
             assert_same_faces(result["faces"], faces)
 
 
-def test_health_model_and_docs(serve_url):
+def test_health_model_and_docs(serve_url, serve_model_file):
     assert requests.get(serve_url + "/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
     model = requests.get(serve_url + "/model", timeout=TIMEOUT).json()
-    assert model["name"] == "faceage-untrained-test"
-    assert model["metadata"]["preprocessing"]["input_size"] == 96
+    metadata, _ = read_model_file(serve_model_file)
+    assert model["name"] == metadata["name"]
+    assert model["metadata"]["preprocessing"] == metadata["preprocessing"]
     assert model["device"] == "cpu" and model["detector"]["device"] == "cpu"
     assert model["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
     assert model["limits"]["max_body_bytes"] == MAX_BODY
