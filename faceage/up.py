@@ -162,6 +162,22 @@ def _kill_leftovers(procs: list, timeout: float = 10) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def _auth_for_cluster() -> str | None:
+    """Turn on Ray token auth for ``$RAY_ADDRESS`` when a token is at hand; a note saying so.
+
+    Ray 2.60 starts local clusters with token auth, but a driver given an explicit address only
+    sends a token when RAY_AUTH_MODE=token; without it the connection is refused.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return None
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        return None
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return ("using Ray token auth with the token `ray get-auth-token` prints "
+            "(RAY_AUTH_MODE=disabled for a cluster without it)")
+
+
 class _Stop(Exception):
     """SIGINT or SIGTERM arrived: stop everything."""
 
@@ -185,6 +201,7 @@ def run_up(args: argparse.Namespace) -> int:
     app_url = None if args.no_app else f"http://{HOST}:{ports['--app-port']}"
     dashboard_url = None if address else f"http://{HOST}:{ports['--dashboard-port']}"
 
+    auth_note = _auth_for_cluster() if address else None
     log_dir = Path(tempfile.mkdtemp(prefix="faceage-up-"))
     where = f"the Ray cluster at {address}" if address else "a new local Ray head"
     print(f"faceage up: Serve (serve/config.yaml, model {model}) on {where}"
@@ -196,6 +213,8 @@ def run_up(args: argparse.Namespace) -> int:
     if app_url:
         print(f"  Streamlit app  {app_url}", flush=True)
     print(f"  logs           {log_dir}", flush=True)
+    if auth_note:
+        print(f"  ({auth_note})", flush=True)
     print("Waiting for Serve to answer /healthz (the first start can take minutes) ...", flush=True)
 
     ready = False
@@ -230,6 +249,9 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"  Serve API      {serve_url}   (the cluster's Serve port)", flush=True)
         if address and service.info.get("dashboard"):
             print(f"  Ray dashboard  {service.info['dashboard']}", flush=True)
+        if not address:
+            print(f"  Ray address    {service.info['gcs_address']}   (RAY_ADDRESS for "
+                  "`ray status` or another `faceage up`)", flush=True)
         if streamlit is not None:
             _wait_streamlit(streamlit, app_url, log_dir / "streamlit.log")
         for sig in previous:

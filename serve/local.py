@@ -272,6 +272,7 @@ def _prepare_shared_serve(schema, app_name: str) -> bool:
     Deploying a config replaces every application, so the cluster's other applications are put
     into ``schema``; its replicas find ``serve.app`` through PYTHONPATH (this checkout).
     """
+    import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     ours = schema.applications[0]
@@ -279,8 +280,6 @@ def _prepare_shared_serve(schema, app_name: str) -> bool:
     env_vars = dict(runtime_env.get("env_vars") or {})
     env_vars.setdefault("PYTHONPATH", str(REPO_ROOT))
     ours.runtime_env = {**runtime_env, "env_vars": env_vars}
-    import ray
-
     try:
         ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     except ValueError:
