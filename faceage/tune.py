@@ -419,6 +419,64 @@ def markdown_table(table: pd.DataFrame) -> str:
 # -- the driver ----------------------------------------------------------------------------------
 
 
+def orphaned_placement_groups() -> list:
+    """This job's placement groups whose creating actor died (not detached ones).
+
+    When ASHA stops a trial, Tune ends the trial's actor and with it the Train controller it
+    owns; the controller's worker placement group lives on until the job ends. Ray Train's own
+    cleaner removes it, but it finds the cluster through the state API, which fails on a machine
+    with several Ray instances ("Found multiple active Ray instances"); the held CPUs would then
+    starve every later trial. Ray has no public API for a placement group's creator, so this
+    reads the GCS table the way ``ray.util.placement_group_table`` does.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    live = (gcs_pb2.PlacementGroupTableData.CREATED, gcs_pb2.PlacementGroupTableData.PENDING,
+            gcs_pb2.PlacementGroupTableData.RESCHEDULING)
+    found = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        # A driver's placement groups (Tune's own, one per trial) have an all-ff creator id and
+        # count as "actor dead" from the start.
+        by_actor = pg.creator_actor_id.strip(b"\xff") != b""
+        if (pg.state in live and not pg.is_detached and by_actor and pg.creator_actor_dead
+                and pg.creator_job_id.hex() == job):
+            found.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+    return found
+
+
+def placement_group_reaper(interval_s: float = 10.0):
+    """A Tune callback that removes orphaned placement groups (see above) every ``interval_s``."""
+    import ray
+    from ray.tune import Callback
+
+    class PlacementGroupReaper(Callback):
+        def __init__(self):
+            self._next = 0.0
+            self._broken = False
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self._broken or time.monotonic() < self._next:
+                return
+            self._next = time.monotonic() + interval_s
+            try:
+                for pg in orphaned_placement_groups():
+                    ray.util.remove_placement_group(pg)
+                    print(f"[faceage] removed placement group {pg.id.hex()[:12]} of a stopped "
+                          "trial's Train run", flush=True)
+            except Exception as exc:  # internal API: a Ray upgrade may change it; keep tuning
+                self._broken = True
+                print(f"[faceage] note: cannot check for orphaned placement groups ({exc!r}); "
+                      "stopped trials' workers may hold CPUs until the search ends",
+                      file=sys.stderr)
+
+    return PlacementGroupReaper()
+
+
 def asha_letting_last_epochs_through(plan: TunePlan):
     """ASHA on val MAE that never stops a trial at its own last epoch.
 
@@ -507,7 +565,8 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(name=plan.tune_dir.name,
-                                      storage_path=str(plan.tune_dir.parent), verbose=1),
+                                      storage_path=str(plan.tune_dir.parent), verbose=1,
+                                      callbacks=[placement_group_reaper()]),
         )
         grid = tuner.fit()
         table, curves = collect_results(grid, plan)

@@ -6,6 +6,7 @@ The search-space mistakes must end before any trial starts, with one message.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,32 @@ def test_relative_storage_in_a_ray_job_gets_a_clear_message(tiny_utkface, tmp_pa
     settings = tiny_tune(tiny_utkface, Path("runs"), tmp_path / "cache")
     with pytest.raises(UserError, match=r"storage_path 'runs' is relative"):
         run_tune(load_tune_settings(write_yaml(tmp_path / "tune.yaml", settings)))
+
+
+def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
+    """A stopped trial's Train controller dies holding its workers' placement group."""
+    import ray
+
+    from faceage.tune import orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def reserve(self):
+            pg = ray.util.placement_group([{"CPU": 1}])
+            ray.get(pg.ready(), timeout=120)
+            return pg
+
+    by_driver = ray.util.placement_group([{"memory": 1 << 20}])  # as Tune's trial groups are
+    ray.get(by_driver.ready(), timeout=300)
+    alive, doomed = Creator.remote(), Creator.remote()
+    kept = ray.get(alive.reserve.remote(), timeout=300)
+    orphan = ray.get(doomed.reserve.remote(), timeout=300).id.hex()
+    ray.kill(doomed)
+    deadline = time.monotonic() + 60
+    while not (found := [pg.id.hex() for pg in orphaned_placement_groups()]):
+        assert time.monotonic() < deadline, "the dead actor's placement group was not found"
+        time.sleep(0.5)
+    assert found == [orphan]
+    for pg in [*orphaned_placement_groups(), kept, by_driver]:
+        ray.util.remove_placement_group(pg)
+    ray.kill(alive)
