@@ -1,0 +1,132 @@
+"""Training images/s: the Ray Train loop (1 and 2 workers) against a plain PyTorch loop.
+
+Both run the same model, data, augmentation and ``train_one_epoch``; the difference is what Ray
+Train and DDP cost on this machine. Each measurement trains ``--epochs`` short epochs of
+``--steps`` steps per worker and reports the last one (the first warms up), so run time stays
+bounded. Not a test: it prints a table.
+
+    nice -n 5 uv run python bench/train_throughput.py            # ../shared UTKFace, 2 CPUs
+    uv run python bench/train_throughput.py --stage head --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # before `import ray`
+
+REPO = Path(__file__).resolve().parents[1]
+UTKFACE = REPO.parent / "shared" / "data" / "utkface"
+
+
+def make_config(args, workers: int, threads: int, storage: str, name: str):
+    from faceage.config import load_config
+
+    stage = "all" if args.stage == "all" else 0
+    return load_config(None, [
+        f"data.path={args.data}", f"data.limit={args.images}", f"storage_path={storage}",
+        f"name={name}", "model.pretrained=none", f"model.input_size={args.size}",
+        f"train.batch_size={args.batch}", f"train.max_steps_per_epoch={args.steps}",
+        f"schedule.stages=[{{name: {args.stage}, train: {stage}, epochs: {args.epochs}}}]",
+        f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads}",
+        "train.ray_log_level=WARNING",
+    ])
+
+
+def plain_loop(cfg, threads: int) -> dict:
+    """The training loop without Ray: one process, ``threads`` torch threads."""
+    import torch
+
+    from faceage.data import BatchAugment, make_dataset, prepare_data
+    from faceage.models import build_model
+    from faceage.schedule import UnfreezeSchedule
+    from faceage.train import (
+        StepContext,
+        _build_optimizer,
+        autocast_dtype,
+        make_loss,
+        train_one_epoch,
+    )
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    data = prepare_data(cfg.data, cfg.model.input_size)
+    loader = torch.utils.data.DataLoader(make_dataset(data, "train"), shuffle=True,
+                                         batch_size=cfg.train.batch_size, drop_last=True)
+    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout)
+    model = model.to(memory_format=torch.channels_last)
+    steps = min(len(loader), cfg.train.max_steps_per_epoch)
+    schedule = UnfreezeSchedule(cfg.schedule, model.group_names(), steps)
+    optimizer = _build_optimizer(model, schedule, schedule.stage_at(0), cfg.train.weight_decay)
+    device = torch.device("cpu")
+    ctx = StepContext(device, autocast_dtype(cfg.train.precision, device), True, None)
+    augment = BatchAugment(cfg.model.input_size, cfg.train.augment)
+    for epoch in range(schedule.total_epochs):
+        stats = train_one_epoch(model, loader, optimizer, schedule, epoch,
+                                make_loss(cfg.train.loss), ctx, augment, steps)
+    return {"images_per_s": stats["images"] / stats["seconds"],
+            "data_share": stats["data_seconds"] / stats["seconds"]}
+
+
+def ray_loop(cfg) -> dict:
+    """The real ``train_loop_per_worker`` under ``TorchTrainer``; metrics of the last epoch."""
+    from faceage.train import build_trainer
+
+    result = build_trainer(cfg).fit()
+    return {"images_per_s": result.metrics["images_per_s"],
+            "data_share": result.metrics["data_share"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(UTKFACE), help="UTKFace folder (default ../shared)")
+    p.add_argument("--images", type=int, default=2048, help="stable subset of the data")
+    p.add_argument("--size", type=int, default=128, help="input size in pixels")
+    p.add_argument("--batch", type=int, default=64, help="batch per worker")
+    p.add_argument("--steps", type=int, default=8, help="steps per epoch per worker")
+    p.add_argument("--epochs", type=int, default=2, help="epochs; the last one is reported")
+    p.add_argument("--stage", choices=["all", "head"], default="all",
+                   help="all: the whole network learns; head: the backbone is frozen")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs to use")
+    args = p.parse_args()
+    if not Path(args.data).is_dir():
+        sys.exit(f"data folder not found: {args.data} (pass --data)")
+
+    import ray
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="faceage-bench-") as storage:
+        start = time.perf_counter()
+        res = plain_loop(make_config(args, 1, args.cpus, storage, "plain"), args.cpus)
+        rows.append(("plain PyTorch", 1, args.cpus, res, time.perf_counter() - start))
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
+                 log_to_driver=False)
+        for workers in (1, 2):
+            threads = max(1, args.cpus // workers)
+            start = time.perf_counter()
+            res = ray_loop(make_config(args, workers, threads, storage, f"ray{workers}"))
+            rows.append(("Ray Train (DDP)" if workers > 1 else "Ray Train", workers, threads,
+                         res, time.perf_counter() - start))
+        ray.shutdown()
+
+    load = os.getloadavg()[0]
+    print(f"\nmobilenet_v2 @ {args.size}px, stage '{args.stage}', batch {args.batch}/worker, "
+          f"{args.steps} steps x {args.epochs} epochs (last reported), {args.cpus} CPUs, "
+          f"load average {load:.1f}")
+    print("| loop | workers x threads | images/s | vs plain | data share | wall s |")
+    print("|---|---|---:|---:|---:|---:|")
+    base = rows[0][3]["images_per_s"]
+    for name, workers, threads, res, wall in rows:
+        print(f"| {name} | {workers} x {threads} | {res['images_per_s']:.1f} | "
+              f"{res['images_per_s'] / base:.2f} | {res['data_share']:.0%} | {wall:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
