@@ -211,21 +211,26 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise UserError("\n".join(lines)) from None
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; every way it can be wrong is one ``UserError``."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of settings at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
     raw: dict[str, Any] = {}
     source = "built-in defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{p} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{p} must hold a mapping of settings at the top level")
-        source = str(p)
+        raw = read_yaml_mapping(Path(path), "config file")
+        source = str(path)
     apply_overrides(raw, overrides or [])
     return config_from_dict(raw, source)
 

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from faceage.config import Config, StageConfig, apply_overrides, config_from_dict
+from faceage.config import (
+    Config,
+    StageConfig,
+    apply_overrides,
+    config_from_dict,
+    read_yaml_mapping,
+)
 from faceage.errors import TrainingFailed, UserError
 
 if TYPE_CHECKING:  # pandas loads only when a search runs: `faceage --help` stays quick
@@ -135,18 +141,6 @@ def _invalid(source: str, exc: ValidationError) -> UserError:
     return UserError("\n".join(lines))
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of settings at the top level")
-    return raw
-
-
 def _deep_merge(into: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -207,7 +201,7 @@ def trial_config(base: Config, params: dict[str, Any], schedules: dict[str, list
 
 def load_tune_settings(path: str | Path | None, overrides: list[str] | None = None
                        ) -> TuneSettings:
-    raw = _read_yaml(Path(path), "tune config") if path is not None else {}
+    raw = read_yaml_mapping(Path(path), "tune config") if path is not None else {}
     tune_items, base_items = [], []
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
@@ -230,7 +224,7 @@ def plan_search(settings: TuneSettings, config_dir: Path | None = None) -> TuneP
         p = Path(settings.train_config).expanduser()
         if not p.is_file() and config_dir is not None and (config_dir / p.name).is_file():
             p = config_dir / p.name
-        raw = _read_yaml(p, "train_config")
+        raw = read_yaml_mapping(p, "train_config")
     _deep_merge(raw, settings.base)
     raw.update(name=settings.name, storage_path=settings.storage_path)
     base = config_from_dict(raw, "base training settings (train_config + base)")
@@ -615,18 +609,10 @@ def run_tune_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    p = argparse.ArgumentParser(prog="python -m faceage.tune", description=__doc__.split("\n")[0])
-    add_tune_arguments(p)
-    try:
-        return run_tune_command(p.parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    """``python -m faceage.tune ...``: the same as ``faceage tune ...`` (e.g. in a Ray job)."""
+    from faceage.cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
