@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -642,20 +642,30 @@ class TrainOutcome:
     resumes: list[dict]
 
 
-def _start_ray() -> bool:
-    """Start a local Ray instance (or join ``RAY_ADDRESS``) unless one is up; True if started."""
+@contextmanager
+def ray_for_run(cfg: Config):
+    """Ray for a driver: joins ``RAY_ADDRESS`` or an instance already up in this process, else
+    starts a private local one (checked against ``cfg``'s scaling) and shuts it down after."""
     import ray
 
+    # The dashboard's Train page lists runs, attempts and workers only with state tracking on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if ray.is_initialized():
-        return False
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
     # Not ray.init()'s default: that joins any cluster found on this machine, someone else's too.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    return True
+    ray.init(address=address or "local", log_to_driver=True)
+    try:
+        if not address:
+            _check_cluster_fits(cfg)
+        yield
+    finally:
+        ray.shutdown()
 
 
 def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     """Train with Ray Train, export the best checkpoint, write curves and a summary."""
-    import ray
     from ray.train import TrainingFailedError
 
     from faceage.plots import learning_curves
@@ -671,22 +681,13 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     checked.table[["path", "age", "split"]].to_csv(run_dir / "split.csv", index=False)
     print(f"[faceage] data: {checked.report.summary()}")
 
-    # The dashboard's Train page lists runs, attempts and workers only with state tracking on.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    started_ray = _start_ray()
     started = time.time()
-    try:
-        if local:
-            _check_cluster_fits(cfg)
+    with ray_for_run(cfg):
         try:
             result = build_trainer(cfg, callbacks).fit()
         except TrainingFailedError as exc:
             raise explain_failure(exc, cfg) from None
         model_path, best, latest = export_best(result, cfg, run_dir)
-    finally:
-        if started_ray:
-            ray.shutdown()
     history, resumes = latest["history"], latest.get("resumes", [])
     curves = learning_curves(history, run_dir / "curves.png",
                              title=f"{cfg.name}: {cfg.model.backbone} @ {cfg.model.input_size}px")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -516,7 +515,7 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from faceage.plots import tune_curves
-    from faceage.train import _check_cluster_fits, _start_ray, check_job_paths
+    from faceage.train import check_job_paths, ray_for_run
 
     plan = plan_search(settings, config_dir)
     check_job_paths(plan.base)
@@ -527,13 +526,8 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
     (plan.tune_dir / "tune.yaml").write_text(
         yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    started_ray = _start_ray()
     started = time.time()
-    try:
-        if local:
-            _check_cluster_fits(plan.base)
+    with ray_for_run(plan.base):
         cpus = ray.cluster_resources().get("CPU", 0)
         at_once = concurrency(plan, cpus)
         search = plan.settings.search
@@ -565,9 +559,6 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
         grid = tuner.fit()
         table, curves = collect_results(grid, plan)
         exported = export_best_trial(table, plan)
-    finally:
-        if started_ray:
-            ray.shutdown()
     wall = time.time() - started
     table.drop(columns=["checkpoint"]).to_csv(plan.tune_dir / "results.csv", index=False)
     md = markdown_table(table)

@@ -173,10 +173,13 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
     @ray.remote(num_cpus=0)
     class Creator:
         def reserve(self):
-            pg = ray.util.placement_group([{"CPU": 1}])
+            # Memory, not CPUs: earlier tests' Train runs on this shared instance may still hold
+            # the CPUs (Ray Train's own cleaner needs the dashboard, which ray_local leaves out).
+            pg = ray.util.placement_group([{"memory": 1 << 20}])
             ray.get(pg.ready(), timeout=120)
             return pg
 
+    earlier = {pg.id.hex() for pg in orphaned_placement_groups()}  # left by earlier tests
     by_driver = ray.util.placement_group([{"memory": 1 << 20}])  # as Tune's trial groups are
     ray.get(by_driver.ready(), timeout=300)
     alive, doomed = Creator.remote(), Creator.remote()
@@ -184,10 +187,10 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
     orphan = ray.get(doomed.reserve.remote(), timeout=300).id.hex()
     ray.kill(doomed)
     deadline = time.monotonic() + 60
-    while not (found := [pg.id.hex() for pg in orphaned_placement_groups()]):
+    while not (found := {pg.id.hex() for pg in orphaned_placement_groups()} - earlier):
         assert time.monotonic() < deadline, "the dead actor's placement group was not found"
         time.sleep(0.5)
-    assert found == [orphan]
+    assert found == {orphan}
     for pg in [*orphaned_placement_groups(), kept, by_driver]:
         ray.util.remove_placement_group(pg)
     ray.kill(alive)
