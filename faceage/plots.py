@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG and free it (pyplot keeps every open figure alive)."""
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def learning_curves(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Train loss and val MAE per epoch (numbered from 1, as in the logs), stages marked."""
     from matplotlib.ticker import MaxNLocator
@@ -44,10 +52,7 @@ def learning_curves(history: Sequence[dict], path: str | Path, title: str = "") 
         ax.legend(loc="lower left")  # curves mostly fall: that corner stays clear
     fig.suptitle(title or "learning curves")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def prediction_report(pred, true, by_decade: dict, path: str | Path, title: str = "") -> Path:
@@ -72,10 +77,7 @@ def prediction_report(pred, true, by_decade: dict, path: str | Path, title: str 
     ax2.grid(alpha=0.3, axis="y")
     fig.suptitle(title or "predictions")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def tune_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], labels: dict[str, str],
@@ -96,7 +98,4 @@ def tune_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], labels
         ax.text(0.5, 0.5, "no trial reported a val MAE", ha="center", transform=ax.transAxes)
     ax.set_title(title or "val MAE per trial")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
