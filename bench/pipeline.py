@@ -40,9 +40,9 @@ def make_frame(width: int, height: int, faces: int) -> bytes:
 
 
 def untrained_model_file() -> Path:
-    from faceage.data import preprocessing_metadata
     from faceage.modelfile import save_model_file
     from faceage.models import build_model
+    from faceage.preprocess import preprocessing_metadata
 
     path = Path(tempfile.mkdtemp()) / "untrained.pt"
     return save_model_file(build_model("mobilenet_v2", "none", 256, 0.0), path, {

@@ -51,9 +51,9 @@ def make_frames(count: int = 8) -> list[bytes]:
 def untrained_default_model(folder: Path) -> Path:
     """An untrained model file with the default recipe's backbone, head and input size."""
     from faceage.config import Config
-    from faceage.data import preprocessing_metadata
     from faceage.modelfile import save_model_file
     from faceage.models import build_model
+    from faceage.preprocess import preprocessing_metadata
 
     m = Config().model
     net = build_model(m.backbone, "none", m.head_hidden, m.dropout)

@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2 as T
 
 from faceage.config import AugmentConfig, DataConfig, SplitConfig
 from faceage.errors import UserError
+from faceage.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+__all__ = ["eval_transform"]  # re-exported: the validation transform is the inference one
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_(\d+)\.jpg\.chip\.jpg$")
 MAX_AGE = 120
 COLUMNS = ["path", "age", "gender", "race"]
@@ -264,21 +264,12 @@ class DecodedCache:
         return [p for p, ok in zip(self.paths, self.valid, strict=True) if not ok]
 
 
-# -- transforms (defined once; the eval transform is recorded in every model file) --------------
+# -- transforms (the eval transform is faceage.preprocess's, recorded in every model file) ------
 
 
 def cache_size_for(input_size: int) -> int:
     """Images are cached a little larger than the input, so random crops keep detail."""
     return int(round(input_size * 1.25))
-
-
-def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-    """uint8 CHW face crop (or a BCHW batch of them) → normalised float tensor at ``input_size``."""
-    return T.Compose([
-        T.Resize((input_size, input_size), antialias=True),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean, std),
-    ])
 
 
 LUMA = (0.299, 0.587, 0.114)
@@ -371,17 +362,6 @@ class BatchAugment(nn.Module):
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                           align_corners=False)
         return self.colour(x, gen).sub_(self.mean).div_(self.std)
-
-
-def preprocessing_metadata(input_size: int) -> dict:
-    """What inference needs to reproduce the eval transform; stored in the model file."""
-    return {
-        "input_size": input_size,
-        "resize": "bilinear-antialias, whole crop to input_size x input_size",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "color": "RGB",
-    }
 
 
 class FaceAgeDataset(torch.utils.data.Dataset):

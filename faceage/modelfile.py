@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from faceage import __version__
-from faceage.data import eval_transform
 from faceage.errors import UserError
 from faceage.models import AgeRegressor
+from faceage.preprocess import crops_to_batch
 
 FORMAT = "faceage-model"
 FORMAT_VERSION = 1
@@ -109,11 +109,7 @@ class AgeModel:
 
     def preprocess(self, crops: list[np.ndarray]) -> torch.Tensor:
         """HxWx3 uint8 RGB face crops → a normalised batch, exactly as at evaluation time."""
-        pp = self.metadata["preprocessing"]
-        tf = eval_transform(self.input_size, pp["mean"], pp["std"])
-        # np.require copies only read-only or strided arrays (np.asarray(PIL image) is read-only).
-        tensors = [torch.from_numpy(np.require(c, np.uint8, ["C", "W"])) for c in crops]
-        return torch.stack([tf(t.permute(2, 0, 1)) for t in tensors])
+        return crops_to_batch(crops, self.metadata["preprocessing"])
 
     @torch.inference_mode()
     def predict_batch(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:

@@ -25,9 +25,9 @@ def untrained_model_file(tmp_path_factory) -> Path:
     """A real model file (MobileNetV2, untrained weights, 96 px input): plumbing, not accuracy."""
     import torch
 
-    from faceage.data import preprocessing_metadata
     from faceage.modelfile import save_model_file
     from faceage.models import build_model
+    from faceage.preprocess import preprocessing_metadata
 
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", "none", 64, 0.0)

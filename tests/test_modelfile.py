@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from faceage.data import eval_transform, preprocessing_metadata
 from faceage.errors import UserError
 from faceage.modelfile import FORMAT, FORMAT_VERSION, load_model_file, save_model_file
 from faceage.models import build_model
+from faceage.preprocess import eval_transform, preprocessing_metadata
 
 SIZE = 48
 

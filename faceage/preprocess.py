@@ -1,0 +1,47 @@
+"""Model input: how a face crop becomes a normalised tensor, and the metadata that records it.
+
+Inference code (``faceage.modelfile``, the Serve replicas, ``faceage predict``) imports this module
+and never the training modules: ``faceage.data`` brings pandas, the decode cache and the
+augmentation. Training uses the same ``eval_transform`` for validation, so the transform lives
+once and every model file records it (``preprocessing_metadata``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """uint8 CHW face crop (or a BCHW batch of them) → normalised float tensor at ``input_size``."""
+    return T.Compose([
+        T.Resize((input_size, input_size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])
+
+
+def preprocessing_metadata(input_size: int) -> dict:
+    """What inference needs to reproduce the eval transform; stored in the model file."""
+    return {
+        "input_size": input_size,
+        "resize": "bilinear-antialias, whole crop to input_size x input_size",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "color": "RGB",
+    }
+
+
+def crops_to_batch(crops: Sequence[np.ndarray], preprocessing: dict) -> torch.Tensor:
+    """HxWx3 uint8 RGB face crops → a normalised batch, as ``preprocessing`` metadata says."""
+    tf = eval_transform(int(preprocessing["input_size"]), preprocessing["mean"],
+                        preprocessing["std"])
+    # np.require copies only read-only or strided arrays (np.asarray(PIL image) is read-only).
+    tensors = [torch.from_numpy(np.require(c, np.uint8, ["C", "W"])) for c in crops]
+    return torch.stack([tf(t.permute(2, 0, 1)) for t in tensors])
