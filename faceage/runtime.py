@@ -1,0 +1,213 @@
+"""Process and Ray plumbing, written once: environment defaults, starting or joining Ray, free
+ports, waits with deadlines, and stopping process trees.
+
+The CLI, ``serve.local``, ``faceage up``, the benchmarks and the tests all use these; none of
+them keeps a copy of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+
+# Set before ``import ray`` in every process that may start Ray:
+# - no usage statistics leave the machine;
+# - under ``uv run`` Ray would otherwise give every worker a fresh copy of the uv project
+#   (a new .venv per worker); the environment the driver runs in already has everything.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+T = TypeVar("T")
+
+
+def apply_ray_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Put ``RAY_ENV_DEFAULTS`` into ``env`` (default: ``os.environ``) where not set; returns it."""
+    target: Any = os.environ if env is None else env
+    for key, value in RAY_ENV_DEFAULTS.items():
+        target.setdefault(key, value)
+    return target
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process of ours: Ray defaults, unbuffered output, and this
+    checkout on PYTHONPATH (so ``serve.app`` and ``app`` import from any working directory)."""
+    env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                      os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+# -- ports ---------------------------------------------------------------------------------------
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on right now (another process may still take it later)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct free TCP ports (all held until all are picked, so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """True when nothing listens on ``host:port`` (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers bind: SO_REUSEADDR ignores TIME_WAIT leftovers, not live listeners.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# -- waiting -------------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], T], timeout: float, *, interval: float = 0.5,
+               what: str = "the condition") -> T:
+    """Call ``condition`` until it returns something truthy, and return that; ``TimeoutError``
+    naming ``what`` after ``timeout`` seconds. Exceptions from ``condition`` propagate."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:g} s")
+        time.sleep(interval)
+
+
+def http_ok(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> bool:
+    """True when ``url`` answers a 2xx; False when it cannot be reached or answers otherwise."""
+    import urllib.error
+    import urllib.request
+
+    # Loopback only: never through an HTTP(S)_PROXY from the environment.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}),
+                         timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+# -- stopping processes --------------------------------------------------------------------------
+
+
+def stop_processes(procs: Iterable[Any], timeout: float = 10.0) -> list[Any]:
+    """SIGTERM the ``psutil.Process`` objects in ``procs``, SIGKILL what is left after ``timeout``.
+
+    psutil checks PID and start time, so a PID reused by an unrelated process is never hit.
+    Returns what still ran after the SIGKILL wait (normally nothing).
+    """
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running():
+                p.terminate()
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=timeout)
+    return alive
+
+
+def process_tree(pid: int) -> list[Any]:
+    """``pid`` and all its descendants as ``psutil.Process`` objects (empty if it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_process_tree(pid: int, timeout: float = 10.0, *, include_root: bool = True) -> list[Any]:
+    """Stop ``pid`` and its descendants (children first seen now): SIGTERM, then SIGKILL."""
+    tree = process_tree(pid)
+    if not include_root:
+        tree = tree[1:]
+    return stop_processes(tree, timeout)
+
+
+def session_processes(session: int) -> list[Any]:
+    """Every process whose session id is ``session`` (a child started with start_new_session)."""
+    import psutil
+
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == session:
+                members.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def stop_session(session: int, timeout: float = 10.0) -> list[Any]:
+    """Stop everything left in the session ``session`` leads (its leader included)."""
+    return stop_processes(session_processes(session), timeout)
+
+
+# -- Ray -----------------------------------------------------------------------------------------
+
+
+def start_ray(address: str | None = None, *, attempts: int = 4, **init_kwargs: Any):
+    """``ray.init`` that joins ``address`` or starts a new local instance (never someone else's).
+
+    ``address=None`` means ``"local"``: not ``ray.init()``'s default, which joins any cluster it
+    finds on the machine, another user's or another test's too. A new local instance is retried
+    when it fails to come up: on a loaded machine the raylet gives up waiting for its dashboard
+    agent after a hard-coded 15 s (ray-project/ray#65983, seen with Ray 2.5x-2.60) and the node
+    never starts, while the next try usually works. The half-started processes of a failed try
+    are stopped before the next one.
+    """
+    import ray
+
+    apply_ray_env_defaults()
+    tries = attempts if address in (None, "local") else 1
+    for attempt in range(1, tries + 1):
+        before = {p.pid for p in process_tree(os.getpid())[1:]}
+        try:
+            return ray.init(address=address or "local", **init_kwargs)
+        except Exception as exc:
+            ray.shutdown()
+            # The half-started node (GCS, raylet, dashboard, monitors) are our new children.
+            stop_processes([p for p in process_tree(os.getpid())[1:] if p.pid not in before],
+                           timeout=5)
+            if attempt == tries:
+                raise
+            print(f"Ray did not start ({type(exc).__name__}: {exc}); trying again "
+                  f"({attempt + 1}/{tries})", file=sys.stderr, flush=True)
