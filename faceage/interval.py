@@ -1,0 +1,112 @@
+"""Age intervals: a central interval around every predicted age, calibrated on validation data.
+
+The model predicts an age and, with a two-output head, a scale (how unsure it is about that
+face). Calibration looks at the validation residuals divided by the predicted scale,
+``z = (true - age) / scale``, and keeps their empirical quantiles; an interval at coverage ``c``
+is ``age + scale * [Q(0.5 - c/2), Q(0.5 + c/2)]``. That is split-conformal in spirit: whatever
+the head's scale gets wrong in absolute terms, the quantiles put right, so the interval covers
+``c`` of faces like the validation faces. A one-output head has no scale (scale 1): its interval
+is the same width for every face.
+
+Model files written before intervals existed carry no calibration; they get one from their
+validation MAE under a Laplace assumption (``from_val_mae``), which is stated in the metadata.
+Numpy only: inference imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_COVERAGE = 0.8
+# The quantile levels a calibration stores (every 0.5 %); any coverage up to 99 % is looked up.
+LEVELS = tuple(round(x, 4) for x in np.linspace(0.005, 0.995, 199))
+METHODS = ("scaled-residual", "residual", "laplace-from-val-mae")
+
+
+def check_coverage(coverage: float) -> float:
+    """``coverage`` as a float in (0, 0.99]; ValueError with the accepted range otherwise."""
+    c = float(coverage)
+    if not 0.0 < c <= 0.99:
+        raise ValueError(f"interval coverage {coverage!r} must be above 0 and at most 0.99")
+    return c
+
+
+@dataclass(frozen=True)
+class IntervalCalibration:
+    """Residual quantiles that turn (age, scale) into an interval; stored in the model file."""
+
+    method: str
+    quantiles: tuple[float, ...]  # at LEVELS, non-decreasing
+    samples: int  # validation faces it was fitted on (0: not fitted on data)
+    note: str = ""
+
+    @classmethod
+    def fit(cls, ages: Sequence[float], true: Sequence[float],
+            scales: Sequence[float] | None = None) -> IntervalCalibration:
+        """Fit on validation predictions: ``scales`` from a two-output head, or None."""
+        ages = np.asarray(ages, np.float64)
+        true = np.asarray(true, np.float64)
+        if ages.shape != true.shape or ages.size == 0:
+            raise ValueError("calibration needs as many predictions as true ages, at least one")
+        if scales is None:
+            method, z = "residual", true - ages
+        else:
+            s = np.maximum(np.asarray(scales, np.float64), 1e-6)
+            method, z = "scaled-residual", (true - ages) / s
+        q = np.quantile(z, LEVELS, method="linear")
+        return cls(method, tuple(float(v) for v in np.maximum.accumulate(q)), int(ages.size))
+
+    @classmethod
+    def from_val_mae(cls, val_mae: float) -> IntervalCalibration:
+        """For model files without a calibration: Laplace residuals whose mean |error| is the
+        model's validation MAE (a symmetric interval of the same width for every face)."""
+        b = max(float(val_mae), 1e-6)
+        p = np.asarray(LEVELS)
+        q = -b * np.sign(p - 0.5) * np.log(1 - 2 * np.abs(p - 0.5))
+        return cls("laplace-from-val-mae", tuple(float(v) for v in q), 0,
+                   f"no calibration in the model file; Laplace with scale = val MAE {b:.2f}")
+
+    def bounds(self, coverage: float = DEFAULT_COVERAGE) -> tuple[float, float]:
+        """The residual quantiles (lower, upper) of a central interval at ``coverage``."""
+        c = check_coverage(coverage)
+        lo, hi = np.interp([0.5 - c / 2, 0.5 + c / 2], LEVELS, self.quantiles)
+        return float(lo), float(hi)
+
+    def interval(self, ages: Sequence[float] | np.ndarray, scales=None,
+                 coverage: float = DEFAULT_COVERAGE) -> tuple[np.ndarray, np.ndarray]:
+        """Low and high ends for each age; always low <= age <= high and low >= 0."""
+        ages = np.asarray(ages, np.float64)
+        s = (np.ones_like(ages) if scales is None or self.method != "scaled-residual"
+             else np.maximum(np.asarray(scales, np.float64), 1e-6))
+        lo, hi = self.bounds(coverage)
+        low = np.minimum(ages + s * lo, ages)
+        high = np.maximum(ages + s * hi, ages)
+        return np.maximum(low, 0.0), high
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {**asdict(self), "levels": list(LEVELS), "quantiles": list(self.quantiles)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> IntervalCalibration:
+        levels = tuple(round(x, 4) for x in meta.get("levels", LEVELS))
+        q = np.asarray(meta["quantiles"], np.float64)
+        if levels != LEVELS:  # written with another grid: resample onto ours
+            q = np.interp(LEVELS, levels, q)
+        if meta.get("method") not in METHODS:
+            raise ValueError(f"unknown interval calibration method {meta.get('method')!r}")
+        return cls(meta["method"], tuple(float(v) for v in q), int(meta.get("samples", 0)),
+                   str(meta.get("note", "")))
+
+
+def coverage_report(low: Sequence[float], high: Sequence[float],
+                    true: Sequence[float]) -> dict[str, float]:
+    """How often the true age lies in [low, high], and the mean width, in years."""
+    low, high, true = (np.asarray(a, np.float64) for a in (low, high, true))
+    if true.size == 0:
+        return {"coverage": float("nan"), "mean_width": float("nan")}
+    inside = (true >= low) & (true <= high)
+    return {"coverage": float(inside.mean()), "mean_width": float((high - low).mean())}

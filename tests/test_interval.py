@@ -1,0 +1,83 @@
+"""Age intervals: calibration on residuals reaches its coverage, round-trips through metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from faceage.interval import (
+    DEFAULT_COVERAGE,
+    IntervalCalibration,
+    check_coverage,
+    coverage_report,
+)
+
+
+def _heteroscedastic(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(1, 90, n)
+    scale = 1.0 + true / 10  # older faces are harder
+    ages = true + rng.laplace(0, scale)
+    return ages, true, scale
+
+
+def test_scaled_residual_calibration_covers_what_it_promises_on_new_data():
+    ages, true, scale = _heteroscedastic(4000, 0)
+    cal = IntervalCalibration.fit(ages, true, scale)
+    assert cal.method == "scaled-residual" and cal.samples == 4000
+    new_ages, new_true, new_scale = _heteroscedastic(4000, 1)
+    for c in (0.5, DEFAULT_COVERAGE, 0.95):
+        low, high = cal.interval(new_ages, new_scale, coverage=c)
+        report = coverage_report(low, high, new_true)
+        assert abs(report["coverage"] - c) < 0.03, (c, report)
+    # Per-face scale makes the interval narrower where the model is sure.
+    low, high = cal.interval([20.0, 20.0], [1.0, 5.0])
+    assert (high - low)[0] < (high - low)[1]
+
+
+def test_residual_calibration_without_scales_gives_one_width():
+    ages, true, _ = _heteroscedastic(2000, 2)
+    cal = IntervalCalibration.fit(ages, true)
+    assert cal.method == "residual"
+    low, high = cal.interval([30.0, 60.0], scales=[1.0, 9.0])  # scales ignored
+    assert np.allclose(high - low, (high - low)[0])
+    report = coverage_report(*cal.interval(ages, coverage=0.8), true)
+    assert abs(report["coverage"] - 0.8) < 0.02
+
+
+def test_intervals_are_ordered_and_never_negative():
+    cal = IntervalCalibration.fit([10.0, 20.0, 30.0], [30.0, 40.0, 50.0])  # all under-predicted
+    ages = np.array([0.5, 3.0, 40.0])
+    low, high = cal.interval(ages)
+    assert np.all(low <= ages) and np.all(ages <= high) and np.all(low >= 0)
+
+
+def test_laplace_fallback_for_old_model_files():
+    cal = IntervalCalibration.from_val_mae(5.0)
+    lo, hi = cal.bounds(0.8)
+    # Laplace(b): the central 80 % is +-b*ln(5).
+    assert lo == pytest.approx(-5.0 * np.log(5), rel=1e-3)
+    assert hi == pytest.approx(5.0 * np.log(5), rel=1e-3)
+    assert "val MAE 5.00" in cal.note
+
+
+def test_metadata_round_trip_through_json():
+    ages, true, scale = _heteroscedastic(500, 3)
+    cal = IntervalCalibration.fit(ages, true, scale)
+    back = IntervalCalibration.from_metadata(json.loads(json.dumps(cal.to_metadata())))
+    assert back == cal
+    with pytest.raises(ValueError, match="unknown interval calibration method"):
+        IntervalCalibration.from_metadata({**cal.to_metadata(), "method": "guess"})
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.0, 1.5])
+def test_coverage_outside_the_range_is_refused(bad):
+    with pytest.raises(ValueError, match="must be above 0 and at most 0.99"):
+        check_coverage(bad)
+
+
+def test_fit_needs_matching_data():
+    with pytest.raises(ValueError, match="as many predictions as true ages"):
+        IntervalCalibration.fit([], [])
