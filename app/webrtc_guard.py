@@ -15,8 +15,9 @@ Our app renders the component in every run (it sits in a tab, filled first in th
 the iframe is never orphaned between runs and the check can only misfire. ``disarm_orphan_check``
 clears the context's recorded run count just before ``webrtc_streamer`` runs; with ``None`` there
 the check is skipped and the library records the current count again. Everything else (workers,
-signalling, STOP/START) stays the library's. Only this module touches the private attribute; if a
-later streamlit-webrtc drops it this is a no-op.
+signalling, STOP/START) stays the library's. The private attribute itself is read and cleared
+only in faceage.compat (with a canary in tests/test_compat.py); if a later streamlit-webrtc drops
+it this is a no-op.
 """
 
 from __future__ import annotations
@@ -26,17 +27,21 @@ import logging
 import streamlit as st
 from streamlit_webrtc.session_info import get_script_run_count, get_this_session_info
 
-CONTEXT_CLASS = "WebRtcStreamerContext"
-RUN_COUNT_ATTR = "_last_rendered_run_count"
+from faceage.compat import (
+    forget_webrtc_rendered_run_count,
+    is_webrtc_context,
+    webrtc_rendered_run_count,
+)
+
 LOGGER = logging.getLogger("faceage.app.webrtc_guard")
 
 
 def disarm_orphan_check(key: str) -> bool:
     """Skip streamlit-webrtc's run-count orphan check for ``key`` in this run; True if it did."""
     context = st.session_state.get(key)
-    if type(context).__name__ != CONTEXT_CLASS or not hasattr(context, RUN_COUNT_ATTR):
+    if not is_webrtc_context(context):
         return False
-    last = getattr(context, RUN_COUNT_ATTR)
+    last = webrtc_rendered_run_count(context)
     session = get_this_session_info()
     now = get_script_run_count(session) if session is not None else None
     if last is not None and now is not None and now > last + 1:
@@ -44,5 +49,5 @@ def disarm_orphan_check(key: str) -> bool:
         # worker here although the component was rendered in every run.
         LOGGER.info("kept webrtc context %r: its orphan check would have reset it "
                     "(run count %d, last rendered at %d)", key, now, last)
-    setattr(context, RUN_COUNT_ATTR, None)
+    forget_webrtc_rendered_run_count(context)
     return True

@@ -29,6 +29,7 @@ import requests
 from PIL import Image
 
 from faceage.modelfile import DEFAULT_MODEL_PATH
+from faceage.runtime import apply_ray_env_defaults
 from serve.local import LocalServe  # the project root is on sys.path (uv's editable install)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def main() -> int:
     p.add_argument("--num-cpus", type=float, default=2, help="CPUs of the private Ray instance")
     p.add_argument("--skip", nargs="*", default=[], choices=["batched", "unbatched", "inprocess"])
     args = p.parse_args()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    apply_ray_env_defaults()
 
     with tempfile.TemporaryDirectory(prefix="faceage-bench-") as tmp:
         if args.model:

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # before `import ray`
+from faceage.runtime import apply_ray_env_defaults, start_ray
+
+apply_ray_env_defaults()  # before `import ray`
 
 REPO = Path(__file__).resolve().parents[1]
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
@@ -105,8 +106,7 @@ def main() -> int:
         start = time.perf_counter()
         res = plain_loop(make_config(args, 1, args.cpus, storage, "plain"), args.cpus)
         rows.append(("plain PyTorch", 1, args.cpus, res, time.perf_counter() - start))
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
-                 log_to_driver=False)
+        start_ray(None, num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         for workers in (1, 2):
             threads = max(1, args.cpus // workers)
             start = time.perf_counter()

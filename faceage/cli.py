@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from faceage import __version__
 from faceage.errors import TrainingFailed, UserError
+from faceage.runtime import apply_ray_env_defaults
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -103,10 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Under `uv run`, Ray would rebuild the uv project (a copy of the checkout and a fresh .venv)
-    # for every worker; the environment this command runs in already has everything.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Before anything imports Ray (see faceage.runtime.RAY_ENV_DEFAULTS).
+    apply_ray_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:

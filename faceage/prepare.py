@@ -97,9 +97,13 @@ def _prepare_on_ray(table: pd.DataFrame, actor_kwargs: dict, batch_size: int,
                     workers: int | None) -> tuple[pd.DataFrame, int]:
     import ray
 
+    from faceage.runtime import start_ray
+
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
-                 include_dashboard=False)
+        # $RAY_ADDRESS joins that cluster; without it a new local instance (retried on a slow
+        # start), never another one found on the machine.
+        start_ray(os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+                  include_dashboard=False)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Enough blocks that every actor stays busy and progress moves steadily.
     blocks = max(1, min(len(table) // batch_size, workers * 8))

@@ -423,16 +423,16 @@ def orphaned_placement_groups() -> list:
     reads the GCS table the way ``ray.util.placement_group_table`` does.
     """
     import ray
-    from ray._private.state import state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup
+
+    from faceage.compat import placement_group_table
 
     job = ray.get_runtime_context().get_job_id()
     live = (gcs_pb2.PlacementGroupTableData.CREATED, gcs_pb2.PlacementGroupTableData.PENDING,
             gcs_pb2.PlacementGroupTableData.RESCHEDULING)
     found = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for pg in placement_group_table():
         # A driver's placement groups (Tune's own, one per trial) have an all-ff creator id and
         # count as "actor dead" from the start.
         by_actor = pg.creator_actor_id.strip(b"\xff") != b""

@@ -8,11 +8,9 @@ its own process group, so Ctrl-C or SIGTERM here stops all of them and whatever 
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,10 +18,18 @@ import time
 from pathlib import Path
 
 from faceage.errors import UserError
+from faceage.runtime import (
+    LOOPBACK,
+    REPO_ROOT,
+    child_env,
+    free_port,
+    port_is_free,
+    process_tree,
+    stop_processes,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "faceage-default.pt"
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 READY = "faceage up: ready"
 STREAMLIT_START_S = 300
 
@@ -42,25 +48,11 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for Serve to answer /healthz")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def check_port(port: int, option: str) -> None:
     """Raise UserError when something already listens on ``HOST:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # As the servers bind: SO_REUSEADDR ignores TIME_WAIT leftovers, not live listeners.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise UserError(f"port {port} ({option}) is already in use on {HOST}; stop what "
-                            f"listens there or pick another port, e.g. {option} 0 for a free "
-                            "one") from None
+    if not port_is_free(port, HOST):
+        raise UserError(f"port {port} ({option}) is already in use on {HOST}; stop what "
+                        f"listens there or pick another port, e.g. {option} 0 for a free one")
 
 
 def _resolve_ports(args: argparse.Namespace, attach: bool) -> dict[str, int]:
@@ -75,19 +67,12 @@ def _resolve_ports(args: argparse.Namespace, attach: bool) -> dict[str, int]:
             raise UserError(f"{option} {port}: use a port from 1 to 65535 (0: a free one)")
         if port:
             check_port(port, option)
-        ports[option] = port or _free_port()
+        ports[option] = port or free_port(HOST)
     taken = [o for o in ports if list(ports.values()).count(ports[o]) > 1]
     if taken:
         raise UserError(f"{' and '.join(taken)} name the same port {ports[taken[0]]}; "
                         "give each its own")
     return ports
-
-
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                        os.environ.get("PYTHONPATH")]))}
 
 
 def start_streamlit(port: int, serve_url: str, log_path: Path) -> subprocess.Popen:
@@ -99,7 +84,7 @@ def start_streamlit(port: int, serve_url: str, log_path: Path) -> subprocess.Pop
              "--server.address", HOST, "--server.port", str(port),
              "--browser.gatherUsageStats", "false", "--server.headless", "true",
              "--server.fileWatcherType", "none", "--global.developmentMode", "false"],
-            cwd=REPO_ROOT, env={**_child_env(), "FACEAGE_SERVE_URL": serve_url},
+            cwd=REPO_ROOT, env=child_env(FACEAGE_SERVE_URL=serve_url),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         log.close()
@@ -143,25 +128,6 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     proc.wait(10)
 
 
-def _kill_leftovers(procs: list, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL, whichever of ``procs`` (psutil) still run (same PID and start)."""
-    import psutil
-
-    alive = [p for p in procs if p.is_running()]
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-
-
 def _auth_for_cluster() -> str | None:
     """Turn on Ray token auth for ``$RAY_ADDRESS`` when a token is at hand; a note saying so.
 
@@ -184,8 +150,6 @@ class _Stop(Exception):
 
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray, Serve and Streamlit; block until Ctrl-C or SIGTERM; stop all of them."""
-    import psutil
-
     from serve.local import LocalServe
 
     model = args.model.expanduser().resolve()
@@ -282,11 +246,11 @@ def run_up(args: argparse.Namespace) -> int:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         print("faceage up: stopping ...", flush=True)
-        descendants = psutil.Process().children(recursive=True)
+        descendants = process_tree(os.getpid())[1:]
         if streamlit is not None:
             stop_group(streamlit)
         service.stop()
-        _kill_leftovers(descendants)
+        stop_processes(descendants)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if code == 0:

@@ -16,28 +16,40 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from faceage import compat
+from faceage.config import parse_override
+from faceage.errors import UserError
+from faceage.runtime import (
+    REPO_ROOT,
+    apply_ray_env_defaults,
+    child_env,
+    free_port,
+    http_ok,
+    start_ray,
+    stop_process_tree,
+    stop_session,
+    wait_until,
+)
+
 DEFAULT_CONFIG = REPO_ROOT / "serve" / "config.yaml"
 READY = "faceage serve ready:"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Serve replaces a proxy that does not answer its readiness check in 5 s; on a busy machine its
+# first start can take longer, and start-up then fails. Set before Ray starts: replicas and
+# proxies inherit them.
+SERVE_ENV_DEFAULTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
 
 
 def apply_overrides(config: dict, overrides: dict[str, Any], app_name: str | None = None) -> dict:
@@ -74,80 +86,17 @@ def apply_overrides(config: dict, overrides: dict[str, Any], app_name: str | Non
     return out
 
 
-def _wait_healthy(url: str, deadline: float, app_name: str) -> None:
+def _wait_healthy(url: str, timeout: float, app_name: str) -> None:
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         status = serve.status().applications.get(app_name)
         if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
             raise RuntimeError(f"deploying {app_name} failed: {status.message}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{url}/healthz did not answer 200 in time")
+        return http_ok(f"{url}/healthz", timeout=10)
 
-
-def _pids() -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit()] if os.path.isdir("/proc") else []
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def kill_children() -> None:
-    """SIGKILL this process's children (Linux): what a failed ``ray.init`` leaves running."""
-    me = os.getpid()
-    _kill([pid for pid in _pids() if _parent_pid(pid) == me])
-
-
-def kill_session(session: int) -> None:
-    """SIGKILL every process left in session ``session`` (Linux), its leader included."""
-    members = []
-    for pid in _pids():
-        try:
-            if os.getsid(pid) == session:
-                members.append(pid)
-        except OSError:
-            continue
-    _kill(members)
-
-
-def start_ray(num_cpus: float, init: dict[str, Any], attempts: int = 4):
-    """A new local Ray instance (never someone else's: address="local"), retried on a slow start.
-
-    On a loaded machine the raylet can give up waiting for its dashboard agent to start (15 s,
-    hard-coded: ray-project/ray#65983) and the node never comes up; another try often succeeds.
-    """
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return ray.init(address="local", num_cpus=num_cpus, namespace="serve",
-                            log_to_driver=False, **init)
-        except Exception as exc:
-            ray.shutdown()
-            kill_children()  # the half-started node: GCS, raylet, dashboard, monitors
-            if attempt == attempts:
-                raise
-            print(f"Ray did not start ({exc}); trying again", file=sys.stderr, flush=True)
+    wait_until(healthy, timeout, interval=1.0, what=f"{url}/healthz answering 200")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,35 +118,40 @@ def main(argv: list[str] | None = None) -> int:
                                       "is removed (and Serve, if this process started it)")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Under `uv run` Ray would give every worker a fresh copy of the uv project.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # Serve replaces a proxy that does not answer its readiness check in 5 s; on a busy machine
-    # its first start can take longer, and start-up then fails. Replicas inherit these.
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
-    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
+    apply_ray_env_defaults()
+    for key, value in SERVE_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: use KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        for item in args.set:
+            parts, value = parse_override(item)
+            overrides[".".join(parts)] = value
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     if args.port is not None:
         overrides["http_options.port"] = args.port or free_port()
-    config = apply_overrides(yaml.safe_load(Path(args.config).read_text()), overrides)
+    try:
+        config = apply_overrides(yaml.safe_load(Path(args.config).read_text()), overrides)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr, flush=True)
+        return 2
 
     import ray
-    from ray.serve._private.api import serve_start
+    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
     init: dict[str, Any] = {"include_dashboard": args.dashboard_port is not None}
     if args.dashboard_port is not None:
-        init.update(dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port or free_port())
+        # Port 0 goes to Ray as it is: the dashboard binds a free port itself (no window in
+        # which another process could take one picked here) and ray.init reports it.
+        init.update(dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port)
+    metrics_port = None
     if args.metrics_port is not None:
-        init["_metrics_export_port"] = args.metrics_port or free_port()
-    if args.temp_dir:
-        init["_temp_dir"] = args.temp_dir
+        metrics_port = args.metrics_port or free_port()
+    init.update(compat.ray_init_private_kwargs(temp_dir=args.temp_dir,
+                                               metrics_export_port=metrics_port))
     stop = threading.Event()
 
     def on_signal(*_):
@@ -212,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     app_name = schema.applications[0].name
     try:
         if args.address:
-            context = ray.init(address=args.address, namespace="serve", log_to_driver=False)
+            context = start_ray(args.address, namespace="serve", log_to_driver=False)
             serve_was_running = _prepare_shared_serve(schema, app_name)
         else:
-            context = start_ray(args.num_cpus, init)
+            context = start_ray(None, num_cpus=args.num_cpus, namespace="serve",
+                                log_to_driver=False, **init)
             serve_was_running = False
     except KeyboardInterrupt:
         ray.shutdown()
-        kill_children()
+        # Interrupted mid-start: our children are the half-started node (GCS, raylet, ...).
+        stop_process_tree(os.getpid(), timeout=5, include_root=False)
         return 130
     except RuntimeError as exc:  # the cluster's Serve already runs an application of this name
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -231,19 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # What `serve run CONFIG` does: start Serve with the config's proxy options, then hand
         # the whole config to the controller, which applies per-deployment settings.
-        client = serve_start(http_options=schema.http_options.model_dump(),
-                             proxy_location=schema.proxy_location,
-                             controller_options=schema.controller_options)
+        serve.start(http_options=schema.http_options.model_dump(),
+                    proxy_location=schema.proxy_location,
+                    controller_options=schema.controller_options)
+        client = compat.serve_client()
         http_options = client.http_config  # a Serve already running keeps its own
-        client.deploy_apps(schema, _blocking=False)
+        compat.deploy_config_nonblocking(client, schema)
         host = http_options.host
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http_options.port}"
-        _wait_healthy(url, time.monotonic() + args.timeout, app_name)
+        _wait_healthy(url, args.timeout, app_name)
         info = {"url": url, "pid": os.getpid(), "gcs_address": context.address_info["gcs_address"]}
         if (args.dashboard_port is not None or args.address) and context.dashboard_url:
             info["dashboard"] = f"http://{context.dashboard_url}"
-        if "_metrics_export_port" in init:
-            info["metrics"] = f"http://127.0.0.1:{init['_metrics_export_port']}/metrics"
+        if metrics_port is not None:
+            info["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         ready.set()
         print(f"{READY} {json.dumps(info)}", flush=True)
         while not stop.wait(1.0):
@@ -254,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        from ray import serve
-
         try:
             if serve_was_running:
                 serve.delete(app_name)  # the cluster's other applications keep running
@@ -272,22 +227,16 @@ def _prepare_shared_serve(schema, app_name: str) -> bool:
     Deploying a config replaces every application, so the cluster's other applications are put
     into ``schema``; its replicas find ``serve.app`` through PYTHONPATH (this checkout).
     """
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
     ours = schema.applications[0]
     runtime_env = dict(ours.runtime_env or {})
     env_vars = dict(runtime_env.get("env_vars") or {})
     env_vars.setdefault("PYTHONPATH", str(REPO_ROOT))
     ours.runtime_env = {**runtime_env, "env_vars": env_vars}
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
+    if not compat.serve_controller_running():
         return False
-    from ray import serve
     from ray.serve.schema import ServeInstanceDetails
 
-    details = ServeInstanceDetails(**serve.context._connect().get_serve_details())
+    details = ServeInstanceDetails(**compat.serve_details(compat.serve_client()))
     if app_name in details.applications:
         raise RuntimeError(f"Serve on this cluster already runs an application {app_name!r}; "
                            "use it, or remove it first (serve delete / serve shutdown)")
@@ -337,10 +286,7 @@ class LocalServe:
             cmd += ["--metrics-port", str(self.metrics_port)]
         if self.address:
             cmd += ["--address", self.address]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                           os.environ.get("PYTHONPATH")]))}
-        env.pop("RAY_ADDRESS", None)
+        env = child_env(ray_address=False)
         log_path = self.log_path or Path(self._temp_dir) / "serve-local.log"
         self._log = open(log_path, "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
@@ -375,7 +321,7 @@ class LocalServe:
                 self.proc.wait(10)
         if self.proc is not None:
             # Anything of its Ray instance still running is in the session it leads.
-            kill_session(self.proc.pid)
+            stop_session(self.proc.pid, timeout=10)
         if self._log is not None:
             self._log.close()
             self._log = None

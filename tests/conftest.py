@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Under `uv run pytest`, Ray would otherwise rebuild the uv project (a copy of the checkout and a
-# new .venv) for every worker process it starts; these must be set before `import ray`.
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+from faceage.runtime import apply_ray_env_defaults
+
+# Before anything imports Ray (see faceage.runtime.RAY_ENV_DEFAULTS).
+apply_ray_env_defaults()
 # Two loaded cores can take more than Ray Train's default 60 s to start a worker group.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
@@ -93,15 +93,10 @@ def ray_local():
     """One local Ray instance for the session (2 CPUs, no dashboard), never someone else's."""
     import ray
 
-    for attempt in range(3):
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-        except Exception:  # a loaded machine can miss the raylet's startup deadline; retry
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    from faceage.runtime import start_ray
+
+    if not ray.is_initialized():
+        start_ray(None, num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

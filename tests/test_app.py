@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+
+from faceage.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("FACEAGE_CHROMIUM", "/usr/bin/chromium")
@@ -74,12 +75,6 @@ def _missing_tool(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must install it (.ci/run)")
     pytest.skip(f"{message} (apt-get install chromium ffmpeg)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- fixtures ------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,14 @@ from app.client import ServeClient, ServeError, StreamClient, normalise_url, web
 from app.draw import annotate, encode_jpeg, scale_faces, shrink
 from app.tracking import FaceTracker, iou
 from app.video import VideoError, probe_video, suggested_stride
+from faceage.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def closed_port() -> int:
     """A loopback port with nothing listening (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def face(box, age, score=0.99):

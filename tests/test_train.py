@@ -8,11 +8,8 @@ ourselves must succeed. Driver-side checks must fail fast with one clear message
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +26,7 @@ from faceage.cli import main as cli_main
 from faceage.config import load_config
 from faceage.errors import TrainingFailed, UserError
 from faceage.modelfile import load_model_file
+from faceage.runtime import RayHead
 from faceage.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,65 +247,18 @@ def test_relative_paths_in_a_ray_job_get_a_clear_message(tiny_utkface, tmp_path,
 # -- `ray job submit` against a head node of our own -------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def ray_head(tmp_path_factory):
-    """``ray start --head --block`` on free ports with the dashboard and token auth on."""
-    bin_dir = Path(sys.executable).parent
-    (gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env, node_manager,
-     object_manager, client) = free_ports(9)
-    temp_dir = Path(f"/tmp/fa-{secrets.token_hex(3)}")  # short: Ray's sockets live in it
-    token = secrets.token_hex(16)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log = (tmp_path_factory.mktemp("ray_head") / "ray_start.log").open("w")
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={node_manager}",
-         f"--object-manager-port={object_manager}", f"--ray-client-server-port={client}",
-         "--min-worker-port=0", "--max-worker-port=0"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        import requests
+    """``ray start --head --block`` with the dashboard and token auth on, on ports Ray picks.
 
-        deadline = time.monotonic() + 300
-        while True:
-            assert head.poll() is None, f"ray start exited; see {log.name}"
-            try:
-                if requests.get(f"{address}/api/version", timeout=5,
-                                headers={"Authorization": f"Bearer {token}"}).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"dashboard never came up; see {log.name}"
-            time.sleep(1)
-        yield {"address": address, "token": token, "env": env}
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    Ports picked here and released before `ray start` bound them once let another Ray instance
+    of the session take the runtime-env agent's, and the job failed with "403 Invalid
+    authentication token" (faceage.runtime.RayHead)."""
+    with RayHead(dashboard=True, log_dir=tmp_path_factory.mktemp("ray_head")) as head:
+        yield {"address": head.dashboard_url, "token": head.token, "env": head.env}
+        # Shown with a failed test's output: a port clash or a refused token, in Ray's words.
+        if why := head.diagnose():
+            print(f"Ray head diagnosis:\n{why}", file=sys.stderr)
 
 
 @pytest.mark.timeout(1200)

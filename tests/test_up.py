@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -19,7 +17,9 @@ import psutil
 import pytest
 import requests
 
+from faceage import runtime
 from faceage.cli import main as faceage_main
+from faceage.runtime import RayHead, free_ports, port_is_free
 from faceage.up import READY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,28 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 START_S = 900
 STOP_S = 180
 URL_LINE = re.compile(r"^\s+(Ray dashboard|Serve API|Streamlit app)\s+(http://\S+)")
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def http() -> requests.Session:
@@ -98,8 +76,7 @@ class UpProcess:
                              f"{Path(self.log.name).read_text()[-4000:]}")
 
     def tree(self) -> list[psutil.Process]:
-        root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
+        return runtime.process_tree(self.proc.pid)
 
     def close(self) -> None:
         """Make sure nothing is left, whatever the test did (by PID, never by name)."""
@@ -110,20 +87,13 @@ class UpProcess:
                 self.proc.wait(STOP_S)
             except subprocess.TimeoutExpired:
                 pass
-            for p in leftovers:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            runtime.stop_processes(leftovers, timeout=10)
         self.log.close()
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-           "PYTHONUNBUFFERED": "1", **extra}
-    if "RAY_ADDRESS" not in extra:
-        env.pop("RAY_ADDRESS", None)
-    return env
+    """``faceage up`` as a user starts it: Ray defaults, no PYTHONPATH, RAY_ADDRESS if given."""
+    return runtime.child_env(pythonpath=False, ray_address=False, **extra)
 
 
 def without(env: dict[str, str], *names: str) -> dict[str, str]:
@@ -142,6 +112,8 @@ def assert_stops_cleanly(up: UpProcess, ports: list[int]) -> None:
         assert port_is_free(port), f"port {port} still in use after faceage up stopped"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(START_S + 2 * STOP_S)
 def test_up_starts_the_stack_and_stops_everything(untrained_model_file, astronaut_path,
                                                   tmp_path):
@@ -208,64 +180,18 @@ def test_up_without_a_model_file_says_so(tmp_path, capsys):
     assert f"--model {missing}: no such file" in capsys.readouterr().err
 
 
-def stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM ``ray start --block``, then SIGKILL what is left of its session (only its own)."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=30)
-
-
 @pytest.fixture
 def ray_head(tmp_path):
-    """A ``ray start --head --block`` of this test's own (free ports, no dashboard, token auth)."""
-    bin_dir = Path(sys.executable).parent
-    temp_dir = Path(f"/tmp/fa-{secrets.token_hex(3)}")  # short: Ray's sockets live in it
-    env = child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    head = None
-    try:
-        # On a loaded machine the raylet can miss its start-up deadline (ray-project/ray#65983)
-        # and `ray start` gives up; another try usually works.
-        for attempt in range(3):
-            gcs, node_manager, object_manager, runtime_env, metrics, agent_grpc, agent_http, \
-                client = free_ports(8)
-            log_path = tmp_path / f"ray_start_{attempt}.log"
-            with log_path.open("w") as log:
-                head = subprocess.Popen(
-                    [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                     "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                     f"--port={gcs}", "--include-dashboard=false",
-                     f"--node-manager-port={node_manager}",
-                     f"--object-manager-port={object_manager}",
-                     f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-                     f"--dashboard-agent-grpc-port={agent_grpc}",
-                     f"--dashboard-agent-listen-port={agent_http}",
-                     f"--ray-client-server-port={client}",
-                     "--min-worker-port=0", "--max-worker-port=0"],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + 300
-            while "Ray runtime started" not in log_path.read_text():
-                if head.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            else:
-                break
-            stop_head(head)
-            assert attempt < 2, f"no Ray head: {log_path.read_text()[-3000:]}"
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, "proc": head}
-    finally:
-        if head is not None:
-            stop_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A ``ray start --head --block`` of this test's own (Ray's ports, no dashboard, token auth)."""
+    with RayHead(dashboard=False, log_dir=tmp_path) as head:
+        yield {"address": head.gcs_address, "env": head.env, "proc": head.proc}
+        # Shown with a failed test's output: a port clash or a refused token, in Ray's words.
+        if why := head.diagnose():
+            print(f"Ray head diagnosis:\n{why}", file=sys.stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(START_S + 2 * STOP_S)
 def test_up_deploys_on_the_cluster_ray_address_names(ray_head, untrained_model_file,
                                                      astronaut_path, tmp_path):
