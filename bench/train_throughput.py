@@ -45,15 +45,15 @@ def plain_loop(cfg, threads: int) -> dict:
     import torch
 
     from faceage.data import BatchAugment, make_dataset, prepare_data
-    from faceage.models import build_model
-    from faceage.schedule import UnfreezeSchedule
-    from faceage.train import (
+    from faceage.loop import (
         StepContext,
-        _build_optimizer,
         autocast_dtype,
+        build_optimizer,
         make_loss,
         train_one_epoch,
     )
+    from faceage.models import build_model
+    from faceage.schedule import UnfreezeSchedule
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def plain_loop(cfg, threads: int) -> dict:
     model = model.to(memory_format=torch.channels_last)
     steps = min(len(loader), cfg.train.max_steps_per_epoch)
     schedule = UnfreezeSchedule(cfg.schedule, model.group_names(), steps)
-    optimizer = _build_optimizer(model, schedule, schedule.stage_at(0), cfg.train.weight_decay)
+    optimizer = build_optimizer(model, schedule, schedule.stage_at(0), cfg.train.weight_decay)
     device = torch.device("cpu")
     ctx = StepContext(device, autocast_dtype(cfg.train.precision, device), True, None)
     augment = BatchAugment(cfg.model.input_size, cfg.train.augment)
@@ -77,9 +77,10 @@ def plain_loop(cfg, threads: int) -> dict:
 
 def ray_loop(cfg) -> dict:
     """The real ``train_loop_per_worker`` under ``TorchTrainer``; metrics of the last epoch."""
+    from faceage.data import prepare_data
     from faceage.train import build_trainer
 
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, prepare_data(cfg.data, cfg.model.input_size)).fit()
     return {"images_per_s": result.metrics["images_per_s"],
             "data_share": result.metrics["data_share"]}
 

@@ -12,8 +12,8 @@ from faceage.runtime import apply_ray_env_defaults
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from faceage.config import load_config
-    from faceage.train import flat_overrides, run_training
+    from faceage.config import flat_overrides, load_config
+    from faceage.train import run_training
 
     run_training(load_config(args.config, flat_overrides(args)))
     return 0

@@ -204,6 +204,7 @@ class DecodedCache:
     def __init__(self, paths: Sequence[str], size: int, cache_dir: str | None = None):
         self.paths = list(paths)
         self.size = size
+        self.cache_dir = cache_dir
         key = hashlib.sha1(f"{size}".encode())
         for p in self.paths:
             # Size and mtime in the key: a file replaced in place is decoded again.
@@ -413,11 +414,16 @@ class PreparedData:
         }
 
 
-def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> PreparedData:
-    """Read, split and decode-cache a data set; unreadable images are dropped and reported."""
+def read_split(cfg: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
+    """Read a data set and give every image its split (``train``/``val``/``test``)."""
     df, report = read_dataset(cfg)
+    return df.assign(split=assign_split(df["path"].tolist(), cfg.split)), report
+
+
+def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_size: int,
+                 progress: bool = True) -> PreparedData:
+    """Decode-cache the images of a split table; unreadable ones are dropped and reported."""
     df = df.copy()
-    df["split"] = assign_split(df["path"].tolist(), cfg.split)
     cache = DecodedCache(df["path"].tolist(), cache_size_for(input_size), cfg.cache_dir)
     cache.build(progress=progress)
     df["cache_index"] = np.arange(len(df))
@@ -431,6 +437,34 @@ def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> Pre
     if (df["split"] == "train").sum() == 0:
         raise UserError(f"no images fell into the training split of {cfg.path}; add more data")
     return PreparedData(df, cache, report)
+
+
+def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> PreparedData:
+    """Read, split and decode-cache a data set; unreadable images are dropped and reported."""
+    df, report = read_split(cfg)
+    return decode_table(df, report, cfg, input_size, progress)
+
+
+def shippable(data: PreparedData) -> dict:
+    """What a worker needs to use ``data`` without reading the folder again: the table, the
+    cache's file list (its key) and the summary (with what the driver skipped)."""
+    return {"table": data.table, "cache_paths": data.cache.paths, "cache_size": data.cache.size,
+            "cache_dir": data.cache.cache_dir, "summary": data.summary()}
+
+
+def open_shipped(shipped: dict, progress: bool = False) -> PreparedData:
+    """The driver's table on a worker, with the decode cache for exactly its files (reused
+    where the driver built it, built on another node)."""
+    cache = DecodedCache(shipped["cache_paths"], shipped["cache_size"], shipped["cache_dir"])
+    cache.build(progress=progress)
+    assert cache.valid is not None
+    table = shipped["table"]
+    lost = table.loc[~cache.valid[table["cache_index"].to_numpy()], "path"].tolist()
+    if lost:
+        raise UserError(f"{len(lost)} images that the driver read cannot be read on this "
+                        f"worker's node ({', '.join(lost[:3])}); check that every node sees "
+                        "the same data.path")
+    return PreparedData(table, cache, LoadReport(kept=len(table)))
 
 
 def make_dataset(data: PreparedData, split: str, transform=None) -> FaceAgeDataset:

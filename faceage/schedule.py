@@ -163,15 +163,52 @@ class UnfreezeSchedule:
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
 
-    def param_groups(self, model: nn.Module, stage: Stage) -> list[dict]:
-        """Optimizer parameter groups for the trainable groups only, each tagged with its name."""
+    def param_groups(self, model: nn.Module, stage: Stage, weight_decay: float = 0.0
+                     ) -> list[dict]:
+        """Optimizer parameter groups for the trainable groups only, each tagged with its name.
+
+        Each layer group splits in two: weights of convolutions and linear layers decay by
+        ``weight_decay``; biases and normalisation weights (every 1-D parameter) do not, as in
+        torchvision's reference recipes (``norm_weight_decay=0``) and timm. Both halves carry the
+        group's name, so they share its LR.
+        """
         groups = []
         for name, module in _groups_of(model):
             if name in stage.groups:
                 params = [p for p in module.parameters() if p.requires_grad]
-                if params:
-                    groups.append({"params": params, "name": name, "lr": stage.lr})
+                decay = [p for p in params if p.ndim > 1]
+                no_decay = [p for p in params if p.ndim <= 1]
+                for part, wd in ((decay, weight_decay), (no_decay, 0.0)):
+                    if part:
+                        groups.append({"params": part, "name": name, "lr": stage.lr,
+                                       "weight_decay": wd})
         return groups
+
+    def split_old_state(self, model: nn.Module, stage: Stage, state: dict) -> dict:
+        """An optimizer state saved with one group per layer group (checkpoints from before the
+        decay / no-decay split) laid out as ``param_groups`` builds them now, so such runs
+        resume with their optimizer; any other state comes back unchanged."""
+        layer_groups = [(n, m) for n, m in _groups_of(model) if n in stage.groups]
+        old_groups = state.get("param_groups", [])
+        if [g.get("name") for g in old_groups] != [n for n, _ in layer_groups]:
+            return state
+        groups, moments = [], {}
+        for old, (_, module) in zip(old_groups, layer_groups, strict=True):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if len(params) != len(old["params"]):
+                return state
+            for decays in (True, False):
+                ids = [i for p, i in zip(params, old["params"], strict=True)
+                       if (p.ndim > 1) == decays]
+                if not ids:
+                    continue
+                first = sum(len(g["params"]) for g in groups)
+                for k, i in enumerate(ids):
+                    if i in state["state"]:
+                        moments[first + k] = state["state"][i]
+                groups.append({**old, "params": list(range(first, first + len(ids))),
+                               "weight_decay": old.get("weight_decay", 0.0) if decays else 0.0})
+        return {"state": moments, "param_groups": groups}
 
     def set_lrs(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> dict[str, float]:
         lrs = self.lrs(epoch, step)

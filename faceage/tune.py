@@ -264,8 +264,8 @@ def check_trials_buildable(plan: TunePlan) -> None:
     one message, instead of failing (or waiting) trial by trial.
     """
     from faceage.models import build_model
+    from faceage.preflight import preflight
     from faceage.schedule import UnfreezeSchedule
-    from faceage.train import preflight
 
     def values(key: str, default: Any) -> list[Any]:
         for d in plan.dims:
@@ -373,7 +373,8 @@ def export_best_trial(table: pd.DataFrame, plan: TunePlan) -> tuple[Path, pd.Ser
     """
     from ray.train import Checkpoint
 
-    from faceage.train import export_best, load_checkpoint
+    from faceage.export import export_best
+    from faceage.worker import load_checkpoint
 
     ranked = table[table["best_val_mae"].notna()]
     if ranked.empty:
@@ -515,7 +516,8 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from faceage.plots import tune_curves
-    from faceage.train import check_job_paths, ray_for_run
+    from faceage.preflight import check_job_paths
+    from faceage.train import ray_for_run
 
     plan = plan_search(settings, config_dir)
     check_job_paths(plan.base)

@@ -19,11 +19,13 @@ from faceage.data import (
     cache_size_for,
     eval_transform,
     make_dataset,
+    open_shipped,
     parse_utkface_name,
     prepare_data,
     read_dataset,
     read_manifest,
     read_utkface,
+    shippable,
 )
 from faceage.errors import UserError
 
@@ -113,6 +115,29 @@ def test_truncated_and_unreadable_images_are_skipped_and_reported_once(tmp_path,
     again = prepare_data(cfg, input_size=32, progress=False)
     assert sorted(again.report.skipped["unreadable or truncated files"]) == bad
     assert again.cache.array_path == data.cache.array_path
+
+
+def test_workers_get_the_drivers_table_and_reuse_its_cache(tmp_path, utkface_images):
+    images = utkface_images(tmp_path / "faces", 12)
+    _truncate(images[4])
+    cfg = DataConfig(path=str(tmp_path / "faces"), limit=None, cache_dir=str(tmp_path / "cache"))
+    data = prepare_data(cfg, input_size=32, progress=False)
+    built = data.cache.meta_path.stat().st_mtime_ns
+
+    shipped = shippable(data)
+    assert shipped["summary"]["skipped"] == {"unreadable or truncated files": 1}
+    worker = open_shipped(shipped)
+    pd.testing.assert_frame_equal(worker.table, data.table)
+    assert worker.cache.meta_path == data.cache.meta_path  # the same cache, not decoded again
+    assert data.cache.meta_path.stat().st_mtime_ns == built
+    assert np.array_equal(make_dataset(worker, "val")[0][0], make_dataset(data, "val")[0][0])
+
+    # A node that cannot read what the driver read stops with the files' names.
+    lost = dict(shipped, cache_dir=str(tmp_path / "other-node"))
+    _truncate(images[0])
+    os.utime(images[0], ns=(1, 1))
+    with pytest.raises(UserError, match=f"1 images that the driver read.*{images[0].name}"):
+        open_shipped(lost)
 
 
 def test_decoded_cache_is_rebuilt_when_a_file_changes(tmp_path, utkface_images):

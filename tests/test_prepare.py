@@ -70,6 +70,8 @@ def test_prepare_in_process(capsys, manifest, tmp_path):
     _check_prepared(tmp_path / "prep", manifest)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_prepare_with_ray_data_actors(ray_local, manifest, tmp_path):
     summary = run_prepare(str(manifest), "manifest", str(tmp_path / "prep"), workers=2,
                           batch_size=1)
@@ -77,6 +79,8 @@ def test_prepare_with_ray_data_actors(ray_local, manifest, tmp_path):
     _check_prepared(tmp_path / "prep", manifest)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.skipif(not UTKFACE.is_dir(), reason=f"UTKFace not present at {UTKFACE}")
 def test_prepare_utkface_chips_keeps_names(ray_local, tmp_path):
     summary = run_prepare(str(UTKFACE), "utkface", str(tmp_path / "prep"), limit=6,

@@ -10,9 +10,9 @@ from torch import nn
 
 from faceage.config import ScheduleConfig, StageConfig
 from faceage.errors import UserError
+from faceage.loop import build_optimizer
 from faceage.models import build_model
 from faceage.schedule import UnfreezeSchedule, resolve_groups
-from faceage.train import _build_optimizer
 
 STEPS = 10
 STAGES = [
@@ -54,7 +54,8 @@ def test_stages_train_the_right_groups(model):
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         assert trainable == set().union(*(owners[g] for g in stage.groups))
         pgroups = sched.param_groups(model, stage)
-        assert [g["name"] for g in pgroups] == list(stage.groups)
+        # Each layer group comes as a decaying and a non-decaying half, in model order.
+        assert list(dict.fromkeys(g["name"] for g in pgroups)) == list(stage.groups)
         assert sum(len(g["params"]) for g in pgroups) == len(trainable)
 
 
@@ -130,7 +131,7 @@ def test_frozen_batchnorm_stays_in_eval_mode(model):
 def test_frozen_groups_get_no_optimizer_state(model):
     sched = schedule_for(model)
     stage = sched.stage_at(1)
-    opt = _build_optimizer(model, sched, stage, weight_decay=1e-2)
+    opt = build_optimizer(model, sched, stage, weight_decay=1e-2)
     model.train()
     sched.apply(model, stage)
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -143,6 +144,56 @@ def test_frozen_groups_get_no_optimizer_state(model):
         moved = not torch.equal(p, snapshot[n])
         # Weight decay moves every trained weight; frozen ones do not move at all.
         assert moved == (id(p) in trainable), n
+
+
+def test_no_weight_decay_on_biases_and_norm_weights(model):
+    sched = schedule_for(model, layer_lr_decay=0.5)
+    stage = sched.stage_at(3)  # everything trains
+    opt = build_optimizer(model, sched, stage, weight_decay=0.05)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(decay_of) == sum(1 for _ in model.parameters())  # each parameter exactly once
+    kinds = {"conv": 0, "linear": 0, "norm": 0, "bias": 0}
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            kinds["conv" if isinstance(module, nn.Conv2d) else "linear"] += 1
+            assert decay_of[id(module.weight)] == 0.05
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
+            kinds["norm"] += 1
+            assert decay_of[id(module.weight)] == 0.0
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            kinds["bias"] += 1
+            assert decay_of[id(bias)] == 0.0
+    assert all(kinds.values()), kinds
+    # The LRs per layer group are the schedule's, whichever half a parameter is in.
+    applied = sched.set_lrs(opt, 3, 0)
+    assert applied == sched.lrs(3, 0)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(applied[g["name"]])
+    assert {f"lr_{g['name']}" for g in opt.param_groups} == {f"lr_{n}" for n in stage.groups}
+
+
+def test_optimizer_state_of_checkpoints_before_the_split_still_loads(model):
+    sched = schedule_for(model)
+    stage = sched.stage_at(1)
+    sched.apply(model, stage)
+    # As checkpoints written before the decay / no-decay split hold it: one group per layer group.
+    old_groups = [{"params": [p for p in m.parameters() if p.requires_grad], "name": n,
+                   "lr": stage.lr} for n, m in model.layer_groups() if n in stage.groups]
+    old = torch.optim.AdamW(old_groups, lr=stage.lr, weight_decay=1e-2)
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    old.step()
+    saved = old.state_dict()
+    new = build_optimizer(model, sched, stage, weight_decay=1e-2)
+    with pytest.raises(ValueError):
+        new.load_state_dict(saved)
+    new.load_state_dict(sched.split_old_state(model, stage, saved))
+    for p in (p for g in old_groups for p in g["params"]):
+        assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    assert {g["weight_decay"] for g in new.param_groups} == {1e-2, 0.0}
+    # A state in today's layout is left alone.
+    current = new.state_dict()
+    assert sched.split_old_state(model, stage, current) is current
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -124,6 +124,8 @@ def assert_epochs_once_in_order(history: list[dict], stages: list[int]) -> None:
     assert [h["stage"] for h in history] == stages
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(1200)
 def test_killed_worker_resumes_at_the_right_epoch_and_exports(ray_local, tiny_utkface,
                                                               decode_cache, tmp_path):
@@ -165,6 +167,8 @@ def test_killed_worker_resumes_at_the_right_epoch_and_exports(ray_local, tiny_ut
     assert ages.shape == (5,) and np.isfinite(ages).all()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(1200)
 def test_crashed_run_fails_readably_and_resumes_when_run_again(ray_local, tiny_utkface,
                                                                 decode_cache, tmp_path, capsys):
@@ -234,6 +238,46 @@ def test_cli_prints_the_message_without_a_traceback(tiny_utkface, tmp_path, caps
     assert "Traceback" not in err
 
 
+def test_python_m_faceage_train_goes_through_the_cli(tiny_utkface, tmp_path, capsys):
+    from faceage.train import main
+
+    code = main(["--set", *tiny_settings(tiny_utkface, tmp_path, "x", tmp_path),
+                 "model.backbone=alexnet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unknown backbone 'alexnet'")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_split_csv_is_exactly_what_trained(ray_local, utkface_images, tmp_path, capsys):
+    """Read and split once, on the driver: an unreadable file is in neither split.csv nor the
+    run's data summary, and the workers train on the very same table."""
+    data = tmp_path / "faces"
+    images = utkface_images(data, 60, seed=7)
+    broken = images[5]
+    broken.write_bytes(broken.read_bytes()[:300])  # a truncated JPEG
+    cfg = load_config(None, [*tiny_settings(data, tmp_path, "skip", tmp_path / "cache"),
+                             "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+                             "train.max_steps_per_epoch=2", "train.eval_tta=false",
+                             "schedule.stages=[{name: head, train: 0, epochs: 1}]"])
+    outcome = run_training(cfg)
+    out = capsys.readouterr().out
+
+    split = pd.read_csv(outcome.run_dir / "split.csv")
+    assert len(split) == 59 and str(broken) not in set(split["path"])
+    counts = split["split"].value_counts()
+    data_summary = json.loads((outcome.run_dir / "summary.json").read_text())["data"]
+    assert data_summary["images"] == len(split)
+    for part in ("train", "val", "test"):
+        assert data_summary[part] == counts.get(part, 0), part
+    assert data_summary["skipped"] == {"unreadable or truncated files": 1}
+    assert load_model_file(outcome.model_path).metadata["data"]["train"] == counts["train"]
+    assert outcome.history[0]["val_images"] == counts["val"]
+    assert out.count("skipped 1 unreadable or truncated files") == 1
+    assert out.count(f"[faceage] split: train {counts['train']}, val {counts['val']}") == 1
+
+
 def test_relative_paths_in_a_ray_job_get_a_clear_message(tiny_utkface, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
                        json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}}))
@@ -261,6 +305,8 @@ def ray_head(tmp_path_factory):
             print(f"Ray head diagnosis:\n{why}", file=sys.stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(1200)
 def test_ray_job_submit_against_a_local_head(ray_head, tiny_utkface, decode_cache, tmp_path):
     import requests

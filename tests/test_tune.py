@@ -56,6 +56,8 @@ def faces(folder: Path, count: int) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())[:count]]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, tmp_path, capsys):
     config = write_yaml(tmp_path / "tune.yaml",
@@ -164,6 +166,8 @@ def test_relative_storage_in_a_ray_job_gets_a_clear_message(tiny_utkface, tmp_pa
         run_tune(load_tune_settings(write_yaml(tmp_path / "tune.yaml", settings)))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
     """A stopped trial's Train controller dies holding its workers' placement group."""
     import ray

@@ -1,0 +1,82 @@
+"""The end of a run: the best checkpoint exported as a model file, the curves, summary.json and
+the table printed on screen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from faceage.config import Config
+from faceage.errors import TrainingFailed
+from faceage.models import build_model
+from faceage.preprocess import preprocessing_metadata
+from faceage.worker import METRIC, load_checkpoint
+
+
+def data_crop_policy(cfg: Config) -> dict:
+    """How the training images were framed; inference crops faces the same way."""
+    if cfg.data.format == "prepared":
+        idx = Path(cfg.data.path)
+        meta_path = (idx if idx.is_dir() else idx.parent) / "prepare.json"
+        if meta_path.is_file():
+            return json.loads(meta_path.read_text())["crop_policy"]
+    return {"name": "utkface-chip"}
+
+
+def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
+    """Export the best checkpoint (lowest val MAE) of ``result`` as a model file.
+
+    Returns the model path, the best epoch's metrics and the latest checkpoint's state (history,
+    resumes, data summary).
+    """
+    from faceage.modelfile import save_model_file
+
+    ranked = [(c, m) for c, m in (result.best_checkpoints or [])
+              if np.isfinite(m.get(METRIC, np.nan))]
+    if not ranked or result.checkpoint is None:
+        raise TrainingFailed(f"training in {run_dir} produced no checkpoint with a val MAE")
+    best_ckpt, best_metrics = min(ranked, key=lambda cm: cm[1][METRIC])
+    latest = load_checkpoint(result.checkpoint)
+    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout)
+    model.load_state_dict(load_checkpoint(best_ckpt)["model"])
+    metadata = {
+        "name": f"faceage-{cfg.model.backbone}",
+        "preprocessing": preprocessing_metadata(cfg.model.input_size),
+        "crop_policy": data_crop_policy(cfg),
+        "data": {"format": cfg.data.format, "path": cfg.data.path,
+                 "split": cfg.data.split.model_dump(), **latest.get("data_summary", {})},
+        "metrics": {k: best_metrics[k] for k in ("val_mae", "val_rmse", "val_cs5", "epoch")},
+        "config": cfg.to_dict(),
+    }
+    path = save_model_file(model, run_dir / "model.pt", metadata)
+    return path, dict(best_metrics), latest
+
+
+def write_summary(cfg: Config, run_dir: Path, model_path: Path, best: dict, latest: dict,
+                  wall_seconds: float) -> Path:
+    """``curves.png`` and ``summary.json`` in ``run_dir``; returns the curves' path."""
+    from faceage.plots import learning_curves
+
+    history = latest["history"]
+    curves = learning_curves(history, run_dir / "curves.png",
+                             title=f"{cfg.name}: {cfg.model.backbone} @ {cfg.model.input_size}px")
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"name": cfg.name, "best": best, "history": history,
+         "resumes": latest.get("resumes", []), "data": latest.get("data_summary"),
+         "model": str(model_path), "curves": str(curves), "wall_seconds": wall_seconds},
+        indent=2, default=float))
+    return curves
+
+
+def summary_table(history: list[dict], best_epoch: int) -> str:
+    """One line per epoch, the best marked with ``*``."""
+    lines = ["epoch  stage       train_loss  val_MAE  val_RMSE  CS@5    img/s",
+             "-----  ----------  ----------  -------  --------  ------  -----"]
+    for h in history:
+        mark = " *" if h["epoch"] == best_epoch else ""
+        lines.append(f"{h['epoch'] + 1:>5}  {h['stage_name']:<10}  {h['train_loss']:>10.3f}  "
+                     f"{h['val_mae']:>7.2f}  {h['val_rmse']:>8.2f}  {h['val_cs5']:>6.1%}  "
+                     f"{h['images_per_s']:>5.0f}{mark}")
+    return "\n".join(lines)

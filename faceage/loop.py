@@ -1,0 +1,181 @@
+"""The training step in plain PyTorch: precision, one epoch, prediction, and the collectives.
+
+Nothing here imports Ray: ``faceage.worker`` runs these inside Ray Train's workers, and the
+benchmarks and tests call them in one process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceage.data import BatchAugment
+from faceage.schedule import Stage, UnfreezeSchedule
+
+# -- hardware ------------------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX); elsewhere bf16 is emulated, slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting on a device (None: plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def make_loss(name: str) -> nn.Module:
+    return {"l1": nn.L1Loss(), "smooth_l1": nn.SmoothL1Loss(beta=2.0), "mse": nn.MSELoss()}[name]
+
+
+def build_optimizer(model, schedule: UnfreezeSchedule, stage: Stage, weight_decay: float):
+    """AdamW over the stage's trainable groups only: frozen groups get no optimizer state."""
+    schedule.apply(model, stage)
+    return torch.optim.AdamW(schedule.param_groups(model, stage, weight_decay), lr=stage.lr,
+                             weight_decay=weight_decay)
+
+
+# -- one epoch -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StepContext:
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
+
+    def memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch: int, loss_fn,
+                    ctx: StepContext, augment: BatchAugment,
+                    max_steps: int | None) -> dict[str, float]:
+    """One pass over ``loader``: uint8 batches are augmented on the device, then a step each."""
+    model.train()
+    schedule.apply(model, schedule.stage_at(epoch))
+    total_loss = total_abs = 0.0
+    seen = 0
+    data_seconds = 0.0
+    start = tick = time.perf_counter()
+    for step, (images, ages) in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        schedule.set_lrs(optimizer, epoch, step)
+        x = ctx.memory_format(augment(ctx.to_device(images)))
+        y = ctx.to_device(ages)
+        data_seconds += time.perf_counter() - tick
+        with ctx.autocast():
+            pred = model(x)
+        loss = loss_fn(pred.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = y.shape[0]
+        seen += n
+        total_loss += float(loss.detach()) * n
+        total_abs += float((pred.detach().float() - y).abs().sum())
+        tick = time.perf_counter()
+    return {
+        "loss_sum": total_loss,
+        "abs_sum": total_abs,
+        "images": seen,
+        "seconds": time.perf_counter() - start,
+        "data_seconds": data_seconds,
+    }
+
+
+@torch.inference_mode()
+def predict(model, loader, ctx: StepContext, transform, tta: bool) -> np.ndarray:
+    """Predicted ages for every batch of uint8 images in ``loader`` (in order)."""
+    model.eval()
+    out = []
+    for images, _ in loader:
+        x = ctx.memory_format(transform(ctx.to_device(images)))
+        with ctx.autocast():
+            p = model(x).float()
+            if tta:
+                p = (p + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(p.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+# -- collectives (no-ops on one worker) ----------------------------------------------------------
+
+
+def gather(values: np.ndarray, world_size: int) -> np.ndarray:
+    """Concatenate every worker's array, in rank order."""
+    if world_size == 1:
+        return values
+    parts: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(parts, values)
+    return np.concatenate(parts)
+
+
+def sum_across(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def share_buffers(model: nn.Module, world_size: int) -> None:
+    """Copy rank 0's BatchNorm statistics to all workers, so validation uses the saved model."""
+    if world_size == 1:
+        return
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf.data, src=0)
+
+
+def check_replicas_agree(model: nn.Module, world_size: int) -> None:
+    """DDP keeps replicas identical; a mismatch means a wrapping bug, so stop loudly."""
+    if world_size == 1:
+        return
+    with torch.no_grad():
+        local = float(sum(p.double().sum() for p in model.parameters()))
+    sums = gather(np.array([local]), world_size)
+    if not np.allclose(sums, sums[0], rtol=1e-9, atol=0.0):
+        raise RuntimeError(f"model replicas differ across workers (parameter sums {sums})")
+
+
+def say(message: str) -> None:
+    """One line to stdout."""
+    # Ray Train patches print() into a logger, which doubles lines in job logs; write directly.
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

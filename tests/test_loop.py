@@ -1,0 +1,162 @@
+"""The pieces of a training run that need no Ray: one epoch, prediction, preflight's messages,
+the end-of-run table and files (``faceage.loop``, ``faceage.preflight``, ``faceage.export``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from faceage.config import AugmentConfig, ScheduleConfig, StageConfig, load_config
+from faceage.data import BatchAugment, eval_transform
+from faceage.errors import UserError
+from faceage.export import data_crop_policy, summary_table, write_summary
+from faceage.loop import StepContext, build_optimizer, make_loss, predict, train_one_epoch
+from faceage.preflight import check_job_paths, check_resume_compatible, check_split_counts
+
+
+class Tiny(nn.Module):
+    """Two layer groups, as ``AgeRegressor`` has them: a conv body and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 1)
+
+    def layer_groups(self):
+        return [("body", self.body), ("head", self.head)]
+
+    def group_names(self):
+        return ["body", "head"]
+
+    def forward(self, x):
+        return self.head(self.body(x)).squeeze(1)
+
+
+def two_batches() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8, generator=g)
+    ages = torch.tensor([10.0, 20, 30, 40, 50, 60])
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, ages),
+                                       batch_size=3)
+
+
+def setup():
+    from faceage.schedule import UnfreezeSchedule
+
+    torch.manual_seed(0)
+    model = Tiny()
+    cfg = ScheduleConfig(stages=[StageConfig(name="head", train=0, epochs=1, lr=0.1),
+                                 StageConfig(name="all", train="all", epochs=1, lr=0.1)])
+    schedule = UnfreezeSchedule(cfg, model.group_names(), steps_per_epoch=2)
+    ctx = StepContext(torch.device("cpu"), None, channels_last=False, scaler=None)
+    return model, schedule, ctx
+
+
+def test_train_one_epoch_steps_the_stage_groups_and_counts_images():
+    model, schedule, ctx = setup()
+    loader, augment = two_batches(), BatchAugment(16, AugmentConfig())
+    body = [p.detach().clone() for p in model.body.parameters()]
+    head = [p.detach().clone() for p in model.head.parameters()]
+    opt = build_optimizer(model, schedule, schedule.stage_at(0), weight_decay=1e-2)
+    stats = train_one_epoch(model, loader, opt, schedule, 0, make_loss("l1"), ctx, augment, None)
+    assert stats["images"] == 6 and np.isfinite(stats["loss_sum"]) and stats["loss_sum"] > 0
+    assert 0 <= stats["data_seconds"] <= stats["seconds"]
+    assert all(torch.equal(a, b) for a, b in zip(body, model.body.parameters(), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(head, model.head.parameters(), strict=True))
+
+    opt = build_optimizer(model, schedule, schedule.stage_at(1), weight_decay=1e-2)
+    stats = train_one_epoch(model, loader, opt, schedule, 1, make_loss("mse"), ctx, augment,
+                            max_steps=1)
+    assert stats["images"] == 3  # max_steps caps the epoch
+    assert not torch.equal(body[0], model.body[0].weight)
+
+
+def test_predict_keeps_order_and_averages_the_flip():
+    model, _, ctx = setup()
+    loader = two_batches()
+    plain = predict(model, loader, ctx, eval_transform(16), tta=False)
+    assert plain.shape == (6,) and plain.dtype == np.float32
+    x = eval_transform(16)(next(iter(loader))[0])
+    model.eval()
+    with torch.no_grad():
+        assert np.allclose(plain[:3], model(x).numpy(), atol=1e-5)
+        flipped = model(torch.flip(x, dims=[3])).numpy()
+    tta = predict(model, loader, ctx, eval_transform(16), tta=True)
+    assert np.allclose(tta[:3], (plain[:3] + flipped) / 2, atol=1e-5)
+
+
+def cfg_for(tmp_path: Path, *extra: str):
+    return load_config(None, [f"data.path={tmp_path}", f"storage_path={tmp_path}", "name=run",
+                              *extra])
+
+
+def test_split_counts_name_the_setting_to_change(tmp_path):
+    table = pd.DataFrame({"split": ["train"] * 10 + ["val"] * 2})
+    check_split_counts(cfg_for(tmp_path, "train.batch_size=5", "scaling.num_workers=2"), table)
+    with pytest.raises(UserError, match="10 training images are fewer than one step needs "
+                                        r"\(train.batch_size 8 x 2 workers\)"):
+        check_split_counts(cfg_for(tmp_path, "train.batch_size=8", "scaling.num_workers=2"),
+                           table)
+    with pytest.raises(UserError, match="no images fell into the validation split"):
+        check_split_counts(cfg_for(tmp_path, "train.batch_size=2"), table[table.split == "train"])
+
+
+def test_resume_check_reads_the_earlier_runs_model(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = cfg_for(tmp_path)
+    assert check_resume_compatible(cfg, run_dir) is False  # no checkpoints: a new run
+    (run_dir / "checkpoint_1").mkdir()
+    (run_dir / "config.yaml").write_text("model: {backbone: mobilenet_v2, input_size: 128}\n")
+    assert check_resume_compatible(cfg, run_dir) is True
+    (run_dir / "config.yaml").write_text("model: {input_size: 96}\n")
+    with pytest.raises(UserError, match="model.input_size=96, not 128: its checkpoints cannot"):
+        check_resume_compatible(cfg, run_dir)
+
+
+def test_job_paths_are_only_checked_inside_a_ray_job(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "storage_path=runs")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check_job_paths(cfg)  # a plain driver: relative paths are fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    with pytest.raises(UserError, match="storage_path 'runs' is relative"):
+        check_job_paths(cfg)
+
+
+def epoch(i: int, mae: float) -> dict:
+    return {"epoch": i, "stage": 0, "stage_name": "head", "train_loss": 9.5 - i,
+            "val_mae": mae, "val_rmse": mae * 1.3, "val_cs5": 0.25, "images_per_s": 120.0}
+
+
+def test_summary_table_marks_the_best_epoch():
+    table = summary_table([epoch(0, 9.0), epoch(1, 7.25), epoch(2, 8.0)], best_epoch=1)
+    lines = table.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("epoch  stage")
+    assert lines[3].endswith(" *") and "7.25" in lines[3]
+    assert sum(line.endswith("*") for line in lines) == 1
+    assert lines[2].split()[:2] == ["1", "head"] and "25.0%" in lines[2]
+
+
+def test_write_summary_and_crop_policy(tmp_path):
+    cfg = cfg_for(tmp_path)
+    latest = {"history": [epoch(0, 9.0), epoch(1, 7.0)], "resumes": [{"epoch": 1}],
+              "data_summary": {"train": 2}}
+    curves = write_summary(cfg, tmp_path, tmp_path / "model.pt", epoch(1, 7.0), latest, 12.5)
+    assert curves.read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best"]["val_mae"] == 7.0 and len(summary["history"]) == 2
+    assert summary["resumes"] == [{"epoch": 1}] and summary["data"] == {"train": 2}
+    assert summary["wall_seconds"] == 12.5 and summary["model"] == str(tmp_path / "model.pt")
+
+    assert data_crop_policy(cfg) == {"name": "utkface-chip"}
+    (tmp_path / "prepare.json").write_text(json.dumps({"crop_policy": {"kind": "aligned"}}))
+    prepared = cfg_for(tmp_path, "data.format=prepared")
+    assert data_crop_policy(prepared) == {"kind": "aligned"}
