@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,18 @@ class AgeModel:
         for i in range(0, len(crops), batch_size):
             out.append(self.predict_batch(self.preprocess(crops[i:i + batch_size]), tta=tta))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def predict_groups(self, groups: Sequence[Sequence[np.ndarray]],
+                       tta: bool = False) -> list[np.ndarray]:
+        """Ages for each group of crops (one image's faces, one request's), in one model call.
+
+        ``faceage predict`` groups the faces of several images, the Serve AgeRegressor the crops
+        of concurrent requests (``@serve.batch``); each group gets its own slice of ages back.
+        """
+        counts = [len(g) for g in groups]
+        ages = self.predict([c for g in groups for c in g], tta=tta)
+        bounds = np.cumsum([0, *counts])
+        return [ages[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeModel:

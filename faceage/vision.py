@@ -4,7 +4,7 @@ Used by ``faceage prepare``, ``faceage evaluate``, ``faceage predict`` and the S
 face is framed the same way in training data, evaluation and serving:
 
     load_image(path | bytes) ─▶ FaceDetector.detect(image) ─▶ align_face(image, face, policy, size)
-                                 FaceFinder.find(image) does both ─▶ AgeModel.predict(crops)
+                                 FaceFinder.find(image) does both ─▶ AgeModel.predict_groups(crops)
 
 The crop policy (where the landmarks land in the crop) is model-file metadata; see ``CropPolicy``.
 """
@@ -119,10 +119,16 @@ def to_rgb_array(im: Image.Image) -> np.ndarray:
     """Any Pillow mode → HxWx3 uint8 RGB; 16-bit scaled down, transparency over white."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grayscale: Pillow's convert("L") clips at 255 instead of scaling.
-        a = np.asarray(im).astype(np.float32)
-        peak = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        gray = np.clip(a * (255.0 / peak), 0, 255).astype(np.uint8)
+        # 16-bit grayscale (Pillow opens 16-bit PNG and TIFF gray as I;16, I;16B or I): Pillow's
+        # convert("L"/"RGB") clips at 255, which turns the photo nearly white. "I" holding only
+        # 0-255 is 8-bit data in a 32-bit container.
+        a = np.asarray(im)
+        if mode == "I" and a.max(initial=0) <= 255:
+            gray = np.clip(a, 0, 255).astype(np.uint8)
+        else:
+            # The high byte, as Pillow reduces 16-bit RGB: exact for both ways of widening
+            # 8-bit data (v * 257 and v << 8).
+            gray = (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
@@ -463,7 +469,12 @@ def face_record(face: Face, age: float) -> dict[str, Any]:
 
 
 class FacePipeline:
-    """A model file with its detector: photos in, one JSON face record per face out."""
+    """A model file with its detector, in one process: photos in, JSON face records out.
+
+    ``faceage predict`` uses it. Serve splits the same two steps over
+    deployments: the Detector holds a ``FaceFinder``, the AgeRegressor the ``AgeModel``, and both
+    this class and the AgeRegressor age crops through ``AgeModel.predict_groups``.
+    """
 
     def __init__(self, model, detector: FaceDetector | DetectorConfig | dict | None = None,
                  no_face: NoFace = "skip", tta: bool = False):
@@ -474,20 +485,12 @@ class FacePipeline:
     def find_faces(self, image: np.ndarray) -> list[Face]:
         return self.finder.find(image)
 
-    def ages(self, faces: Sequence[Face]) -> np.ndarray:
-        """Ages for faces from ``find_faces`` (the Serve AgeRegressor's core)."""
-        return self.model.predict([f.crop for f in faces], tta=self.tta)
-
     def predict_faces(self, images: Sequence[np.ndarray]) -> list[tuple[list[Face], np.ndarray]]:
         """Faces and their ages for each image; the model runs once over all their crops."""
         found = [self.find_faces(im) for im in images]
-        flat = [f for faces in found for f in faces]
-        ages = self.ages(flat) if flat else np.zeros(0, np.float32)
-        out, i = [], 0
-        for faces in found:
-            out.append((faces, ages[i:i + len(faces)]))
-            i += len(faces)
-        return out
+        ages = self.model.predict_groups([[f.crop for f in faces] for faces in found],
+                                         tta=self.tta)
+        return list(zip(found, ages, strict=True))
 
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Face records for one image."""

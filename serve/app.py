@@ -4,9 +4,13 @@
 
 ``app`` is the application builder ``serve/config.yaml`` names (``import_path: serve.app:app``);
 its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and batching come from the
-config. The deployments are thin: decoding, detection, alignment and the JSON face record are
-``faceage.vision``'s, the model is ``faceage.modelfile``'s, exactly as ``faceage predict`` uses
-them, so the API returns the CLI's faces for the same photo and model.
+config. The deployments are thin and call the library ``faceage predict`` uses: the Detector
+holds a ``faceage.vision.FaceFinder`` (decode, detect, align), the AgeRegressor a
+``faceage.modelfile.AgeModel`` and ages the crops of concurrent requests with
+``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of several images, and
+``face_record`` writes the JSON. So the API returns the CLI's faces for the same photo and model.
+Nothing here imports pandas or the training modules (Ray Serve itself imports pandas when it is
+installed; see tests/test_inference_imports.py).
 """
 
 import asyncio
@@ -165,13 +169,9 @@ class AgeRegressor:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def ages(self, crop_stacks: list[np.ndarray]) -> list[np.ndarray]:
-        """Ages for each request's (N, S, S, 3) crops; one forward pass for the whole batch."""
-        # One writable copy: arrays from Ray's object store are read-only, which torch warns of.
-        crops = list(np.concatenate(crop_stacks))
+        """Ages for each request's (N, S, S, 3) crops; one model call for the whole batch."""
         # In a thread so the event loop keeps queueing the next batch during this one.
-        ages = await asyncio.to_thread(self.model.predict, crops, self.tta)
-        bounds = np.cumsum([0] + [len(s) for s in crop_stacks])
-        return [ages[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return await asyncio.to_thread(self.model.predict_groups, crop_stacks, self.tta)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.model.name, "version": self.model.version, "path": self.path,

@@ -67,6 +67,11 @@ def test_loaded_model_predicts_exactly_like_the_trained_one(trained_like, model_
     assert np.allclose(model.predict(images, tta=True), want_tta, atol=1e-5)
     assert np.array_equal(model.predict(images, batch_size=2), want)
     assert model.predict([]).shape == (0,)
+    # Groups (one image's faces, one Serve request's crops) come back in their own slices.
+    groups = model.predict_groups([images[:1], [], images[1:]])
+    assert [len(g) for g in groups] == [1, 0, 2]
+    assert np.array_equal(np.concatenate(groups), want)
+    assert model.predict_groups([]) == [] and len(model.predict_groups([[]])[0]) == 0
 
 
 def test_version_follows_the_weights(trained_like, tmp_path):

@@ -124,6 +124,68 @@ def test_sixteen_bit_scaled_not_clipped():
     assert 120 <= int(out[0, 0, 0]) <= 135
 
 
+def _sixteen_bit(astronaut: np.ndarray, kind: str) -> tuple[bytes, np.ndarray]:
+    """The astronaut widened to 16 bits and encoded as ``kind``, and the 8-bit image it holds."""
+    import cv2
+
+    gray8 = np.asarray(Image.fromarray(astronaut).convert("L"))
+    gray16 = gray8.astype(np.uint16) * 257  # 0-255 onto 0-65535, as image tools widen
+    if kind == "png I;16":
+        return _png_bytes(Image.fromarray(gray16)), gray8
+    if kind == "png I;16 (v << 8)":
+        return _png_bytes(Image.fromarray(gray8.astype(np.uint16) << 8)), gray8
+    if kind == "png I;16 + EXIF":
+        exif = Image.Exif()
+        exif[0x0112] = 1
+        return _png_bytes(Image.fromarray(gray16), exif=exif.tobytes()), gray8
+    if kind in ("tiff I;16", "tiff I;16B", "tiff I", "tiff I (0-255)"):
+        im = {"tiff I;16": Image.fromarray(gray16),
+              "tiff I;16B": Image.frombytes("I;16B", gray16.shape[::-1],
+                                            gray16.astype(">u2").tobytes()),
+              "tiff I": Image.fromarray(gray16.astype(np.int32), "I"),
+              "tiff I (0-255)": Image.fromarray(gray8.astype(np.int32), "I")}[kind]
+        buf = io.BytesIO()
+        im.save(buf, format="TIFF")
+        return buf.getvalue(), gray8
+    bgr16 = astronaut[..., ::-1].astype(np.uint16) * 257
+    if kind == "png RGBA 16":
+        bgr16 = np.dstack([bgr16, np.full(bgr16.shape[:2], 65535, np.uint16)])
+    ext = ".tif" if kind == "tiff RGB 16" else ".png"
+    return cv2.imencode(ext, bgr16)[1].tobytes(), astronaut
+
+
+SIXTEEN_BIT_KINDS = ["png I;16", "png I;16 (v << 8)", "png I;16 + EXIF", "tiff I;16",
+                     "tiff I;16B", "tiff I", "tiff I (0-255)", "png RGB 16", "png RGBA 16",
+                     "tiff RGB 16"]
+
+
+@pytest.mark.parametrize("kind", SIXTEEN_BIT_KINDS)
+def test_sixteen_bit_decodes_as_the_eight_bit_image(astronaut, kind):
+    data, eight = _sixteen_bit(astronaut, kind)
+    out = load_image(data, name=kind)
+    if eight.ndim == 2:
+        eight = np.repeat(eight[..., None], 3, axis=2)
+    assert out.shape == eight.shape and out.dtype == np.uint8
+    # Exact: the high byte undoes both v * 257 and v << 8 (scaling by 255/65535 is off by one
+    # for v << 8, clipping as Pillow's convert does turns the photo white).
+    assert np.array_equal(out, eight)
+
+
+def test_sixteen_bit_gray_is_aged_as_the_eight_bit_one(astronaut):
+    """The shipped model gives the 16-bit PNG the 8-bit PNG's age (a clipping decode finds no
+    face at all: Pillow's own convert("L") turns the photo nearly white)."""
+    from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
+
+    if not DEFAULT_MODEL_PATH.exists():
+        pytest.skip(f"{DEFAULT_MODEL_PATH} is not in this checkout")
+    data16, gray8 = _sixteen_bit(astronaut, "png I;16")
+    pipe = FacePipeline(load_model_file(DEFAULT_MODEL_PATH))
+    (faces8, ages8), (faces16, ages16) = pipe.predict_faces(
+        [load_image(_png_bytes(Image.fromarray(gray8))), load_image(data16)])
+    assert len(faces8) == len(faces16) == 1
+    assert abs(float(ages16[0]) - float(ages8[0])) < 0.5
+
+
 @pytest.mark.parametrize("name,data,status,words", [
     ("empty", b"", 400, "empty"),
     ("text", b"this is not a picture\n" * 20, 400, "not an image"),
