@@ -49,8 +49,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from faceage.config import add_train_arguments
+COMMANDS = ("train", "tune", "prepare", "predict", "evaluate", "up")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``faceage`` parser. Given ``command``, only that subcommand's options are imported and
+    added: ``faceage predict`` then loads no training code (pandas, Ray Train, Ray Data)."""
+    def wanted(name: str) -> bool:
+        return command is None or command == name
 
     p = argparse.ArgumentParser(prog="faceage", description="Face age regression on Ray.")
     p.add_argument("--version", action="version", version=f"faceage {__version__}")
@@ -59,45 +65,55 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with Ray Train and export it",
                        description="Train with Ray Train (progressive unfreezing) and export "
                                    "the best checkpoint as a model file.")
-    add_train_arguments(t)
-    t.set_defaults(func=_cmd_train)
+    if wanted("train"):
+        from faceage.config import add_train_arguments
 
-    from faceage.tune import add_tune_arguments
+        add_train_arguments(t)
+    t.set_defaults(func=_cmd_train)
 
     tu = sub.add_parser("tune", help="compare backbones and schedules with Ray Tune (ASHA)",
                         description="Ray Tune over training runs (one TorchTrainer per trial, "
                                     "ASHA on val MAE); writes a results table, a plot and the "
                                     "best trial's model file.")
-    add_tune_arguments(tu)
-    tu.set_defaults(func=_cmd_tune)
+    if wanted("tune"):
+        from faceage.tune import add_tune_arguments
 
-    from faceage.evaluate import add_evaluate_arguments
-    from faceage.predict import add_predict_arguments
-    from faceage.prepare import add_prepare_arguments
+        add_tune_arguments(tu)
+    tu.set_defaults(func=_cmd_tune)
 
     pr = sub.add_parser("prepare", help="detect and align faces of a data set with Ray Data",
                         description="Detect, align and crop every image's face in parallel "
                                     "(Ray Data), writing crops, index.csv and prepare.json.")
-    add_prepare_arguments(pr)
+    if wanted("prepare"):
+        from faceage.prepare import add_prepare_arguments
+
+        add_prepare_arguments(pr)
     pr.set_defaults(func=_cmd_prepare)
 
     pd_ = sub.add_parser("predict", help="ages of the faces in photos, folders or a video",
                          description="Detect, align and estimate the age of every face.")
-    add_predict_arguments(pd_)
+    if wanted("predict"):
+        from faceage.predict import add_predict_arguments
+
+        add_predict_arguments(pd_)
     pd_.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("evaluate", help="MAE, RMSE, CS@5 of a model file on a labelled set",
                         description="Evaluate a model file; writes a JSON report and a PNG.")
-    add_evaluate_arguments(ev)
-    ev.set_defaults(func=_cmd_evaluate)
+    if wanted("evaluate"):
+        from faceage.evaluate import add_evaluate_arguments
 
-    from faceage.up import add_up_arguments
+        add_evaluate_arguments(ev)
+    ev.set_defaults(func=_cmd_evaluate)
 
     up = sub.add_parser("up", help="Ray head, dashboard, Serve API and Streamlit app, locally",
                         description="Start a Ray head with its dashboard (or use $RAY_ADDRESS), "
                                     "the Serve application of serve/config.yaml and the "
                                     "Streamlit app; Ctrl-C stops them all.")
-    add_up_arguments(up)
+    if wanted("up"):
+        from faceage.up import add_up_arguments
+
+        add_up_arguments(up)
     up.set_defaults(func=_cmd_up)
     return p
 
@@ -106,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before anything imports Ray (see faceage.runtime.RAY_ENV_DEFAULTS).
     apply_ray_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:
