@@ -9,6 +9,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
@@ -19,6 +21,10 @@ DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = (3.05, 60.0)
 SLOW_HEALTH_S = 1.0
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+# Serve sheds load with a quick 503 and Retry-After (serve/app.py); a photo or a video frame is
+# worth a few seconds' wait, so predict retries that many times, waiting at most that long each.
+PREDICT_RETRIES = 4
+MAX_RETRY_WAIT_S = 2.0
 
 
 class ServeError(Exception):
@@ -33,9 +39,26 @@ class ServeError(Exception):
         self.kind = kind
         self.status = status
 
-    @property
-    def retryable(self) -> bool:
-        return self.kind in ("overloaded", "timeout", "unreachable")
+
+class ShedLoadRetry(Retry):
+    """urllib3's Retry, honouring Retry-After only on 503 and never waiting over
+    ``MAX_RETRY_WAIT_S`` (a 413 or 429 with Retry-After is the input's problem, not retried)."""
+
+    RETRY_AFTER_STATUS_CODES = frozenset({503})
+
+    def get_retry_after(self, response) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, MAX_RETRY_WAIT_S)
+
+
+def predict_retry(retries: int = PREDICT_RETRIES) -> Retry:
+    """Retry a 503 ``retries`` times after its Retry-After (else a backoff from 0.25 s, capped);
+    POST included, since predicting is idempotent. Nothing else is retried: a refused connection
+    or a read timeout is reported at once, and the last 503 is returned, not raised."""
+    return ShedLoadRetry(total=retries, connect=0, read=False, other=0, status=retries,
+                         status_forcelist=(503,), allowed_methods=frozenset({"GET", "POST"}),
+                         respect_retry_after_header=True, backoff_factor=0.25,
+                         backoff_max=MAX_RETRY_WAIT_S, raise_on_status=False)
 
 
 def serve_url_from_env() -> str:
@@ -90,12 +113,20 @@ def _check_result(body: Any, url: str) -> dict:
 
 
 class ServeClient:
-    """Calls one Serve endpoint: ``predict`` for photos and frames, ``health`` and ``model``."""
+    """Calls one Serve endpoint: ``predict`` for photos and frames, ``health`` and ``model``.
 
-    def __init__(self, base_url: str, timeout: tuple[float, float] = DEFAULT_TIMEOUT):
+    ``predict`` rides out Serve's load shedding (``predict_retry``: ``retries`` times on a 503);
+    ``health`` and ``model`` are not retried, so a page learns at once that Serve is not ready.
+    """
+
+    def __init__(self, base_url: str, timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+                 retries: int = PREDICT_RETRIES):
         self.base_url = normalise_url(base_url)
         self.timeout = timeout
         self.session = requests.Session()
+        # /predict and /predict/frames only (the longest mounted prefix wins).
+        self.session.mount(self.base_url + "/predict",
+                           HTTPAdapter(max_retries=predict_retry(retries)))
         # Loopback traffic must never go through an HTTP(S)_PROXY from the environment.
         if urlsplit(self.base_url).hostname in LOOPBACK_HOSTS:
             self.session.trust_env = False
@@ -142,22 +173,14 @@ class ServeClient:
                              kind="protocol") from None
 
     def predict(self, image: bytes, content_type: str = "image/jpeg") -> dict:
-        """The faces in one encoded image (JPEG, PNG, ...): the ``POST /predict`` result."""
+        """The faces in one encoded image (JPEG, PNG, ...): the ``POST /predict`` result.
+
+        A 503 is retried after its Retry-After (see ``predict_retry``); the last one raises
+        ``ServeError`` of kind ``overloaded``.
+        """
         response = self._request("POST", "/predict", data=image,
                                  headers={"Content-Type": content_type})
         return _check_result(self._json(response), response.url)
-
-    def predict_retrying(self, image: bytes, content_type: str = "image/jpeg",
-                         attempts: int = 5, backoff_s: float = 0.25) -> dict:
-        """``predict``, retried with backoff while Serve sheds load (503) or times out."""
-        for attempt in range(attempts):
-            try:
-                return self.predict(image, content_type)
-            except ServeError as exc:
-                if exc.kind not in ("overloaded", "timeout") or attempt == attempts - 1:
-                    raise
-                time.sleep(backoff_s * 2 ** attempt)
-        raise AssertionError("unreachable")
 
     def health(self, timeout: float = 3.0) -> float:
         """Seconds ``GET /healthz`` took; raises ServeError when Serve is down or unhealthy."""

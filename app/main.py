@@ -66,7 +66,7 @@ def serve_health(url: str) -> dict:
 def predict_photo(url: str, data: bytes, content_type: str) -> dict:
     """Serve's answer for one photo; reruns (every click) reuse it instead of asking again."""
     with ServeClient(url) as client:
-        return client.predict_retrying(data, content_type)
+        return client.predict(data, content_type)
 
 
 @st.fragment(run_every=10)

@@ -131,7 +131,7 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
 
     def analyse(rgb: np.ndarray) -> dict:
         small, scale = shrink(rgb, analyse_max_side)
-        result = client.predict_retrying(encode_jpeg(small))
+        result = client.predict(encode_jpeg(small))
         return {**result, "faces": scale_faces(result["faces"], 1 / scale)}
 
     pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="faceage-video")

@@ -81,6 +81,114 @@ def test_client_says_plainly_when_serve_is_down():
     assert stream_down.value.kind == "unreachable"
 
 
+class _ScriptedServe:
+    """A real HTTP server on 127.0.0.1 answering from a script: (status, headers, body) in turn,
+    the last one repeated. Records every request as (method, path, body, time)."""
+
+    def __init__(self, script: list[tuple[int, dict, dict]]):
+        import http.server
+        import threading
+        import time
+
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.requests.append((self.command, self.path, body, time.monotonic()))
+                status, headers, payload = (outer.script.pop(0) if len(outer.script) > 1
+                                            else outer.script[0])
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json",
+                                   "Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted_serve():
+    servers = []
+
+    def start(*script):
+        servers.append(_ScriptedServe(list(script)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+SHED = (503, {"Retry-After": "1"}, {"error": "the service is at capacity; retry in a moment",
+                                     "status": 503})
+FACES = (200, {}, {"faces": [face([1, 2, 3, 4], 30)], "image": {"width": 8, "height": 8}})
+
+
+def test_predict_waits_out_a_503_for_its_retry_after(scripted_serve):
+    import time
+
+    serve = scripted_serve(SHED, FACES)
+    start = time.monotonic()
+    with ServeClient(serve.url) as client:
+        result = client.predict(b"jpeg bytes")
+    assert result["faces"][0]["age"] == 30
+    assert [(m, p, b) for m, p, b, _ in serve.requests] == [("POST", "/predict", b"jpeg bytes")] * 2
+    waited = serve.requests[1][3] - serve.requests[0][3]
+    assert 0.9 <= waited < 1.9 and time.monotonic() - start < 10
+
+
+def test_predict_gives_up_after_bounded_retries(scripted_serve):
+    import time
+
+    serve = scripted_serve(SHED)
+    start = time.monotonic()
+    with ServeClient(serve.url, retries=2) as client, pytest.raises(ServeError) as shed:
+        client.predict(b"jpeg bytes")
+    elapsed = time.monotonic() - start
+    assert shed.value.kind == "overloaded" and shed.value.status == 503
+    assert "overloaded (503): the service is at capacity" in str(shed.value)
+    assert len(serve.requests) == 3 and 1.8 <= elapsed < 10
+
+
+def test_retry_after_is_capped_and_only_503_is_retried(scripted_serve, monkeypatch):
+    import time
+
+    from app import client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_RETRY_WAIT_S", 0.2)
+    serve = scripted_serve((503, {"Retry-After": "3600"}, {"error": "busy", "status": 503}))
+    start = time.monotonic()
+    with ServeClient(serve.url, retries=2) as client, pytest.raises(ServeError):
+        client.predict(b"x")
+    assert len(serve.requests) == 3 and time.monotonic() - start < 5
+    # The input's fault (413, even with Retry-After), and health checks: asked once.
+    too_big = scripted_serve((413, {"Retry-After": "1"}, {"error": "too big", "status": 413}))
+    with ServeClient(too_big.url) as client, pytest.raises(ServeError) as rejected:
+        client.predict(b"x")
+    assert rejected.value.kind == "rejected" and len(too_big.requests) == 1
+    down = scripted_serve(SHED)
+    with ServeClient(down.url) as client, pytest.raises(ServeError):
+        client.health()
+    assert len(down.requests) == 1
+
+
 def test_drawing_helpers():
     rgb = np.full((100, 200, 3), 128, np.uint8)
     out = annotate(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")
