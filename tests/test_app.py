@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("FACEAGE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FACEAGE_TEST_ARTIFACTS", REPO / "artifacts" / "test_app"))
 WEBCAM_REPEAT = int(os.environ.get("FACEAGE_WEBCAM_REPEAT", "1"))
+# Every test drives Chromium against the Streamlit app and the session's Serve application.
+pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.browser]
 # Slow, loaded CI machines: every wait is on a condition, with these as the upper bounds.
 STARTUP_S = 180
 STEP_MS = 180_000

@@ -167,6 +167,7 @@ def test_model_errors(capsys, astronaut_path, tmp_path):
         assert code == 2 and "default model" in err
 
 
+@pytest.mark.slow
 def test_video(capsys, untrained_model_file, astronaut_path, tmp_path):
     import av
 
@@ -204,6 +205,7 @@ def test_video(capsys, untrained_model_file, astronaut_path, tmp_path):
 # -- evaluate ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_manifest(capsys, untrained_model_file, photos, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,age\n{photos / 'a_astronaut.jpg'},40\n{photos / 'b_rocket.jpg'},30\n"
@@ -239,6 +241,7 @@ def test_evaluate_utkface_chips(capsys, untrained_model_file, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["evaluated"] == 12
 
 
+@pytest.mark.slow
 def test_evaluate_breaks_errors_down_by_utkface_labels(capsys, untrained_model_file, tiny_utkface,
                                                        tmp_path):
     report = tmp_path / "utk.json"

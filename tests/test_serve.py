@@ -3,7 +3,8 @@
 One application serves the whole session (``serve_app`` in conftest.py): a private Ray instance
 with 2 CPUs, the shipped model (an untrained one until it exists), a free loopback port and small
 limits. The load and fault tests print what they measured (run with ``-s`` to see it); they
-assert behaviour, never speed.
+assert behaviour, never speed. The config, the application builder and the deployments' own code
+without Ray are tests/test_serve_units.py (fast lane).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,10 @@ from websockets.sync.client import connect as ws_connect
 
 from faceage.cli import main as faceage_main
 from faceage.modelfile import read_model_file
+from faceage.runtime import wait_until
+
+# Every test here needs the session's Serve application (minutes to start on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 # The limits conftest.py's SERVE_TEST_OVERRIDES gives the session's application.
 MAX_BODY = 2 * 1024 * 1024
@@ -95,6 +102,26 @@ def ready_replicas(serve_app, deployment: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
+
+
+def replica_pids(serve_app) -> dict[str, set[int]]:
+    """PIDs of every deployment's replica processes."""
+    return {name: {p.pid for p in replica_processes(serve_app, name)}
+            for name in ("Ingress", "Detector", "AgeRegressor")}
+
+
+@contextmanager
+def replicas_survive(serve_app, serve_url) -> Iterator[None]:
+    """The block kills no replica: the same replica processes after it as before, and healthy.
+
+    A replica that died is missing or replaced by a new PID (the fault test below shows the PIDs
+    change when one is killed), so this fails whatever ran before it.
+    """
+    before = replica_pids(serve_app)
+    assert all(before.values()), before
+    yield
+    assert replica_pids(serve_app) == before, "a replica died (or was replaced) in this test"
+    assert requests.get(serve_url + "/healthz", timeout=TIMEOUT).status_code == 200
 
 
 def replica_rss_mb(serve_app) -> dict[str, float]:
@@ -177,52 +204,6 @@ def frames_640x480(astronaut_path) -> list[bytes]:
         canvas[40:440, 60 + shift:460 + shift] = face
         frames.append(jpeg_bytes(canvas, 85))
     return frames
-
-
-# -- serve/config.yaml -----------------------------------------------------------------------------
-
-
-def test_config_yaml_validates_and_fits_two_cores():
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from serve.app import BatchSettings, ServeArgs
-    from serve.local import DEFAULT_CONFIG, apply_overrides
-
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    config = ServeDeploySchema.model_validate(raw)
-    assert config.http_options.host == "127.0.0.1"
-    (app,) = config.applications
-    assert (app.name, app.route_prefix, app.import_path) == ("faceage", "/", "serve.app:app")
-    ServeArgs.model_validate(app.args)
-    deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"Ingress", "Detector", "AgeRegressor"}
-    cpus = sum(d.num_replicas * d.ray_actor_options.num_cpus for d in deployments.values())
-    assert cpus <= 2
-    batching = BatchSettings(**deployments["AgeRegressor"].user_config)
-    assert deployments["AgeRegressor"].max_ongoing_requests >= batching.max_batch_size
-    for d in deployments.values():
-        assert d.max_queued_requests > 0, f"{d.name}: unbounded queue"
-
-    changed = apply_overrides(raw, {"args.model_path": "/m.pt", "http_options.port": 1234,
-                                    "deployments.Detector.num_replicas": 1,
-                                    "deployments.AgeRegressor.user_config.max_batch_size": 1})
-    app = changed["applications"][0]
-    assert app["args"]["model_path"] == "/m.pt" and changed["http_options"]["port"] == 1234
-    detector = next(d for d in app["deployments"] if d["name"] == "Detector")
-    regressor = next(d for d in app["deployments"] if d["name"] == "AgeRegressor")
-    assert detector["num_replicas"] == 1 and regressor["user_config"]["max_batch_size"] == 1
-    assert raw["applications"][0]["args"]["model_path"] != "/m.pt", "the input is not changed"
-    with pytest.raises(KeyError):
-        apply_overrides(raw, {"replicas": 3})
-
-
-def test_a_missing_model_fails_the_build_with_the_path():
-    from faceage.errors import UserError
-    from serve.app import app
-
-    with pytest.raises(UserError, match="model file not found: /nonexistent/model.pt"):
-        app({"model_path": "/nonexistent/model.pt"})
 
 
 # -- results: the same faces as `faceage predict --json` -------------------------------------------
@@ -330,23 +311,21 @@ def _bad_inputs(astronaut_jpeg: bytes) -> list[tuple[str, bytes, str | None, int
     ]
 
 
-@pytest.fixture(scope="module")
-def replica_pids(serve_app) -> dict[str, set[int]]:
-    """Replica processes before the bad inputs: none may die of them."""
-    return {name: {p.pid for p in replica_processes(serve_app, name)}
-            for name in ("Ingress", "Detector", "AgeRegressor")}
+def test_bad_input_matrix(serve_app, serve_url, astronaut_jpeg):
+    with replicas_survive(serve_app, serve_url):
+        for name, data, content_type, status in _bad_inputs(astronaut_jpeg):
+            r = post_image(serve_url, data, content_type)
+            assert r.status_code == status, f"{name}: {r.status_code} {r.text[:300]}"
+            body = r.json()
+            assert body["status"] == status and body["error"], name
 
 
-def test_bad_input_matrix(serve_url, astronaut_jpeg, replica_pids):
-    assert all(replica_pids.values()), replica_pids
-    for name, data, content_type, status in _bad_inputs(astronaut_jpeg):
-        r = post_image(serve_url, data, content_type)
-        assert r.status_code == status, f"{name}: {r.status_code} {r.text[:300]}"
-        body = r.json()
-        assert body["status"] == status and body["error"], name
+def test_bad_requests_beyond_the_body(serve_app, serve_url, astronaut_jpeg):
+    with replicas_survive(serve_app, serve_url):
+        _bad_requests_beyond_the_body(serve_url, astronaut_jpeg)
 
 
-def test_bad_requests_beyond_the_body(serve_url, astronaut_jpeg):
+def _bad_requests_beyond_the_body(serve_url, astronaut_jpeg):
     def chunked():  # no Content-Length: the limit must hold while streaming
         for _ in range(MAX_BODY // 65536 + 2):
             yield b"\0" * 65536
@@ -393,9 +372,10 @@ def test_frames_report_errors_per_frame(serve_url, astronaut_jpeg):
     assert r.status_code == 400, r.text
 
 
-def test_stream_answers_bad_frames_and_stays_open(serve_url, astronaut_jpeg):
-    with ws_connect(serve_url.replace("http://", "ws://") + "/stream", open_timeout=TIMEOUT,
-                    max_size=None) as ws:
+def test_stream_answers_bad_frames_and_stays_open(serve_app, serve_url, astronaut_jpeg):
+    url = serve_url.replace("http://", "ws://") + "/stream"
+    with replicas_survive(serve_app, serve_url), ws_connect(url, open_timeout=TIMEOUT,
+                                                            max_size=None) as ws:
         sent = [(b"not a jpeg", 400), ("a text message", 415),
                 (astronaut_jpeg[:3000], 400), (png_header_only(30_000, 30_000), 413),
                 (b"\xff\xd8" + b"\0" * (MAX_BODY + 10), 413), (astronaut_jpeg, 200)]
@@ -409,13 +389,7 @@ def test_stream_answers_bad_frames_and_stays_open(serve_url, astronaut_jpeg):
                 assert result["status"] == status and result["error"], result
 
 
-def test_no_bad_input_killed_a_replica(serve_app, serve_url, replica_pids):
-    after = {name: {p.pid for p in replica_processes(serve_app, name)} for name in replica_pids}
-    assert after == replica_pids
-    assert requests.get(serve_url + "/healthz", timeout=TIMEOUT).status_code == 200
-
-
-def test_fuzzed_bytes_never_break_the_service(serve_url, astronaut_jpeg):
+def test_fuzzed_bytes_never_break_the_service(serve_app, serve_url, astronaut_jpeg):
     """Mutated JPEGs (bit flips, cuts, splices) with assorted content types: 200/400/413/415."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -444,9 +418,9 @@ def test_fuzzed_bytes_never_break_the_service(serve_url, astronaut_jpeg):
         assert r.status_code in (200, 400, 413), r.text[:300]
         assert "faces" in r.json() if r.status_code == 200 else r.json()["error"]
 
-    check()
+    with replicas_survive(serve_app, serve_url):
+        check()
     print(f"\nfuzzed /predict: {dict(seen)}")
-    assert requests.get(serve_url + "/healthz", timeout=TIMEOUT).status_code == 200
 
 
 # -- overload, load and faults ---------------------------------------------------------------------
@@ -500,37 +474,42 @@ def test_killed_detector_replicas_recover_by_themselves(serve_app, serve_url, fr
     """SIGKILL every Detector replica process under load; Serve starts new ones unaided."""
     victims = replica_processes(serve_app, "Detector")
     assert victims
+    before = replica_pids(serve_app)
     stop = threading.Event()
     results: list[Outcome] = []
     worker = threading.Thread(target=load, args=(serve_url, frames_640x480, 8, 300, stop),
                               kwargs={"timeout": 300, "outcomes": results})
     worker.start()
     try:
-        time.sleep(3)
+        wait_until(lambda: any(o.status == 200 for o in results), 120,
+                   what="a first answer under load")
         killed_at = time.monotonic()
         for proc in victims:
             proc.kill()
         killed = {proc.pid for proc in victims}
-        # Recovered: a request that began after the kill succeeded, and as many Detector
-        # replicas as were killed are running again. Then a little more load, to see it stays.
-        deadline, replaced_at = killed_at + 280, None
-        while time.monotonic() < deadline:
-            fresh = [r for r in ready_replicas(serve_app, "Detector") if r.pid not in killed]
-            if replaced_at is None and len(fresh) == len(victims):
-                replaced_at = time.monotonic()
-            if replaced_at and any(o.status == 200 and o.started > killed_at for o in results):
-                break
-            time.sleep(0.5)
-        time.sleep(5)
+        # Recovered: as many Detector replicas as were killed are running again (new PIDs, past
+        # their constructor), and a request that began after the kill succeeded.
+        wait_until(lambda: len([r for r in ready_replicas(serve_app, "Detector")
+                                if r.pid not in killed]) == len(victims), 280,
+                   what="new Detector replicas after the kill")
+        replaced_at = time.monotonic()
+        wait_until(lambda: any(o.status == 200 and o.started > killed_at for o in results),
+                   max(1.0, killed_at + 280 - time.monotonic()),
+                   what="a successful request after the kill")
+        # Then more load, to see it stays: 8 more answers to requests begun after recovery.
+        wait_until(lambda: sum(o.started > replaced_at for o in results) >= 8, 120,
+                   what="8 more answers after the recovery")
     finally:
         stop.set()
         worker.join()
     after_kill = [o for o in results if o.ended > killed_at]
     failed = [o for o in after_kill if o.status != 200]
     recovered = [o.ended for o in after_kill if o.status == 200 and o.started > killed_at]
-    assert recovered, f"no successful request in 280 s after the kill: {summary(after_kill)}"
-    assert replaced_at, "the killed Detector replicas were not replaced in 280 s"
     new = replica_processes(serve_app, "Detector")
+    after = replica_pids(serve_app)
+    # What replicas_survive relies on: a killed replica shows as changed PIDs.
+    assert after["Detector"] != before["Detector"] and after["Detector"].isdisjoint(killed)
+    assert len(after["Detector"]) == len(before["Detector"])
     print(f"\nfault: killed Detector pids {[p.pid for p in victims]} under 8 clients; "
           f"{len(failed)} of {len(after_kill)} requests after the kill failed "
           f"({dict(Counter(o.status for o in failed))}); first success "
