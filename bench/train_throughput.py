@@ -7,6 +7,7 @@ bounded. Not a test: it prints a table.
 
     nice -n 5 uv run python bench/train_throughput.py            # ../shared UTKFace, 2 CPUs
     uv run python bench/train_throughput.py --stage head --steps 20
+    uv run python bench/train_throughput.py --precisions fp32 bf16   # the default: both
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
 
 
-def make_config(args, workers: int, threads: int, storage: str, name: str):
+def make_config(args, workers: int, threads: int, storage: str, name: str,
+                precision: str = "auto"):
     from faceage.config import load_config
 
     stage = "all" if args.stage == "all" else 0
@@ -36,7 +38,7 @@ def make_config(args, workers: int, threads: int, storage: str, name: str):
         f"train.batch_size={args.batch}", f"train.max_steps_per_epoch={args.steps}",
         f"schedule.stages=[{{name: {args.stage}, train: {stage}, epochs: {args.epochs}}}]",
         f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads}",
-        "train.ray_log_level=WARNING",
+        "train.ray_log_level=WARNING", f"train.precision={precision}",
     ])
 
 
@@ -96,35 +98,55 @@ def main() -> int:
     p.add_argument("--stage", choices=["all", "head"], default="all",
                    help="all: the whole network learns; head: the backbone is frozen")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs to use")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                   choices=["auto", "fp32", "bf16", "fp16"],
+                   help="train.precision of each row (bf16 is fast only with native bf16)")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"data folder not found: {args.data} (pass --data)")
 
     import ray
 
+    from faceage.loop import autocast_dtype
+
+    def dtype_name(precision: str) -> str:
+        import torch
+
+        dtype = autocast_dtype(precision, torch.device("cpu"))
+        return str(dtype or torch.float32).replace("torch.", "")
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="faceage-bench-") as storage:
-        start = time.perf_counter()
-        res = plain_loop(make_config(args, 1, args.cpus, storage, "plain"), args.cpus)
-        rows.append(("plain PyTorch", 1, args.cpus, res, time.perf_counter() - start))
+        # Precisions alternate within each loop kind, so a ratio between them holds even when
+        # the machine's load drifts during the run.
+        for precision in args.precisions:
+            start = time.perf_counter()
+            res = plain_loop(make_config(args, 1, args.cpus, storage, "plain", precision),
+                             args.cpus)
+            rows.append(("plain PyTorch", dtype_name(precision), 1, args.cpus, res,
+                         time.perf_counter() - start))
         start_ray(None, num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         for workers in (1, 2):
             threads = max(1, args.cpus // workers)
-            start = time.perf_counter()
-            res = ray_loop(make_config(args, workers, threads, storage, f"ray{workers}"))
-            rows.append(("Ray Train (DDP)" if workers > 1 else "Ray Train", workers, threads,
-                         res, time.perf_counter() - start))
+            for precision in args.precisions:
+                start = time.perf_counter()
+                res = ray_loop(make_config(args, workers, threads, storage,
+                                           f"ray{workers}-{precision}", precision))
+                rows.append(("Ray Train (DDP)" if workers > 1 else "Ray Train",
+                             dtype_name(precision), workers, threads, res,
+                             time.perf_counter() - start))
         ray.shutdown()
 
     load = os.getloadavg()[0]
     print(f"\nmobilenet_v2 @ {args.size}px, stage '{args.stage}', batch {args.batch}/worker, "
           f"{args.steps} steps x {args.epochs} epochs (last reported), {args.cpus} CPUs, "
           f"load average {load:.1f}")
-    print("| loop | workers x threads | images/s | vs plain | data share | wall s |")
-    print("|---|---|---:|---:|---:|---:|")
-    base = rows[0][3]["images_per_s"]
-    for name, workers, threads, res, wall in rows:
-        print(f"| {name} | {workers} x {threads} | {res['images_per_s']:.1f} | "
+    print("| loop | precision | workers x threads | images/s | vs plain (first precision) "
+          "| data share | wall s |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    base = rows[0][4]["images_per_s"]
+    for name, precision, workers, threads, res, wall in rows:
+        print(f"| {name} | {precision} | {workers} x {threads} | {res['images_per_s']:.1f} | "
               f"{res['images_per_s'] / base:.2f} | {res['data_share']:.0%} | {wall:.0f} |")
     return 0
 
