@@ -31,9 +31,36 @@ class SplitConfig(_Strict):
         return self
 
 
+class SourceConfig(_Strict):
+    """One data source of a run (``data.sources``): where its labelled faces come from.
+
+    ``format``: ``utkface`` (chips named AGE_GENDER_RACE_DATETIME.jpg.chip.jpg), ``aaf``
+    (All-Age-Faces photos named NNNNNAaa.jpg) or ``csv`` (a manifest with ``path,age`` and
+    optional ``gender,group`` columns). ``prepared: true`` says ``path`` is a ``faceage prepare``
+    output folder; raw ``aaf`` and ``csv`` sources are prepared (MTCNN + the crop policy) once
+    and cached, raw ``utkface`` chips are used as they are. ``weight`` multiplies the chance of
+    each of the source's images being drawn relative to other sources' (all equal: every
+    training image once per epoch, as with one source).
+    """
+
+    format: str  # checked by faceage.sources with a message naming the source
+    path: str
+    prepared: bool = False
+    weight: float = Field(1.0, gt=0.0)
+    name: str | None = None
+    limit: int | None = Field(None, ge=1, description="at most this many images (default "
+                                                      "data.limit)")
+
+
 class DataConfig(_Strict):
-    format: Literal["utkface", "manifest", "prepared"] = "utkface"
+    # One source, as before ``sources`` existed: ``format`` + ``path`` (+ ``limit``).
+    format: Literal["utkface", "manifest", "prepared", "aaf", "csv"] = "utkface"
     path: str = "../shared/data/utkface"
+    sources: list[SourceConfig] | None = Field(
+        None, description="several data sources (replaces format/path); see SourceConfig")
+    prepared_dir: str | None = Field(
+        None, description="where raw aaf/csv sources are prepared once and reused "
+                          "(default ~/.cache/faceage/prepared)")
     split: SplitConfig = SplitConfig()
     # The built-in defaults are the README's quick start (a few minutes on two cores); recipes
     # such as configs/train.yaml set ``limit: null`` to use every image.
@@ -44,6 +71,16 @@ class DataConfig(_Strict):
         None, description="where decoded images are cached (default ~/.cache/faceage/decoded)"
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> DataConfig:
+        # Saved configs carry every key, so only values other than the defaults conflict.
+        defaults = {k: DataConfig.model_fields[k].default for k in ("format", "path")}
+        if self.sources is not None and any(getattr(self, k) != v for k, v in defaults.items()):
+            raise ValueError("give either data.sources or data.format/data.path, not both")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources is empty: list at least one source")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -165,8 +202,12 @@ class Config(_Strict):
 
         out = self.model_copy(deep=True)
         out.storage_path = fix(out.storage_path)
-        out.data.path = fix(out.data.path)
+        if out.data.sources is None:
+            out.data.path = fix(out.data.path)
         out.data.cache_dir = fix(out.data.cache_dir)
+        out.data.prepared_dir = fix(out.data.prepared_dir)
+        for src in out.data.sources or []:
+            src.path = fix(src.path)
         out.model.weights_dir = fix(out.model.weights_dir)
         if out.model.pretrained not in ("imagenet", "none"):
             out.model.pretrained = fix(out.model.pretrained)

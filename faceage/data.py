@@ -411,7 +411,15 @@ class PreparedData:
             "train_age_mean": float(train["age"].mean()) if len(train) else None,
             "train_age_std": float(train["age"].std()) if len(train) > 1 else None,
             "skipped": {k: len(v) for k, v in self.report.skipped.items()},
+            **({"sources": _source_counts(self.table)} if "source" in self.table.columns
+               else {}),
         }
+
+
+def _source_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
+    from faceage.sources import source_counts
+
+    return source_counts(table)
 
 
 def read_split(cfg: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
@@ -432,10 +440,11 @@ def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_si
         report.skip("unreadable or truncated files", path)
     df = df[cache.valid].reset_index(drop=True)
     report.kept = len(df)
+    where = cfg.path if cfg.sources is None else "data.sources"
     if df.empty:
-        raise UserError(f"none of the images in {cfg.path} could be read")
+        raise UserError(f"none of the images in {where} could be read")
     if (df["split"] == "train").sum() == 0:
-        raise UserError(f"no images fell into the training split of {cfg.path}; add more data")
+        raise UserError(f"no images fell into the training split of {where}; add more data")
     return PreparedData(df, cache, report)
 
 

@@ -144,6 +144,13 @@ def default_report_path(model_path: Path, data: str, detect: bool, split: str) -
 
 def run_evaluate(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
+    data_args = args.data if isinstance(args.data, list) else [args.data] if args.data else []
+    if args.config or len(data_args) > 1 or any(_prefixed(d) for d in data_args):
+        return run_evaluate_sources(args, data_args, out)
+    if not data_args:
+        raise UserError("give --data (a data folder or CSV) or --config (a training config "
+                        "with data.sources)")
+    args.data = data_args[0]
     from faceage.data import read_dataset
     from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
     from faceage.plots import prediction_report
@@ -191,8 +198,150 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
     return 0
 
 
+# -- several sources ------------------------------------------------------------------------------
+
+
+def _prefixed(item: str) -> bool:
+    from faceage.sources import SOURCE_FORMATS
+
+    fmt, sep, _ = item.partition(":")
+    return bool(sep) and fmt in SOURCE_FORMATS
+
+
+def evaluation_sources(args: argparse.Namespace, data_args: list[str]):
+    """The sources to evaluate: a training config's ``data`` or ``--data [FORMAT:]PATH`` items
+    (``--format`` for those without a prefix), and the DataConfig they are read with."""
+    from faceage.config import SourceConfig, load_config
+
+    if args.config:
+        if data_args:
+            raise UserError("give --config or --data, not both")
+        data = load_config(args.config).with_absolute_paths().data
+    else:
+        items = []
+        for d in data_args:
+            fmt, path = d.split(":", 1) if _prefixed(d) else (args.format, d)
+            if fmt == "manifest":
+                fmt = "csv"
+            if fmt == "prepared":
+                items.append(SourceConfig(format="utkface", path=path, prepared=True,
+                                          name=Path(path.rstrip("/")).name or None))
+            else:
+                items.append(SourceConfig(format=fmt, path=path))
+        data = DataConfig(sources=items)
+    data.limit = args.limit
+    return data
+
+
+def summarise_sources(preds: pd.DataFrame, names: list[str]) -> dict[str, Any]:
+    """``summarise`` per source and for the whole, with MAE by gender and by group."""
+
+    def one(rows: pd.DataFrame) -> dict[str, Any]:
+        base = summarise(rows)
+        ok = rows[rows["status"] == "ok"]
+        for key, col in (("mae_by_gender", "gender_name"), ("mae_by_group", "group")):
+            known = ok[(ok[col] != "") & (ok[col] != "unknown")]
+            base[key] = (mae_by(known["pred"].to_numpy(), known["age"].to_numpy(),
+                                known[col].to_numpy()) if len(known) else {})
+        return base
+
+    return {"sources": {n: one(preds[preds["source"] == n]) for n in names},
+            "all": one(preds)}
+
+
+def format_sources_table(report: dict[str, Any]) -> str:
+    names = list(report["sources"])
+    cols = [*names, "all"]
+    blocks = {**report["sources"], "all": report["all"]}
+    width = max(10, *(len(c) for c in cols)) + 2
+    head = " " * 10 + "".join(f"{c:>{width}}" for c in cols)
+    lines = [f"model   {report['model']['name']} {report['model']['version']}",
+             f"split   {report['split']}{', TTA' if report['tta'] else ''}", "", head]
+
+    def row(label: str, get) -> str:
+        return f"{label:<10}" + "".join(f"{get(blocks[c]):>{width}}" for c in cols)
+
+    lines.append(row("images", lambda b: str(b["images"])))
+    lines.append(row("evaluated", lambda b: str(b["evaluated"])))
+    lines.append(row("no face", lambda b: str(b["no_face"])))
+    lines.append(row("MAE", lambda b: f"{b['metrics']['mae']:.2f}"))
+    lines.append(row("RMSE", lambda b: f"{b['metrics']['rmse']:.2f}"))
+    lines.append(row("CS@5", lambda b: f"{b['metrics']['cs5']:.1%}"))
+    for key, title in (("mae_by_decade", "decade"), ("mae_by_gender", "gender"),
+                       ("mae_by_group", "group")):
+        keys = list(dict.fromkeys(k for c in cols for k in blocks[c].get(key, {})))
+        if not keys:
+            continue
+        lines += ["", f"MAE by {title}"]
+        for k in keys:
+            lines.append(row(k[:10], lambda b, k=k, key=key: (
+                f"{b[key][k]['mae']:.2f} ({b[key][k]['n']})" if k in b.get(key, {}) else "-")))
+    return "\n".join(lines)
+
+
+def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) -> int:
+    """``faceage evaluate`` over several sources: each source's rows evaluated (raw AAF/CSV
+    photos detected and aligned by the model's crop policy), reported per source and whole."""
+    from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
+    from faceage.sources import read_sources
+
+    model = load_model_file(args.model)
+    model_path = Path(args.model) if args.model else DEFAULT_MODEL_PATH
+    data = evaluation_sources(args, data_args)
+    # The model's own split settings decide which images are val/test.
+    raw = ((model.metadata.get("config") or {}).get("data") or {}).get("split")
+    if raw:
+        data.split = SplitConfig(**raw)
+    table, load_report, specs = read_sources(data)
+    if args.split != "all":
+        table = table[table["split"] == args.split].reset_index(drop=True)
+    started = time.perf_counter()
+    parts = []
+    for spec in specs:
+        rows = table[table["source"] == spec.name].reset_index(drop=True)
+        if rows.empty:
+            raise UserError(f"{spec.label()}: no images of split {args.split!r}")
+        preds = evaluate_model(model, rows[["path", "age"]], detect=args.detect or
+                               spec.needs_prepare, tta=args.tta, progress=not args.json)
+        preds["source"] = spec.name
+        preds["gender_name"] = rows["gender"].to_numpy()
+        preds["group"] = rows["group"].to_numpy()
+        parts.append(preds)
+    preds = pd.concat(parts, ignore_index=True)
+    names = [s.name for s in specs]
+    summary = summarise_sources(preds, names)
+    if summary["all"]["evaluated"] == 0:
+        raise UserError("no image of these sources could be evaluated")
+    report = {
+        "model": {"name": model.name, "version": model.version, "path": str(model_path)},
+        "data": {"sources": [{**s.describe(), "detect": bool(args.detect or s.needs_prepare)}
+                             for s in specs],
+                 "skipped_when_reading": {k: len(v) for k, v in load_report.skipped.items()}},
+        "split": args.split, "tta": bool(args.tta), "crop_policy": model.crop_policy,
+        **summary, "metrics": summary["all"]["metrics"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    name = Path(args.config).stem if args.config else "-".join(names)
+    path = Path(args.report) if args.report else Path("runs") / "evaluate" / (
+        f"{model_path.stem}-{name}" + ("" if args.split == "all" else f"-{args.split}") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report["report"], report["predictions"] = str(path), str(path.with_suffix(".csv"))
+    path.write_text(json.dumps(report, indent=2))
+    preds.rename(columns={"gender": "gender_code", "gender_name": "gender"}).drop(
+        columns=["gender_code", "race"]).to_csv(path.with_suffix(".csv"), index=False)
+    if args.json:
+        print(json.dumps(report), file=out)
+    else:
+        print(format_sources_table(report), file=out)
+        print(f"\nreport: {path}\npredictions: {path.with_suffix('.csv')}", file=out)
+    return 0
+
+
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="UTKFace folder or CSV manifest (path,age)")
+    p.add_argument("--data", action="append",
+                   help="UTKFace folder or CSV manifest (path,age); repeat it, as "
+                        "FORMAT:PATH (utkface, aaf, csv), to report several sources")
+    p.add_argument("--config", help="a training config: evaluate its data sources")
     p.add_argument("--format", choices=("utkface", "manifest", "prepared"), default="utkface")
     p.add_argument("--model", help="model file (default: the shipped models/faceage-default.pt)")
     p.add_argument("--detect", action="store_true",

@@ -17,12 +17,28 @@ from faceage.worker import METRIC, load_checkpoint
 
 def data_crop_policy(cfg: Config) -> dict:
     """How the training images were framed; inference crops faces the same way."""
+    if cfg.data.sources is not None:
+        from faceage.sources import prepared_crop_policy
+
+        return prepared_crop_policy(cfg.data) or {"name": "utkface-chip"}
     if cfg.data.format == "prepared":
         idx = Path(cfg.data.path)
         meta_path = (idx if idx.is_dir() else idx.parent) / "prepare.json"
         if meta_path.is_file():
             return json.loads(meta_path.read_text())["crop_policy"]
     return {"name": "utkface-chip"}
+
+
+def data_metadata(cfg: Config, summary: dict) -> dict:
+    """The model file's ``data``: the summary, plus each source (name, format, path, counts)."""
+    from faceage.sources import resolve_sources
+
+    counts = summary.get("sources", {})
+    sources = [{**s.describe(), **counts.get(s.name, {})} for s in resolve_sources(cfg.data)]
+    first = sources[0]
+    return {"format": first["format"] if len(sources) == 1 else "sources",
+            "path": first["path"] if len(sources) == 1 else None,
+            "split": cfg.data.split.model_dump(), **summary, "sources": sources}
 
 
 def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
@@ -45,9 +61,10 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
         "name": f"faceage-{cfg.model.backbone}",
         "preprocessing": preprocessing_metadata(cfg.model.input_size),
         "crop_policy": data_crop_policy(cfg),
-        "data": {"format": cfg.data.format, "path": cfg.data.path,
-                 "split": cfg.data.split.model_dump(), **latest.get("data_summary", {})},
-        "metrics": {k: best_metrics[k] for k in ("val_mae", "val_rmse", "val_cs5", "epoch")},
+        "data": data_metadata(cfg, latest.get("data_summary", {})),
+        "metrics": {k: v for k, v in best_metrics.items()
+                    if k in ("val_mae", "val_rmse", "val_cs5", "epoch", "val_mae_all")
+                    or k.startswith("val_mae/")},
         "config": cfg.to_dict(),
     }
     path = save_model_file(model, run_dir / "model.pt", metadata)
@@ -71,12 +88,22 @@ def write_summary(cfg: Config, run_dir: Path, model_path: Path, best: dict, late
 
 
 def summary_table(history: list[dict], best_epoch: int) -> str:
-    """One line per epoch, the best marked with ``*``."""
-    lines = ["epoch  stage       train_loss  val_MAE  val_RMSE  CS@5    img/s",
-             "-----  ----------  ----------  -------  --------  ------  -----"]
+    """One line per epoch, the best marked with ``*``; with several sources, a val MAE column
+    per source and the pooled one (val_MAE is their mean, the selection metric)."""
+    names = [k.split("/", 1)[1] for k in (history[0] if history else {})
+             if k.startswith("val_mae/")]
+    names = names if len(names) > 1 else []
+    extra = "".join(f"  {n[:12]:>12}" for n in [*names, "all"][: len(names) + bool(names)])
+    lines = ["epoch  stage       train_loss  val_MAE" + extra + "  val_RMSE  CS@5    img/s",
+             "-----  ----------  ----------  -------" + "  ------------" * (len(names)
+                                                                         + bool(names))
+             + "  --------  ------  -----"]
     for h in history:
         mark = " *" if h["epoch"] == best_epoch else ""
+        cols = "".join(f"  {h.get(f'val_mae/{n}', float('nan')):>12.2f}" for n in names)
+        if names:
+            cols += f"  {h.get('val_mae_all', float('nan')):>12.2f}"
         lines.append(f"{h['epoch'] + 1:>5}  {h['stage_name']:<10}  {h['train_loss']:>10.3f}  "
-                     f"{h['val_mae']:>7.2f}  {h['val_rmse']:>8.2f}  {h['val_cs5']:>6.1%}  "
+                     f"{h['val_mae']:>7.2f}{cols}  {h['val_rmse']:>8.2f}  {h['val_cs5']:>6.1%}  "
                      f"{h['images_per_s']:>5.0f}{mark}")
     return "\n".join(lines)

@@ -16,10 +16,11 @@ import pandas as pd
 import yaml
 
 from faceage.config import Config
-from faceage.data import LoadReport, PreparedData, decode_table, read_split
+from faceage.data import LoadReport, PreparedData, decode_table
 from faceage.errors import UserError
 from faceage.models import build_model
 from faceage.schedule import UnfreezeSchedule
+from faceage.sources import SourceSpec, prepare_raw_sources, read_sources
 
 
 def _ray_job_working_dir() -> str | None:
@@ -73,7 +74,7 @@ def check_resume_compatible(cfg: Config, run_dir: Path) -> bool:
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = (yaml.safe_load(saved.read_text()) or {}).get("model") or {}
-        for key in ("backbone", "head_hidden", "input_size"):
+        for key in ("backbone", "head_hidden", "input_size", "uncertainty"):
             if key in old and old[key] != getattr(cfg.model, key):
                 raise UserError(
                     f"run {cfg.name!r} in {run_dir} was trained with model.{key}={old[key]!r}, "
@@ -87,24 +88,33 @@ def check_split_counts(cfg: Config, table: pd.DataFrame) -> None:
     counts = table["split"].value_counts()
     n_train, n_val = int(counts.get("train", 0)), int(counts.get("val", 0))
     per_step = cfg.train.batch_size * cfg.scaling.num_workers
+    where = cfg.data.path if cfg.data.sources is None else "data.sources"
     if n_train < per_step:
         raise UserError(
-            f"{cfg.data.path}: {n_train} training images are fewer than one step needs "
+            f"{where}: {n_train} training images are fewer than one step needs "
             f"(train.batch_size {cfg.train.batch_size} x {cfg.scaling.num_workers} workers); "
             "lower train.batch_size or add data")
     if n_val == 0:
-        raise UserError(f"{cfg.data.path}: no images fell into the validation split "
+        raise UserError(f"{where}: no images fell into the validation split "
                         f"(data.split.val={cfg.data.split.val}); raise it or add data")
+    if "source" in table.columns and cfg.data.sources is not None:
+        # Every source is scored on its own validation images (val_mae averages them).
+        for name, rows in table.groupby("source", sort=False):
+            if not (rows["split"] == "val").any():
+                raise UserError(f"data source {name!r}: none of its {len(rows)} images fell "
+                                f"into the validation split (data.split.val="
+                                f"{cfg.data.split.val}); raise its limit or data.split.val")
 
 
 @dataclass
 class Preflight:
     """What the driver learnt before starting workers."""
 
-    table: pd.DataFrame  # path, age, gender, race, split
+    table: pd.DataFrame  # faceage.sources.TABLE_COLUMNS
     report: LoadReport
     group_names: list[str]
     resuming: bool
+    sources: list[SourceSpec] | None = None
 
 
 def preflight(cfg: Config) -> Preflight:
@@ -120,7 +130,7 @@ def preflight(cfg: Config) -> Preflight:
     model = build_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden,
                         cfg.model.dropout, cfg.model.weights_dir)
     UnfreezeSchedule(cfg.schedule, model.group_names(), steps_per_epoch=1)
-    df, report = read_split(cfg.data)
+    df, report, sources = read_sources(cfg.data)
     check_split_counts(cfg, df)
     run_dir = cfg.run_dir()
     try:
@@ -128,13 +138,15 @@ def preflight(cfg: Config) -> Preflight:
     except OSError as exc:
         raise UserError(f"cannot create the run folder {run_dir}: {exc}") from None
     resuming = check_resume_compatible(cfg, run_dir)
-    return Preflight(df, report, model.group_names(), resuming)
+    return Preflight(df, report, model.group_names(), resuming, sources)
 
 
 def load_data(cfg: Config, checked: Preflight, progress: bool = True) -> PreparedData:
-    """Decode the checked table once (the cache is shared per node); unreadable files are
-    dropped, so the table that comes back is exactly what trains."""
-    data = decode_table(checked.table, checked.report, cfg.data, cfg.model.input_size, progress)
+    """Prepare raw AAF/CSV sources (once, cached) and decode the checked table once (the cache
+    is shared per node); faceless and unreadable images are dropped, so the table that comes
+    back is exactly what trains."""
+    table = prepare_raw_sources(checked.table, cfg.data, checked.report)
+    data = decode_table(table, checked.report, cfg.data, cfg.model.input_size, progress)
     check_split_counts(cfg, data.table)
     return data
 

@@ -24,8 +24,8 @@ from faceage.config import DataConfig
 from faceage.errors import UserError
 from faceage.vision import CropPolicy, DetectorConfig
 
-INDEX_COLUMNS = ["source_path", "crop_path", "age", "gender", "race", "status", "faces", "score",
-                 "x1", "y1", "x2", "y2", "error"]
+INDEX_COLUMNS = ["source_path", "crop_path", "age", "gender", "race", "group", "status", "faces",
+                 "score", "x1", "y1", "x2", "y2", "error"]
 DEFAULT_CROP_SIZE = 200  # the UTKFace chip size; training resizes from here
 
 
@@ -66,6 +66,7 @@ class DetectAlignCrops:
         rows = []
         for rec in batch.to_dict("records"):
             row: dict[str, Any] = {c: rec.get(c) for c in ("source_path", "age", "gender", "race")}
+            row["group"] = rec.get("group") or ""
             # Empty strings, not None: every block then has the same Arrow schema.
             row.update(crop_path="", status="ok", faces=0, score=np.nan, x1=np.nan,
                        y1=np.nan, x2=np.nan, y2=np.nan, error="")
@@ -134,17 +135,54 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
                 no_face: str = "skip", batch_size: int = 16,
                 local: bool = False) -> dict[str, Any]:
     """Prepare ``data`` into ``out`` with Ray Data (or in this process); returns a summary."""
-    policy = policy or CropPolicy()
-    detector = detector or DetectorConfig()
-    from faceage.data import read_dataset  # torch comes with it: keep `faceage --help` fast
+    # torch comes with these: keep `faceage --help` fast
+    from faceage.data import UTKFACE_RACES, read_dataset
+    from faceage.sources import GENDER_CODES, read_aaf
 
-    df, load_report = read_dataset(DataConfig(format=fmt, path=data, limit=limit))
-    out_dir = Path(out).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt in ("aaf", "csv"):
+        if fmt == "aaf":
+            df, load_report = read_aaf(data)
+            df["gender"] = [GENDER_CODES.get(g, -1) for g in df["gender"]]
+            df["race"] = -1
+        else:
+            df, load_report = read_dataset(DataConfig(format="manifest", path=data, limit=None))
+            from faceage.sources import gender_name
+
+            df["gender"] = [GENDER_CODES.get(gender_name(g), -1) for g in df["gender"]]
+        if limit is not None and len(df) > limit:
+            from faceage.data import _unit_hash
+
+            order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
+            df = df.iloc[np.sort(order[:limit])].reset_index(drop=True)
+    else:
+        df, load_report = read_dataset(DataConfig(format=fmt, path=data, limit=limit))
+    if "group" not in df.columns:
+        races = pd.to_numeric(df["race"], errors="coerce").fillna(-1).astype(int)
+        df["group"] = [UTKFACE_RACES.get(r, "") for r in races]
+    df["group"] = df["group"].fillna("").astype(str)
     root = Path(data).expanduser().resolve()
     root = root if root.is_dir() else root.parent
-    table = df.rename(columns={"path": "source_path"})[["source_path", "age", "gender", "race"]]
+    table = df.rename(columns={"path": "source_path"})[["source_path", "age", "gender", "race",
+                                                          "group"]]
     table["source_path"] = [str(Path(p).resolve()) for p in table["source_path"]]
+    source = {"path": str(Path(data).expanduser().resolve()), "format": fmt, "limit": limit}
+    return prepare_table(table, root, out, source=source, size=size, policy=policy,
+                         detector=detector, workers=workers, no_face=no_face,
+                         batch_size=batch_size, local=local, load_report=load_report)
+
+
+def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: dict,
+                  size: int = DEFAULT_CROP_SIZE, policy: CropPolicy | None = None,
+                  detector: DetectorConfig | None = None, workers: int | None = None,
+                  no_face: str = "skip", batch_size: int = 16, local: bool = False,
+                  load_report=None) -> dict[str, Any]:
+    """Prepare the rows of ``table`` (``source_path, age, gender, race, group``) into ``out``:
+    the one prepare path of ``faceage prepare`` and of training's raw AAF/CSV sources."""
+    policy = policy or CropPolicy()
+    detector = detector or DetectorConfig()
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped = {k: len(v) for k, v in load_report.skipped.items()} if load_report else {}
 
     actor_kwargs = {"out_dir": str(out_dir), "root": str(root), "policy": policy.to_metadata(),
                     "size": size, "detector": detector.model_dump(mode="json"),
@@ -165,14 +203,14 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
         "no_face": int(counts.get("no-face", 0)),
         "unreadable": int(counts.get("unreadable", 0)),
         "several_faces": int((index["faces"] > 1).sum()),
-        "skipped_when_reading": {k: len(v) for k, v in load_report.skipped.items()},
+        "skipped_when_reading": skipped,
         "seconds": round(seconds, 1),
         "images_per_second": round(len(index) / max(seconds, 1e-9), 1),
         "workers": workers,
     }
     meta = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(Path(data).expanduser().resolve()), "format": fmt, "limit": limit},
+        "source": source,
         "crop_policy": policy.to_metadata(),
         "crop_size": size,
         "detector": detector.model_dump(mode="json"),
@@ -202,8 +240,10 @@ def run_prepare_command(args: argparse.Namespace, out=None) -> int:
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="UTKFace folder or CSV manifest (path,age)")
-    p.add_argument("--format", choices=("utkface", "manifest"), default="utkface")
+    p.add_argument("--data", required=True,
+                   help="UTKFace or AAF folder, or CSV manifest (path,age[,gender,group])")
+    p.add_argument("--format", choices=("utkface", "aaf", "csv", "manifest"), default="utkface",
+                   help="csv and manifest are the same CSV reader")
     p.add_argument("--out", required=True, help="output folder for crops/, index.csv, "
                                                 "prepare.json")
     p.add_argument("--limit", type=int, help="prepare a stable subset of this many images")

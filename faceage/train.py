@@ -131,16 +131,22 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
         print(f"[faceage] {run_dir} has checkpoints of an earlier run: resuming it "
               "(choose another name or delete the folder to start over)")
     save_config(cfg, run_dir / "config.yaml")
-    # Read, split and decoded once, here: split.csv is the table the workers train on.
-    data = load_data(cfg, checked)
-    data.table[["path", "age", "split"]].to_csv(run_dir / "split.csv", index=False)
-    counts = data.summary()
-    print(f"[faceage] data: {data.report.summary()}")
-    print(f"[faceage] split: train {counts['train']}, val {counts['val']}, "
-          f"test {counts['test']} (seed {cfg.data.split.seed})")
 
     started = time.time()
     with ray_for_run(cfg):
+        # Read, split, prepared and decoded once, here (raw AAF/CSV sources go through Ray
+        # Data's prepare the first time): split.csv is the table the workers train on.
+        data = load_data(cfg, checked)
+        data.table[["path", "age", "split", "source", "gender", "group"]].to_csv(
+            run_dir / "split.csv", index=False)
+        counts = data.summary()
+        print(f"[faceage] data: {data.report.summary()}")
+        print(f"[faceage] split: train {counts['train']}, val {counts['val']}, "
+              f"test {counts['test']} (seed {cfg.data.split.seed})")
+        if len(counts.get("sources", {})) > 1:
+            print("[faceage] sources: " + "; ".join(
+                f"{name} train {c['train']}, val {c['val']}, test {c['test']}"
+                for name, c in counts["sources"].items()))
         try:
             result = build_trainer(cfg, data, callbacks).fit()
         except TrainingFailedError as exc:
@@ -154,6 +160,10 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
         print(f"resumed at epoch {r['epoch'] + 1} "
               f"({'optimizer state restored' if r['optimizer_restored'] else 'new stage'})")
     print(f"\nbest val MAE {best['val_mae']:.2f} at epoch {best['epoch'] + 1}; {wall:.0f}s")
+    if "val_interval_width" in best:
+        print(f"age interval (80 %, calibrated on the val split): covers "
+              f"{best['val_interval_coverage']:.1%} of val faces, mean width "
+              f"{best['val_interval_width']:.1f} years")
     print(f"model:  {model_path}\ncurves: {curves}\nrun:    {run_dir}")
     return TrainOutcome(run_dir, model_path, best, history, resumes)
 

@@ -29,9 +29,9 @@ from faceage.loop import (
     sum_across,
     train_one_epoch,
 )
-from faceage.metrics import regression_metrics
 from faceage.models import AgeRegressor, build_model
 from faceage.schedule import Stage, UnfreezeSchedule
+from faceage.sources import resolve_sources, source_column, source_val_metrics, train_sampler
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "faceage-checkpoint"
@@ -83,8 +83,10 @@ def _loaders(data: PreparedData, cfg: Config, rank: int, world: int, device: tor
     train_ds = make_dataset(data, "train")
     val_ds = make_dataset(data, "val")
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    # Equal source weights: DistributedSampler, every image once per epoch; else weighted draws.
+    weights = {s.name: s.weight for s in resolve_sources(cfg.data)}
+    sampler = train_sampler(train_ds, source_column(data.subset("train"), cfg.data), weights,
+                            world, rank, cfg.seed)
     loader_args = dict(num_workers=cfg.data.loader_workers,
                        persistent_workers=cfg.data.loader_workers > 0,
                        pin_memory=device.type == "cuda")
@@ -122,6 +124,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     summary = shipped["summary"]
     sampler, loader, val_loader = _loaders(data, cfg, rank, world, device)
     val_true = gather(data.subset("val")["age"].to_numpy()[rank::world], world)
+    val_sources = gather(source_column(data.subset("val"), cfg.data)[rank::world], world)
+    source_names = [s.name for s in resolve_sources(cfg.data)]
     steps = len(loader)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -196,22 +200,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         check_replicas_agree(model, world)
         share_buffers(model, world)
         preds = gather(predict(model, val_loader, ctx, val_transform, cfg.train.eval_tta), world)
-        val = regression_metrics(preds, val_true)
-        schedule.end_epoch(epoch, val["mae"])
+        val = source_val_metrics(preds, val_true, val_sources, source_names)
+        schedule.end_epoch(epoch, val["val_mae"])
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
         metrics = {
             "epoch": epoch, "stage": stage.index, "stage_name": stage.name,
             "train_loss": loss_sum / max(images, 1), "train_mae": abs_sum / max(images, 1),
-            "val_mae": val["mae"], "val_rmse": val["rmse"], "val_cs5": val["cs5"],
-            "val_images": val["n"], "train_images": int(images),
+            **val, "train_images": int(images),
             "images_per_s": images / max(stats["seconds"], 1e-9),
             "epoch_seconds": stats["seconds"],
             "data_share": stats["data_seconds"] / max(stats["seconds"], 1e-9), **lrs,
         }
         history.append(metrics)
         out(f"[faceage] epoch {epoch + 1}/{total} [{stage.name}] "
-            f"loss {metrics['train_loss']:.3f}  val MAE {val['mae']:.2f}  RMSE {val['rmse']:.2f}"
-            f"  CS@5 {val['cs5']:.1%}  | {metrics['images_per_s']:.0f} img/s, "
+            f"loss {metrics['train_loss']:.3f}  val MAE {val['val_mae']:.2f}"
+            + ("".join(f" [{n} {val[f'val_mae/{n}']:.2f}]" for n in source_names)
+               + f" all {val['val_mae_all']:.2f}" if len(source_names) > 1 else "")
+            + f"  RMSE {val['val_rmse']:.2f}"
+            f"  CS@5 {val['val_cs5']:.1%}  | {metrics['images_per_s']:.0f} img/s, "
             f"data {metrics['data_share']:.0%}, {stats['seconds']:.0f}s  "
             f"lr {max(lrs.values()):.1e}")
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,299 @@
+"""Several data sources (issue 12): reading and checking them, AAF names, CSV labels, weighted
+sampling, per-source splits and metrics, the prepare cache, and a multi-source Ray Train run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from faceage.config import DataConfig, SourceConfig, load_config
+from faceage.data import read_split
+from faceage.errors import UserError
+from faceage.sources import (
+    SourceWeightedSampler,
+    parse_aaf_name,
+    prepare_source,
+    read_aaf,
+    read_sources,
+    resolve_sources,
+    source_val_metrics,
+    train_sampler,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_aaf_images(folder: Path, names: list[str], size: int = 24) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((size, size, 3), i * 7 % 255, np.uint8)).save(folder / name)
+        out.append(folder / name)
+    return out
+
+
+def sources(*items: dict, **data) -> DataConfig:
+    return DataConfig(sources=[SourceConfig(**i) for i in items], limit=None, **data)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("00001A02.jpg", (2, "female")),
+    ("07380A30.jpg", (30, "female")),
+    ("07381A30.jpg", (30, "male")),
+    ("13322A80.JPG", (80, "male")),
+])
+def test_aaf_names_give_age_and_gender(name, expected):
+    assert parse_aaf_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["0001A02.jpg", "00001B02.jpg", "00001A00.jpg", "00001A2.jpg",
+                                  "00001A02.png", "25_0_1_2017.jpg.chip.jpg"])
+def test_aaf_names_that_do_not_parse(name):
+    assert parse_aaf_name(name) is None
+
+
+def test_read_aaf_counts_other_names(tmp_path):
+    write_aaf_images(tmp_path, ["00001A02.jpg", "08000A41.jpg", "holiday.jpg"])
+    df, report = read_aaf(tmp_path)
+    assert list(df["age"]) == [2.0, 41.0] and list(df["gender"]) == ["female", "male"]
+    assert set(df["group"]) == {"AAF"}
+    assert report.skipped == {"names not like NNNNNAaa.jpg": ["holiday.jpg"]}
+
+
+def test_rows_carry_source_age_gender_group(tmp_path, utkface_images):
+    utk = tmp_path / "utk"
+    utkface_images(utk, 6)
+    write_aaf_images(tmp_path / "aaf", ["00001A02.jpg", "08000A41.jpg"])
+    table, _, specs = read_sources(sources({"format": "utkface", "path": str(utk)},
+                                           {"format": "aaf", "path": str(tmp_path / "aaf")}))
+    assert [s.name for s in specs] == ["utkface", "aaf"]
+    assert list(table.columns) == ["path", "age", "gender", "group", "source", "origin", "split"]
+    assert set(table["source"]) == {"utkface", "aaf"}
+    utk_rows = table[table.source == "utkface"]
+    assert set(utk_rows["gender"]) <= {"male", "female"}
+    assert set(utk_rows["group"]) <= {"White", "Black", "Asian", "Indian", "Others"}
+    assert list(table[table.source == "aaf"]["group"]) == ["AAF", "AAF"]
+
+
+def test_csv_source_reads_gender_and_group(tmp_path, utkface_images):
+    paths = utkface_images(tmp_path / "img", 4)
+    csv = tmp_path / "faces.csv"
+    pd.DataFrame({"path": [p.name for p in paths], "age": [20, 30, 40, 50],
+                  "gender": ["F", "male", "", "woman"], "group": ["a", "b", None, "a"]}
+                 ).to_csv(csv, index=False)
+    (tmp_path / "img" / "faces.csv").write_text(csv.read_text())
+    table, _, specs = read_sources(sources({"format": "csv", "path": str(tmp_path / "img" /
+                                                                           "faces.csv")}))
+    assert specs[0].needs_prepare  # a raw csv source is detected and cropped before training
+    assert list(table["gender"]) == ["female", "male", "unknown", "female"]
+    assert list(table["group"]) == ["a", "b", "", "a"]
+    assert list(table["age"]) == [20.0, 30.0, 40.0, 50.0]
+
+
+def test_source_names_default_to_the_format_and_stay_unique(tmp_path):
+    specs = resolve_sources(sources({"format": "utkface", "path": "a"},
+                                    {"format": "utkface", "path": "b", "weight": 2},
+                                    {"format": "aaf", "path": "c", "name": "asian", "limit": 5}))
+    assert [s.name for s in specs] == ["utkface", "utkface-2", "asian"]
+    assert specs[1].weight == 2 and specs[2].limit == 5 and specs[0].limit is None
+
+
+def test_one_source_keys_work_as_before(tmp_path, utkface_images):
+    utkface_images(tmp_path, 30)
+    data = DataConfig(path=str(tmp_path), limit=20)
+    table, report, specs = read_sources(data)
+    before, before_report = read_split(data)
+    assert [s.name for s in specs] == ["utkface"] and specs[0].legacy
+    assert list(table["path"]) == list(before["path"])
+    assert list(table["split"]) == list(before["split"])
+    assert report.summary() == before_report.summary()
+    # configs/train.yaml is one source, read exactly so.
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
+    assert cfg.data.sources is None and [s.name for s in resolve_sources(cfg.data)] == ["utkface"]
+
+
+def test_split_of_a_source_does_not_depend_on_the_others(tmp_path, utkface_images):
+    utkface_images(tmp_path / "a", 40, seed=1)
+    utkface_images(tmp_path / "b", 40, seed=2)
+    alone, _, _ = read_sources(sources({"format": "utkface", "path": str(tmp_path / "a")}))
+    both, _, _ = read_sources(sources({"format": "utkface", "path": str(tmp_path / "a")},
+                                      {"format": "utkface", "path": str(tmp_path / "b")}))
+    a = both[both.source == "utkface"].reset_index(drop=True)
+    assert list(a["path"]) == list(alone["path"]) and list(a["split"]) == list(alone["split"])
+    again, _, _ = read_sources(sources({"format": "utkface", "path": str(tmp_path / "a")}))
+    assert list(again["split"]) == list(alone["split"])
+
+
+def _error(data: DataConfig) -> str:
+    with pytest.raises(UserError) as err:
+        read_sources(data)
+    return str(err.value)
+
+
+def test_source_errors_name_the_source_and_the_fix(tmp_path, utkface_images):
+    utk = tmp_path / "utk"
+    utkface_images(utk, 5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_aaf_images(tmp_path / "badnames", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+
+    msg = _error(sources({"format": "fer2013", "path": str(utk), "name": "fer"}))
+    assert "data.sources[0] ('fer'): unknown format 'fer2013'; use one of utkface, aaf, csv" in msg
+    msg = _error(sources({"format": "utkface", "path": str(utk)},
+                         {"format": "aaf", "path": str(tmp_path / "nowhere")}))
+    assert f"data source 'aaf' (aaf, {tmp_path / 'nowhere'}): AAF folder not found" in msg
+    assert "Fix data.sources" in msg
+    msg = _error(sources({"format": "aaf", "path": str(tmp_path / "badnames")}))
+    assert "no AAF images found" in msg and "4 images with other names (a.jpg, b.jpg, c.jpg)" in msg
+    assert "NNNNNAaa.jpg" in msg
+    msg = _error(sources({"format": "utkface", "path": str(empty), "name": "mine"}))
+    assert "data source 'mine' (utkface," in msg and "no UTKFace images found" in msg
+    msg = _error(sources({"format": "utkface", "path": str(utk)},
+                         {"format": "utkface", "path": str(utk) + "/"}))
+    assert "5 files are in more than one data source ('utkface', 'utkface-2')" in msg
+    assert "list each file in one source only" in msg
+    msg = _error(sources({"format": "utkface", "path": str(utk), "name": "x"},
+                         {"format": "aaf", "path": str(utk), "name": "x"}))
+    assert "the name 'x' is used by two sources" in msg
+    with pytest.raises(UserError, match="give either data.sources or data.format/data.path"):
+        load_config(None, [f"data.sources=[{{format: utkface, path: {utk}}}]",
+                           f"data.path={utk}"])
+    with pytest.raises(UserError, match="data.sources is empty"):
+        load_config(None, ["data.sources=[]"])
+
+
+def test_a_source_without_validation_images_is_refused(tmp_path, utkface_images):
+    from faceage.preflight import check_split_counts
+
+    cfg = load_config(None, [f"data.sources=[{{format: utkface, path: {tmp_path}}}, "
+                             f"{{format: aaf, path: {tmp_path}/b}}]", "train.batch_size=2"])
+    table = pd.DataFrame({"split": ["train"] * 4 + ["val", "train"],
+                          "source": ["utkface"] * 5 + ["aaf"]})
+    with pytest.raises(UserError, match="data source 'aaf': none of its 1 images fell into the "
+                                        "validation split"):
+        check_split_counts(cfg, table)
+
+
+def test_equal_weights_draw_every_image_once_per_epoch():
+    import torch
+
+    names = ["a"] * 10 + ["b"] * 6
+    sampler = train_sampler(list(range(16)), names, {"a": 2.0, "b": 2.0}, 1, 0, seed=0)
+    assert isinstance(sampler, torch.utils.data.DistributedSampler)
+    sampler.set_epoch(3)
+    assert sorted(sampler) == list(range(16))
+
+
+def test_weights_scale_each_images_draw_probability():
+    names = ["a"] * 1000 + ["b"] * 1000
+    sampler = train_sampler(list(range(2000)), names, {"a": 1.0, "b": 3.0}, 1, 0, seed=0)
+    assert isinstance(sampler, SourceWeightedSampler) and len(sampler) == 2000
+    counts = np.zeros(2)
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        drawn = np.array(list(sampler))
+        counts += [(drawn < 1000).sum(), (drawn >= 1000).sum()]
+    assert 2.7 < counts[1] / counts[0] < 3.3  # source b: three times as often per image
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) == first  # seeded per epoch: a resumed epoch draws the same
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+
+
+def test_weighted_draws_are_sharded_across_workers():
+    names = ["a"] * 50 + ["b"] * 51
+    weights = {"a": 1.0, "b": 0.5}
+    full = SourceWeightedSampler(names, weights, 1, 0, seed=4)
+    shards = [SourceWeightedSampler(names, weights, 2, r, seed=4) for r in (0, 1)]
+    for s in (full, *shards):
+        s.set_epoch(7)
+    assert len(shards[0]) == len(shards[1]) == 50  # as DistributedSampler with drop_last
+    dealt = [i for pair in zip(list(shards[0]), list(shards[1]), strict=True) for i in pair]
+    assert dealt == list(full)[:100]
+
+
+def test_val_mae_is_the_mean_over_sources_and_equals_pooled_for_one():
+    pred, true = np.array([10.0, 20, 30, 40]), np.array([12.0, 20, 30, 30])
+    one = source_val_metrics(pred, true, ["u"] * 4, ["u"])
+    assert one["val_mae"] == one["val_mae_all"] == pytest.approx(3.0)
+    assert one["val_mae/u"] == pytest.approx(3.0)
+    two = source_val_metrics(pred, true, ["u", "u", "u", "a"], ["u", "a"])
+    assert two["val_mae/u"] == pytest.approx(2 / 3) and two["val_mae/a"] == pytest.approx(10)
+    assert two["val_mae"] == pytest.approx((2 / 3 + 10) / 2)
+    assert two["val_mae_all"] == pytest.approx(3.0) and two["val_images/a"] == 1
+
+
+def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rocket_path,
+                                                  monkeypatch):
+    """A raw csv source goes through prepare's code (in process here) once; a faceless image is
+    left out and counted; the second time the cached crops are reused without detecting."""
+    import shutil
+
+    from faceage.data import LoadReport
+
+    shutil.copy(astronaut_path, tmp_path / "astronaut.jpg")
+    shutil.copy(rocket_path, tmp_path / "rocket.jpg")
+    (tmp_path / "faces.csv").write_text("path,age,gender\nastronaut.jpg,40,f\nrocket.jpg,30,m\n")
+    data = sources({"format": "csv", "path": str(tmp_path / "faces.csv")},
+                   prepared_dir=str(tmp_path / "prepared"))
+    table, _, specs = read_sources(data)
+    lines: list[str] = []
+    report = LoadReport()
+    first = prepare_source(specs[0], table, data, report, local=True, say=lines.append)
+    assert len(first) == 1 and Path(first["path"].iloc[0]).name == "astronaut.jpg"
+    assert Path(first["path"].iloc[0]).is_file() and "prepared" in first["path"].iloc[0]
+    assert first["gender"].iloc[0] == "female" and first["split"].iloc[0] == table["split"][0]
+    assert list(report.skipped) == ["csv: images without a detected face"]
+    assert "preparing 2 images once" in lines[0]
+
+    def no_second_prepare(*a, **k):
+        raise AssertionError("prepared again")
+
+    monkeypatch.setattr("faceage.prepare.prepare_table", no_second_prepare)
+    again = prepare_source(specs[0], table, data, LoadReport(), local=True, say=lines.append)
+    assert list(again["path"]) == list(first["path"])
+    assert "reusing the prepared crops" in lines[-1]
+    meta = json.loads(next((tmp_path / "prepared").glob("csv-*/prepare.json")).read_text())
+    assert meta["crop_size"] == 200 and meta["crop_policy"]["name"] == "utkface-chip"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1500)
+@pytest.mark.skipif(not (SHARED_DATA / "utkface").is_dir() or not (SHARED_DATA / "aaf").is_dir(),
+                    reason=f"UTKFace and AAF not present under {SHARED_DATA}")
+def test_utkface_and_aaf_train_together_with_per_source_metrics(ray_local, tmp_path, capsys):
+    from faceage.modelfile import load_model_file
+    from faceage.train import run_training
+
+    cfg = load_config(None, [
+        f"data.sources=[{{format: utkface, path: {SHARED_DATA / 'utkface'}, limit: 80}}, "
+        f"{{format: aaf, path: {SHARED_DATA / 'aaf'}, limit: 80, weight: 2}}]",
+        f"data.prepared_dir={tmp_path / 'prepared'}", f"data.cache_dir={tmp_path / 'decoded'}",
+        f"storage_path={tmp_path}", "name=multi", "model.pretrained=none",
+        "model.input_size=32", "model.head_hidden=16", "train.batch_size=8",
+        "train.max_steps_per_epoch=3", "train.eval_tta=false", "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1", "schedule.stages=[{name: head, train: 0, epochs: 1}]"])
+    outcome = run_training(cfg)
+    out = capsys.readouterr().out
+    assert "aaf: preparing 80 images once" in out
+    split = pd.read_csv(outcome.run_dir / "split.csv")
+    assert set(split["source"]) == {"utkface", "aaf"}
+    assert set(split.loc[split.source == "aaf", "group"]) == {"AAF"}
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    best = summary["best"]
+    for key in ("val_mae", "val_mae_all", "val_mae/utkface", "val_mae/aaf"):
+        assert np.isfinite(best[key]), key
+    assert best["val_mae"] == pytest.approx((best["val_mae/utkface"] + best["val_mae/aaf"]) / 2)
+    assert set(summary["data"]["sources"]) == {"utkface", "aaf"}
+    meta = load_model_file(outcome.model_path).metadata
+    assert [s["name"] for s in meta["data"]["sources"]] == ["utkface", "aaf"]
+    assert meta["data"]["sources"][1]["train"] == summary["data"]["sources"]["aaf"]["train"]
+    assert "val_mae/aaf" in meta["metrics"]
