@@ -308,7 +308,10 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
             if local is None:
                 import ray
 
-                local = not ray.is_initialized()
+                # Inside an actor (a Tune trial) the trial holds the CPUs Ray Data's actors
+                # would wait for: prepare in this process instead.
+                local = (not ray.is_initialized()
+                         or ray.get_runtime_context().get_actor_id() is not None)
             say(f"[faceage] {spec.name}: preparing {len(rows)} images once (MTCNN + crop "
                 f"policy {policy.name}) into {out}")
             table = pd.DataFrame({
