@@ -36,6 +36,14 @@ def annotate(rgb: np.ndarray, faces: Sequence[dict[str, Any]], banner: str | Non
     return np.asarray(im)
 
 
+def interval_text(face: dict[str, Any]) -> str:
+    """``29–40``: the face's age interval in whole years, or ``–`` when Serve sent none."""
+    interval = face.get("age_interval")
+    if not interval or len(interval) != 2:
+        return "–"
+    return f"{interval[0]:.0f}–{interval[1]:.0f}"
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     """JPEG bytes of an RGB array (OpenCV: several times faster than Pillow for video frames)."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),

@@ -26,10 +26,11 @@ import streamlit as st  # noqa: E402
 from streamlit_webrtc import WebRtcMode, webrtc_streamer  # noqa: E402
 
 from app.client import ServeClient, ServeError, normalise_url, serve_url_from_env  # noqa: E402
-from app.draw import annotate, encode_image  # noqa: E402
+from app.draw import annotate, encode_image, interval_text  # noqa: E402
 from app.live import LiveAnnotator  # noqa: E402
 from app.video import VideoError, annotate_video, probe_video, suggested_stride  # noqa: E402
 from app.webrtc_guard import disarm_orphan_check  # noqa: E402
+from faceage.annotate import age_label  # noqa: E402  (Pillow only)
 from faceage.errors import ImageError  # noqa: E402
 from faceage.vision import load_image  # noqa: E402  (Pillow/OpenCV only; no torch)
 
@@ -67,6 +68,14 @@ def predict_photo(url: str, data: bytes, content_type: str) -> dict:
     """Serve's answer for one photo; reruns (every click) reuse it instead of asking again."""
     with ServeClient(url) as client:
         return client.predict(data, content_type)
+
+
+def interval_coverage(url: str) -> str:
+    """``80 % of faces``, from Serve's /model answer (its ``interval``), for the page's note."""
+    health = serve_health(url)
+    info = ((health.get("model") or {}).get("interval") or {}) if health.get("ok") else {}
+    coverage = info.get("coverage")
+    return f"{coverage:.0%} of faces" if isinstance(coverage, (int, float)) else "most faces"
 
 
 @st.fragment(run_every=10)
@@ -128,8 +137,9 @@ def _digest(data: bytes) -> str:
 
 
 def face_rows(faces: list[dict]) -> list[dict]:
-    return [{"face": i + 1, "age": f"{f['age']:.1f}", "score": f"{f['score']:.3f}",
-             "box": ", ".join(f"{v:.0f}" for v in f["box"])} for i, f in enumerate(faces)]
+    return [{"face": i + 1, "age": f"{f['age']:.1f}", "interval": f"({interval_text(f)})",
+             "score": f"{f['score']:.3f}", "box": ", ".join(f"{v:.0f}" for v in f["box"])}
+            for i, f in enumerate(faces)]
 
 
 def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) -> None:
@@ -145,9 +155,14 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
             return
         faces = result["faces"]
         if faces:
-            ages = ", ".join(f"{f['age']:.1f}" for f in faces)
+            ages = ", ".join(f"{f['age']:.1f}" + (f" ({interval_text(f)})"
+                                                  if f.get("age_interval") else "")
+                             for f in faces)
             st.markdown(f"**{name}**: {len(faces)} face{'s' * (len(faces) != 1)}, "
                         f"age {ages}")
+            if any(f.get("age_interval") for f in faces):
+                st.caption("In brackets: the range the true age falls in for "
+                           f"{interval_coverage(url)} like the model's validation faces.")
         else:
             st.info(f"{name}: no face found.")
         annotated = annotate(rgb, faces)
@@ -280,7 +295,7 @@ def live_stats(annotator: LiveAnnotator) -> None:
         if stats["error"]:
             st.error(f"{stats['error']} The video keeps playing; ages come back when Serve does.")
         latency = f"{stats['latency_ms']:.0f} ms" if stats["latency_ms"] is not None else "–"
-        ages = ", ".join(f"{f['age']:.0f}" for f in stats["faces"]) or "none"
+        ages = ", ".join(age_label(f, "–") for f in stats["faces"]) or "none"
         st.markdown(f"**Live**: {stats['fps']:.1f} frames/s · round trip {latency} · "
                     f"{stats['answers_per_s']:.1f} answers/s · faces: {len(stats['faces'])} · "
                     f"ages: {ages}")

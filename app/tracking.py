@@ -28,6 +28,19 @@ class Track:
     ages: list[float] = field(default_factory=list)
 
 
+
+def smoothed(face: dict[str, Any], track: Track) -> dict[str, Any]:
+    """``face`` with its track's smoothed age; its interval (if Serve sent one) moves with the
+    age, keeping the frame's own distances below and above it."""
+    age = round(track.age, 2)
+    out = {**face, "age": age, "raw_age": face["age"], "track": track.id}
+    interval = face.get("age_interval")
+    if interval and len(interval) == 2:
+        shift = track.age - float(face["age"])
+        out["age_interval"] = [round(max(0.0, min(float(interval[0]) + shift, age)), 2),
+                               round(max(float(interval[1]) + shift, age), 2)]
+    return out
+
 class FaceTracker:
     """Matches each frame's faces to the previous ones by box overlap and smooths their ages.
 
@@ -76,14 +89,12 @@ class FaceTracker:
                 self.tracks.append(track)
             track.face = dict(face)
             track.ages.append(float(face["age"]))
-            out.append({**face, "age": round(track.age, 2), "raw_age": face["age"],
-                        "track": track.id})
+            out.append(smoothed(face, track))
         return out
 
     def visible(self) -> list[dict[str, Any]]:
         """The faces matched in the latest update, with their smoothed ages."""
-        return [{**t.face, "age": round(t.age, 2), "raw_age": t.face["age"], "track": t.id}
-                for t in self.tracks if t.misses == 0]
+        return [smoothed(t.face, t) for t in self.tracks if t.misses == 0]
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per track seen so far: id, smoothed age, frames seen, age range."""

@@ -19,8 +19,19 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def age_label(face: dict[str, Any], dash: str = "-") -> str:
+    """``34 (29-40)``: the age and its interval, rounded to years; just ``34`` for a record
+    without ``age_interval`` (an older Serve). Pillow's default font has no en dash, the page
+    asks for one."""
+    interval = face.get("age_interval")
+    if not interval or len(interval) != 2:
+        return f"{face['age']:.0f}"
+    low, high = interval
+    return f"{face['age']:.0f} ({low:.0f}{dash}{high:.0f})"
+
+
 def draw_faces(image: np.ndarray | Image.Image, faces: Sequence[dict[str, Any]]) -> Image.Image:
-    """A copy of ``image`` with each face record's box, landmarks and age drawn on it."""
+    """A copy of ``image`` with each face record's box, landmarks and age (and interval) drawn."""
     im = Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
     im = im.copy()
     draw = ImageDraw.Draw(im)
@@ -30,8 +41,8 @@ def draw_faces(image: np.ndarray | Image.Image, faces: Sequence[dict[str, Any]])
         draw.rectangle([x1, y1, x2, y2], outline=BOX_COLOUR, width=width)
         for x, y in face.get("landmarks") or []:
             draw.ellipse([x - width, y - width, x + width, y + width], fill=BOX_COLOUR)
-        label = f"{face['age']:.0f}"
-        font = _font(max(12, round((y2 - y1) / 5)))
+        label = age_label(face)
+        font = _font(max(12, round((y2 - y1) / (5 if label.isdigit() else 7))))
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         tw, th = right - left, bottom - top
         ty = y1 - th - 2 * width if y1 - th - 2 * width >= 0 else y1

@@ -94,6 +94,11 @@ class ModelConfig(_Strict):
     input_size: int = Field(128, ge=32, le=512)
     head_hidden: int = Field(256, ge=1)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    uncertainty: Literal["none", "laplace"] = Field(
+        "laplace", description="laplace: the head also predicts a scale (how unsure it is of "
+        "each face), trained by a Laplace likelihood on the detached age error and calibrated "
+        "into an age interval after training; none: a one-output head (intervals the same width "
+        "for every face)")
 
 
 class AugmentConfig(_Strict):

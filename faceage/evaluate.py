@@ -14,7 +14,9 @@ import pandas as pd
 
 from faceage.config import DataConfig, SplitConfig
 from faceage.errors import ImageError, UserError
+from faceage.interval import DEFAULT_COVERAGE
 from faceage.metrics import mae_by, mae_by_decade, regression_metrics
+from faceage.predict import coverage_arg
 from faceage.vision import FaceFinder, load_image, whole_image_face
 
 BATCH_IMAGES = 32
@@ -36,8 +38,10 @@ def _label(value) -> int:
 
 
 def evaluate_model(model, df: pd.DataFrame, detect: bool, tta: bool = False,
-                   detector=None, progress: bool = True) -> pd.DataFrame:
-    """Per-image predictions: ``path, age, gender, race, pred, faces, status``.
+                   detector=None, progress: bool = True,
+                   coverage: float = DEFAULT_COVERAGE) -> pd.DataFrame:
+    """Per-image predictions: ``path, age, gender, race, pred, age_low, age_high, faces,
+    status`` (``age_low``/``age_high``: the central ``coverage`` interval around ``pred``).
 
     ``status`` is ok, no-face or unreadable; gender and race are -1 where the data has no labels.
 
@@ -57,7 +61,8 @@ def evaluate_model(model, df: pd.DataFrame, detect: bool, tta: bool = False,
                      chunk.get("race", [-1] * len(chunk)), strict=True)
         for path, age, gender, race in labels:
             row = {"path": path, "age": float(age), "race": _label(race), "gender": _label(gender),
-                   "pred": np.nan, "faces": 0, "status": "ok"}
+                   "pred": np.nan, "age_low": np.nan, "age_high": np.nan, "faces": 0,
+                   "status": "ok"}
             rows.append(row)
             try:
                 image = load_image(path)
@@ -75,12 +80,13 @@ def evaluate_model(model, df: pd.DataFrame, detect: bool, tta: bool = False,
             crops.append(faces[0].crop)
             owners.append(row)
         if crops:
-            for row, pred in zip(owners, model.predict(crops, tta=tta), strict=True):
-                row["pred"] = float(pred)
+            estimates = model.estimate(crops, tta=tta, coverage=coverage)
+            for row, (pred, low, high) in zip(owners, estimates, strict=True):
+                row["pred"], row["age_low"], row["age_high"] = pred, low, high
         bar.update(len(chunk))
     bar.close()
-    return pd.DataFrame(rows, columns=["path", "age", "gender", "race", "pred", "faces",
-                                       "status"])
+    return pd.DataFrame(rows, columns=["path", "age", "gender", "race", "pred", "age_low",
+                                       "age_high", "faces", "status"])
 
 
 def _mae_by_label(ok: pd.DataFrame, column: str, names: dict[int, str]) -> dict[str, dict]:
@@ -94,6 +100,25 @@ def _mae_by_label(ok: pd.DataFrame, column: str, names: dict[int, str]) -> dict[
     return dict(sorted(by.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+def interval_summary(ok: pd.DataFrame) -> dict[str, Any]:
+    """``interval``: how often the true age lies in [age_low, age_high] and the mean width,
+    overall; ``interval_by_decade``: the same per decade of true age."""
+    from faceage.interval import coverage_report
+    from faceage.metrics import decade_label
+
+    if "age_low" not in ok.columns or ok.empty:
+        return {"interval": {}, "interval_by_decade": {}}
+
+    def one(rows: pd.DataFrame) -> dict[str, Any]:
+        return {**coverage_report(rows["age_low"], rows["age_high"], rows["age"]),
+                "n": int(len(rows))}
+
+    decades = ok["age"].map(decade_label)
+    order = sorted(set(decades), key=lambda d: int(d.split("-")[0]))
+    by = {d: one(ok[decades == d]) for d in order}
+    return {"interval": one(ok), "interval_by_decade": by}
+
+
 def summarise(preds: pd.DataFrame) -> dict[str, Any]:
     from faceage.data import UTKFACE_GENDERS, UTKFACE_RACES
 
@@ -104,6 +129,7 @@ def summarise(preds: pd.DataFrame) -> dict[str, Any]:
         if len(ok) else {},
         "mae_by_gender": _mae_by_label(ok, "gender", UTKFACE_GENDERS),
         "mae_by_race": _mae_by_label(ok, "race", UTKFACE_RACES),
+        **interval_summary(ok),
         "images": int(len(preds)),
         "evaluated": int(len(ok)),
         "no_face": int((preds["status"] == "no-face").sum()),
@@ -124,11 +150,18 @@ def format_table(report: dict[str, Any]) -> str:
         f"MAE   {m['mae']:.2f} years",
         f"RMSE  {m['rmse']:.2f} years",
         f"CS@5  {m['cs5']:.1%}",
-        "",
-        "decade   MAE     n",
     ]
+    band, by_band = report.get("interval") or {}, report.get("interval_by_decade") or {}
+    if band:
+        cal = report.get("interval_calibration") or {}
+        lines.append(f"age interval ({cal.get('coverage', DEFAULT_COVERAGE):.0%}, "
+                     f"{cal.get('method', '?')}): covers {band['coverage']:.1%}, "
+                     f"mean width {band['mean_width']:.1f} years")
+    lines += ["", "decade   MAE     n" + ("   covered  width" if by_band else "")]
     for decade, v in report["mae_by_decade"].items():
-        lines.append(f"{decade:<7}  {v['mae']:5.2f}  {v['n']:>4}")
+        b = by_band.get(decade)
+        extra = f"   {b['coverage']:>6.1%}  {b['mean_width']:5.1f}" if b else ""
+        lines.append(f"{decade:<7}  {v['mae']:5.2f}  {v['n']:>4}{extra}")
     for key, title in (("mae_by_gender", "gender"), ("mae_by_race", "race")):
         if report.get(key):
             lines += ["", f"{title:<7}  MAE     n"]
@@ -164,7 +197,7 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         raise UserError(f"no images of split {args.split!r} in {args.data}")
     started = time.perf_counter()
     preds = evaluate_model(model, df, detect=args.detect, tta=args.tta,
-                           progress=not args.json)
+                           progress=not args.json, coverage=args.coverage)
     summary = summarise(preds)
     if summary["evaluated"] == 0:
         raise UserError(f"no image of {args.data} could be evaluated "
@@ -175,7 +208,8 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         "data": {"path": str(args.data), "format": args.format,
                  "skipped_when_reading": {k: len(v) for k, v in load_report.skipped.items()}},
         "split": args.split, "detect": bool(args.detect), "tta": bool(args.tta),
-        "crop_policy": model.crop_policy, **summary,
+        "crop_policy": model.crop_policy,
+        "interval_calibration": model.interval_info(args.coverage), **summary,
         "seconds": round(time.perf_counter() - started, 1),
     }
     path = Path(args.report) if args.report else default_report_path(
@@ -267,6 +301,11 @@ def format_sources_table(report: dict[str, Any]) -> str:
     lines.append(row("MAE", lambda b: f"{b['metrics']['mae']:.2f}"))
     lines.append(row("RMSE", lambda b: f"{b['metrics']['rmse']:.2f}"))
     lines.append(row("CS@5", lambda b: f"{b['metrics']['cs5']:.1%}"))
+    if blocks["all"].get("interval"):  # the age interval: share holding the true age, width
+        lines.append(row("in interval", lambda b: f"{b['interval']['coverage']:.1%}"
+                         if b.get("interval") else "-"))
+        lines.append(row("int. width", lambda b: f"{b['interval']['mean_width']:.1f}"
+                         if b.get("interval") else "-"))
     for key, title in (("mae_by_decade", "decade"), ("mae_by_gender", "gender"),
                        ("mae_by_group", "group")):
         keys = list(dict.fromkeys(k for c in cols for k in blocks[c].get(key, {})))
@@ -302,7 +341,8 @@ def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) ->
         if rows.empty:
             raise UserError(f"{spec.label()}: no images of split {args.split!r}")
         preds = evaluate_model(model, rows[["path", "age"]], detect=args.detect or
-                               spec.needs_prepare, tta=args.tta, progress=not args.json)
+                               spec.needs_prepare, tta=args.tta, progress=not args.json,
+                               coverage=getattr(args, "coverage", DEFAULT_COVERAGE))
         preds["source"] = spec.name
         preds["gender_name"] = rows["gender"].to_numpy()
         preds["group"] = rows["group"].to_numpy()
@@ -318,6 +358,7 @@ def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) ->
                              for s in specs],
                  "skipped_when_reading": {k: len(v) for k, v in load_report.skipped.items()}},
         "split": args.split, "tta": bool(args.tta), "crop_policy": model.crop_policy,
+        "interval_calibration": model.interval_info(getattr(args, "coverage", DEFAULT_COVERAGE)),
         **summary, "metrics": summary["all"]["metrics"],
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -351,6 +392,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="only this split, under the model's own split settings (default all)")
     p.add_argument("--limit", type=int, help="evaluate a stable subset of this many images")
     p.add_argument("--tta", action="store_true", help="average with the mirrored crop")
+    p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
+                   help="the age intervals' coverage (above 0, at most 0.99; default 0.8); the "
+                        "report says how often the true age falls inside and the mean width")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--report", help="report path (default runs/evaluate/MODEL-DATA.json); the "
                                     "PNG and per-image CSV are written beside it")

@@ -10,7 +10,7 @@ import numpy as np
 
 from faceage.config import Config
 from faceage.errors import TrainingFailed
-from faceage.models import build_model
+from faceage.models import build_model, head_uncertainty
 from faceage.preprocess import preprocessing_metadata
 from faceage.worker import METRIC, load_checkpoint
 
@@ -41,6 +41,23 @@ def data_metadata(cfg: Config, summary: dict) -> dict:
             "split": cfg.data.split.model_dump(), **summary, "sources": sources}
 
 
+INTERVAL_METRICS = ("val_interval_coverage", "val_interval_width")
+
+
+def interval_metadata(best_state: dict, best_metrics: dict, uncertainty: str) -> dict:
+    """The model file's head kind and age-interval calibration.
+
+    The worker fits the calibration on each epoch's validation predictions (``train.eval_tta``
+    as set) and saves it in the checkpoint; the best epoch's goes into the model file. A
+    checkpoint from before intervals has none: the model file then falls back to its val MAE
+    (``AgeModel.calibration``).
+    """
+    out: dict = {"uncertainty": uncertainty}
+    if best_state.get("interval_calibration"):
+        out["interval_calibration"] = best_state["interval_calibration"]
+    return out
+
+
 def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
     """Export the best checkpoint (lowest val MAE) of ``result`` as a model file.
 
@@ -55,8 +72,13 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
         raise TrainingFailed(f"training in {run_dir} produced no checkpoint with a val MAE")
     best_ckpt, best_metrics = min(ranked, key=lambda cm: cm[1][METRIC])
     latest = load_checkpoint(result.checkpoint)
-    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout)
-    model.load_state_dict(load_checkpoint(best_ckpt)["model"])
+    best_state = load_checkpoint(best_ckpt)
+    # The head kind is read off the weights: checkpoints from before model.uncertainty have one
+    # output whatever the config now says.
+    uncertainty = head_uncertainty(best_state["model"])
+    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout,
+                        uncertainty=uncertainty)
+    model.load_state_dict(best_state["model"])
     metadata = {
         "name": f"faceage-{cfg.model.backbone}",
         "preprocessing": preprocessing_metadata(cfg.model.input_size),
@@ -67,6 +89,9 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
                     or k.startswith("val_mae/")},
         "config": cfg.to_dict(),
     }
+    metadata.update(interval_metadata(best_state, best_metrics, uncertainty))
+    metadata["metrics"].update({k: best_metrics[k] for k in INTERVAL_METRICS
+                                if k in best_metrics})
     path = save_model_file(model, run_dir / "model.pt", metadata)
     return path, dict(best_metrics), latest
 

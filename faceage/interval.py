@@ -23,7 +23,7 @@ import numpy as np
 
 DEFAULT_COVERAGE = 0.8
 # The quantile levels a calibration stores (every 0.5 %); any coverage up to 99 % is looked up.
-LEVELS = tuple(round(x, 4) for x in np.linspace(0.005, 0.995, 199))
+LEVELS = tuple(round(float(x), 4) for x in np.linspace(0.005, 0.995, 199))
 METHODS = ("scaled-residual", "residual", "laplace-from-val-mae")
 
 

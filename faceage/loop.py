@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from faceage.data import BatchAugment
+from faceage.models import laplace_nll
 from faceage.schedule import Stage, UnfreezeSchedule
 
 # -- hardware ------------------------------------------------------------------------------------
@@ -84,6 +85,8 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
     """One pass over ``loader``: uint8 batches are augmented on the device, then a step each."""
     model.train()
     schedule.apply(model, schedule.stage_at(epoch))
+    inner = _inner(model)
+    laplace = getattr(inner, "uncertainty", "none") == "laplace"
     total_loss = total_abs = 0.0
     seen = 0
     data_seconds = 0.0
@@ -96,8 +99,14 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
         y = ctx.to_device(ages)
         data_seconds += time.perf_counter() - tick
         with ctx.autocast():
-            pred = model(x)
+            if laplace:
+                pred, log_scale = model(x, with_log_scale=True)
+            else:
+                pred = model(x)
         loss = loss_fn(pred.float(), y)
+        if laplace:
+            # The age's loss is the configured one; the scale adds a term on the detached error.
+            loss = loss + laplace_nll(pred, log_scale, y, inner.age_std)
         optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
             ctx.scaler.scale(loss).backward()
@@ -120,19 +129,41 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
     }
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 @torch.inference_mode()
-def predict(model, loader, ctx: StepContext, transform, tta: bool) -> np.ndarray:
-    """Predicted ages for every batch of uint8 images in ``loader`` (in order)."""
+def predict(model, loader, ctx: StepContext, transform,
+            tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predicted ages for every batch of uint8 images in ``loader`` (in order), and their Laplace
+    scales in years (None for a one-output head); with ``tta`` both average the flipped image's."""
     model.eval()
-    out = []
+    laplace = getattr(_inner(model), "uncertainty", "none") == "laplace"
+
+    def run(x):
+        if not laplace:
+            return model(x).float(), None
+        ages, scales = _inner(model).forward_with_scale(x)
+        return ages.float(), scales.float()
+
+    ages_out, scales_out = [], []
     for images, _ in loader:
         x = ctx.memory_format(transform(ctx.to_device(images)))
         with ctx.autocast():
-            p = model(x).float()
+            p, s = run(x)
             if tta:
-                p = (p + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(p.cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+                pf, sf = run(torch.flip(x, dims=[3]))
+                p = (p + pf) / 2
+                s = None if s is None else (s + sf) / 2
+        ages_out.append(p.cpu().numpy())
+        if s is not None:
+            scales_out.append(s.cpu().numpy())
+    ages = np.concatenate(ages_out) if ages_out else np.zeros(0, np.float32)
+    if not laplace:
+        return ages, None
+    return ages, np.concatenate(scales_out) if scales_out else np.zeros(0, np.float32)
 
 
 # -- collectives (no-ops on one worker) ----------------------------------------------------------

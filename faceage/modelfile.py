@@ -2,9 +2,11 @@
 
 A model file is a ``torch.save`` dict of plain types (loaded with ``weights_only=True``):
 ``{"format": "faceage-model", "format_version": 1, "metadata_json": str, "state_dict": {...}}``.
-The metadata names the backbone and head, the preprocessing (input size, normalisation), the
-crop policy the training images were framed with, a summary of the training data, the metrics
-and the full training config.
+The metadata names the backbone and head (``uncertainty``: ``laplace`` for a two-output head
+that predicts a scale per face, else ``none``), the preprocessing (input size, normalisation),
+the crop policy the training images were framed with, the age-interval calibration
+(``interval_calibration``, fitted on the validation split), a summary of the training data, the
+metrics and the full training config.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,16 @@ import torch
 
 from faceage import __version__
 from faceage.errors import UserError
-from faceage.models import AgeRegressor
+from faceage.interval import DEFAULT_COVERAGE, IntervalCalibration, check_coverage
+from faceage.models import AgeRegressor, head_uncertainty
 from faceage.preprocess import crops_to_batch
 
 FORMAT = "faceage-model"
 FORMAT_VERSION = 1
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "faceage-default.pt"
+# A model file with neither a calibration nor a val MAE (hand-made, or metrics stripped) gets a
+# Laplace interval as if its MAE were this many years: wide, and said so in its note.
+FALLBACK_MAE = 8.0
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -51,6 +57,7 @@ def save_model_file(model: AgeRegressor, path: str | Path, metadata: dict[str, A
         "backbone": inner.backbone_name,
         "head_hidden": inner.head[0].out_features,
         "dropout": inner.head[2].p,
+        "uncertainty": getattr(inner, "uncertainty", "none"),
         **metadata,
     }
     meta.setdefault("name", f"faceage-{inner.backbone_name}")
@@ -84,6 +91,33 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return json.loads(blob["metadata_json"]), blob["state_dict"]
 
 
+@dataclass(frozen=True)
+class AgeEstimates:
+    """Ages and the ends of their intervals (years), one entry per face; iterates as
+    ``(age, low, high)`` per face."""
+
+    age: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.age)
+
+    def __iter__(self):
+        return zip(self.age.tolist(), self.low.tolist(), self.high.tolist(), strict=True)
+
+    def __getitem__(self, index: int | slice):
+        """A slice: the ``AgeEstimates`` of those faces; an int: one face's (age, low, high)."""
+        if isinstance(index, slice):
+            return AgeEstimates(self.age[index], self.low[index], self.high[index])
+        return float(self.age[index]), float(self.low[index]), float(self.high[index])
+
+    @classmethod
+    def empty(cls) -> AgeEstimates:
+        z = np.zeros(0, np.float32)
+        return cls(z, z, z)
+
+
 @dataclass
 class AgeModel:
     """A loaded model file: the network in eval mode and its metadata; predicts from face crops."""
@@ -108,37 +142,100 @@ class AgeModel:
     def version(self) -> str:
         return str(self.metadata.get("version", "unknown"))
 
+    @property
+    def calibration(self) -> IntervalCalibration:
+        """The model file's interval calibration; for files from before intervals, a Laplace
+        interval from its val MAE (±ln(5)·MAE at 80 %, the same width for every face)."""
+        cached = self.__dict__.get("_calibration")
+        if cached is None:
+            cached = calibration_of(self.metadata)
+            self.__dict__["_calibration"] = cached
+        return cached
+
+    def interval_info(self, coverage: float = DEFAULT_COVERAGE) -> dict[str, Any]:
+        """What ``/model`` and reports say about the intervals at ``coverage``."""
+        cal = self.calibration
+        lo, hi = cal.bounds(coverage)
+        return {"coverage": check_coverage(coverage), "method": cal.method,
+                "samples": cal.samples, "note": cal.note,
+                "uncertainty": self.net.uncertainty,
+                "residual_bounds": [round(lo, 3), round(hi, 3)],
+                "per_face_width": cal.method == "scaled-residual"}
+
     def preprocess(self, crops: list[np.ndarray]) -> torch.Tensor:
         """HxWx3 uint8 RGB face crops → a normalised batch, exactly as at evaluation time."""
         return crops_to_batch(crops, self.metadata["preprocessing"])
 
     @torch.inference_mode()
-    def predict_batch(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+    def predict_batch_with_scale(self, batch: torch.Tensor,
+                                 tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Ages and Laplace scales (None for a one-output head) of a preprocessed batch."""
         x = batch.to(self.device)
-        ages = self.net(x)
+        ages, scales = self.net.forward_with_scale(x)
         if tta:
-            ages = (ages + self.net(torch.flip(x, dims=[3]))) / 2
-        return ages.float().cpu().numpy()
+            fa, fs = self.net.forward_with_scale(torch.flip(x, dims=[3]))
+            ages = (ages + fa) / 2
+            scales = None if scales is None else (scales + fs) / 2
+        return (ages.float().cpu().numpy(),
+                None if scales is None else scales.float().cpu().numpy())
+
+    def predict_batch(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+        return self.predict_batch_with_scale(batch, tta)[0]
+
+    def predict_with_scale(self, crops: list[np.ndarray], tta: bool = False,
+                           batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """Ages and scales (years; None for a one-output head) for a list of face crops."""
+        ages, scales = [], []
+        for i in range(0, len(crops), batch_size):
+            a, s = self.predict_batch_with_scale(self.preprocess(crops[i:i + batch_size]), tta)
+            ages.append(a)
+            scales.append(s)
+        if not ages:
+            empty = np.zeros(0, dtype=np.float32)
+            return empty, (None if self.net.uncertainty == "none" else empty)
+        return np.concatenate(ages), (None if scales[0] is None else np.concatenate(scales))
 
     def predict(self, crops: list[np.ndarray], tta: bool = False,
                 batch_size: int = 64) -> np.ndarray:
         """Ages for a list of face crops (any square size; resized to the model's input)."""
-        out = []
-        for i in range(0, len(crops), batch_size):
-            out.append(self.predict_batch(self.preprocess(crops[i:i + batch_size]), tta=tta))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        return self.predict_with_scale(crops, tta, batch_size)[0]
 
-    def predict_groups(self, groups: Sequence[Sequence[np.ndarray]],
-                       tta: bool = False) -> list[np.ndarray]:
-        """Ages for each group of crops (one image's faces, one request's), in one model call.
+    def estimate(self, crops: list[np.ndarray], tta: bool = False,
+                 coverage: float = DEFAULT_COVERAGE, batch_size: int = 64) -> AgeEstimates:
+        """Ages with their central ``coverage`` intervals for a list of face crops."""
+        ages, scales = self.predict_with_scale(crops, tta, batch_size)
+        low, high = self.calibration.interval(ages, scales, coverage)
+        return AgeEstimates(ages, low.astype(np.float32), high.astype(np.float32))
+
+    def predict_groups(self, groups: Sequence[Sequence[np.ndarray]], tta: bool = False,
+                       coverage: float = DEFAULT_COVERAGE) -> list[AgeEstimates]:
+        """Ages and intervals for each group of crops (one image's faces, one request's), in
+        one model call.
 
         ``faceage predict`` groups the faces of several images, the Serve AgeRegressor the crops
-        of concurrent requests (``@serve.batch``); each group gets its own slice of ages back.
+        of concurrent requests (``@serve.batch``); each group gets its own slice back.
         """
         counts = [len(g) for g in groups]
-        ages = self.predict([c for g in groups for c in g], tta=tta)
+        est = self.estimate([c for g in groups for c in g], tta=tta, coverage=coverage)
         bounds = np.cumsum([0, *counts])
-        return [ages[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [est[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def calibration_of(metadata: dict[str, Any]) -> IntervalCalibration:
+    """The interval calibration a model file's metadata carries, or its fallback: Laplace from
+    the val MAE (files from before intervals), else Laplace from ``FALLBACK_MAE`` years."""
+    stored = metadata.get("interval_calibration")
+    if stored:
+        try:
+            return IntervalCalibration.from_metadata(stored)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"the model file's interval_calibration is unreadable: {exc}") from None
+    mae = (metadata.get("metrics") or {}).get("val_mae")
+    if mae is not None and np.isfinite(float(mae)) and float(mae) > 0:
+        return IntervalCalibration.from_val_mae(float(mae))
+    cal = IntervalCalibration.from_val_mae(FALLBACK_MAE)
+    return replace(cal, note=f"no calibration and no val MAE in the model file; Laplace with an "
+                             f"assumed MAE of {FALLBACK_MAE:g} years")
 
 
 def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeModel:
@@ -150,7 +247,8 @@ def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeM
         )
     meta, state = read_model_file(path)
     net = AgeRegressor(meta["backbone"], head_hidden=int(meta["head_hidden"]),
-                       dropout=float(meta.get("dropout", 0.0)))
+                       dropout=float(meta.get("dropout", 0.0)),
+                       uncertainty=meta.get("uncertainty") or head_uncertainty(state))
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

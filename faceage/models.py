@@ -1,4 +1,10 @@
-"""Backbone registry and the age-regression model (backbone + Linear→ReLU→Dropout→Linear head)."""
+"""Backbone registry and the age-regression model (backbone + Linear→ReLU→Dropout→Linear head).
+
+With ``uncertainty="laplace"`` the head's last layer has two outputs: the standardised age and
+the log of a Laplace scale (how far off the age is likely to be, in standardised units). The
+scale output reads the hidden features detached, and its loss (``laplace_nll``) uses the age
+detached, so the age, the hidden layer and the backbone train exactly as with a one-output head.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from faceage.errors import UserError
 
 HEAD = "head"
+UNCERTAINTY = ("none", "laplace")
+# The log-scale is clamped in standardised units: with UTKFace's spread (~20 years) scales stay
+# between ~0.05 and ~150 years, and exp() never overflows in bf16/fp16.
+LOG_SCALE_MIN, LOG_SCALE_MAX = -6.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -90,21 +101,29 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 class AgeRegressor(nn.Module):
-    """A pretrained trunk and a small regression head; ``forward`` returns ages in years, (B,)."""
+    """A pretrained trunk and a small regression head; ``forward`` returns ages in years, (B,).
+
+    ``uncertainty="laplace"``: the head's last Linear has a second output, a log-scale;
+    ``forward_with_scale`` returns the ages and those scales in years.
+    """
 
     def __init__(self, backbone: str, head_hidden: int = 256, dropout: float = 0.3,
-                 net: nn.Module | None = None):
+                 net: nn.Module | None = None, uncertainty: str = "none"):
         super().__init__()
+        if uncertainty not in UNCERTAINTY:
+            raise UserError(f"model.uncertainty {uncertainty!r}: choose one of "
+                            f"{', '.join(UNCERTAINTY)}")
         spec = backbone_spec(backbone)
         net = net if net is not None else spec.factory(weights=None)
         self.backbone_name = backbone
+        self.uncertainty = uncertainty
         self.trunk = spec.trunk(net)
         self._group_modules = spec.groups(net)
         self.head = nn.Sequential(
             nn.Linear(spec.feature_dim, head_hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(head_hidden, 1),
+            nn.Linear(head_hidden, 2 if uncertainty == "laplace" else 1),
         )
         # The head predicts a standardised age; these buffers travel with the weights so a
         # model file is self-contained. Defaults are UTKFace's rough mean and spread.
@@ -122,9 +141,46 @@ class AgeRegressor(nn.Module):
         self.age_mean.fill_(float(mean))
         self.age_std.fill_(max(float(std), 1e-3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.trunk(x)).squeeze(1)
-        return z.float() * self.age_std + self.age_mean
+    def forward(self, x: torch.Tensor, with_log_scale: bool = False):
+        """Ages in years (B,); with ``with_log_scale``, ``(ages, log_scale)`` where log_scale is
+        the clamped standardised log-scale (B,) or None for a one-output head.
+
+        (A keyword of ``forward``, not another method, so DistributedDataParallel sees the call.)
+        """
+        hidden = self.head[:-1](self.trunk(x))
+        last = self.head[-1]
+        z = F.linear(hidden, last.weight[:1], last.bias[:1]).squeeze(1)
+        ages = z.float() * self.age_std + self.age_mean
+        if not with_log_scale:
+            return ages
+        if self.uncertainty == "none":
+            return ages, None
+        # Detached: the scale learns from the features, never reshapes them.
+        s = F.linear(hidden.detach(), last.weight[1:], last.bias[1:]).squeeze(1).float()
+        return ages, s.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+
+    def forward_with_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Ages and Laplace scales, both in years, (B,) each; scales None for a one-output head."""
+        ages, log_scale = self(x, with_log_scale=True)
+        if log_scale is None:
+            return ages, None
+        return ages, torch.exp(log_scale) * self.age_std
+
+
+def laplace_nll(ages: torch.Tensor, log_scale: torch.Tensor, true: torch.Tensor,
+                age_std: torch.Tensor) -> torch.Tensor:
+    """Mean Laplace negative log-likelihood of ``true`` in standardised units, for the scale only.
+
+    The residual is taken from the detached age, so this term never changes the age's gradient.
+    """
+    r = (true.float() - ages.detach().float()).abs() / age_std
+    return (r * torch.exp(-log_scale) + log_scale).mean()
+
+
+def head_uncertainty(state: dict[str, torch.Tensor]) -> str:
+    """``laplace`` when a state_dict's head has two outputs, else ``none``."""
+    weight = state.get("head.3.weight")
+    return "laplace" if weight is not None and weight.shape[0] == 2 else "none"
 
 
 def _weights_file(spec: BackboneSpec, weights_dir: str | None) -> Path | None:
@@ -187,7 +243,9 @@ def _pretrained_net(backbone: str, pretrained: str, weights_dir: str | None) -> 
 
 
 def build_model(backbone: str, pretrained: str = "none", head_hidden: int = 256,
-                dropout: float = 0.3, weights_dir: str | None = None) -> AgeRegressor:
+                dropout: float = 0.3, weights_dir: str | None = None,
+                uncertainty: str = "none") -> AgeRegressor:
     """Build an ``AgeRegressor``; ``pretrained`` is ``imagenet``, ``none`` or a state_dict path."""
     net = _pretrained_net(backbone, pretrained, weights_dir)
-    return AgeRegressor(backbone, head_hidden=head_hidden, dropout=dropout, net=net)
+    return AgeRegressor(backbone, head_hidden=head_hidden, dropout=dropout, net=net,
+                        uncertainty=uncertainty)

@@ -13,10 +13,19 @@ from typing import Any
 import numpy as np
 
 from faceage.errors import ImageError, UserError
-from faceage.vision import DetectorConfig, FacePipeline, face_record, load_image
+from faceage.interval import DEFAULT_COVERAGE, check_coverage
+from faceage.vision import DetectorConfig, FacePipeline, face_records, load_image
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 BATCH_IMAGES = 8
+
+
+def coverage_arg(text: str) -> float:
+    """argparse type of ``--coverage``: a float in (0, 0.99]."""
+    try:
+        return check_coverage(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -61,8 +70,8 @@ def predict_files(pipeline: FacePipeline, paths: Sequence[Path], keep_images: bo
             if im is None:
                 yield image_result(str(p), None, err), None
                 continue
-            faces, ages = next(predicted)
-            records = [face_record(f, a) for f, a in zip(faces, ages, strict=True)]
+            faces, estimates = next(predicted)
+            records = face_records(faces, estimates)
             yield image_result(str(p), records, None), (im if keep_images else None)
 
 
@@ -75,7 +84,9 @@ def _human_lines(result: dict) -> list[str]:
     lines = []
     for i, f in enumerate(faces, 1):
         box = ", ".join(f"{v:.0f}" for v in f["box"])
-        lines.append(f"{result['path']}: face {i}/{len(faces)}  age {f['age']:.1f}  "
+        low, high = f["age_interval"]
+        lines.append(f"{result['path']}: face {i}/{len(faces)}  age {f['age']:.1f} "
+                     f"({low:.0f}-{high:.0f})  "
                      f"box ({box})  score {f['score']:.3f}")
     return lines
 
@@ -110,7 +121,8 @@ def run_predict(args: argparse.Namespace, out=None, err=None) -> int:
     output = Path(args.output).expanduser() if args.output else None
     _check_output(output, len(paths))
     model = load_model_file(args.model)
-    pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta)
+    pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta,
+                            coverage=args.coverage)
     failures = 0
     for result, image in predict_files(pipeline, paths, keep_images=output is not None):
         if result["error"]:
@@ -159,7 +171,8 @@ def run_video(args: argparse.Namespace, out=None, err=None) -> int:
     if dst.suffix.lower() not in (".mp4", ".mkv", ".mov", ".avi"):
         raise UserError(f"--output {dst}: name a video file (.mp4, .mkv, .mov)")
     model = load_model_file(args.model)
-    pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta)
+    pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta,
+                            coverage=args.coverage)
     try:
         inp = av.open(str(src))
     except (av.error.FFmpegError, OSError) as exc:
@@ -184,8 +197,8 @@ def run_video(args: argparse.Namespace, out=None, err=None) -> int:
                     if frames == 0:
                         # yuv420p needs even sides
                         vout.width, vout.height = rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2
-                    faces, ages = pipeline.predict_faces([rgb])[0]
-                    records = [face_record(f, a) for f, a in zip(faces, ages, strict=True)]
+                    faces, estimates = pipeline.predict_faces([rgb])[0]
+                    records = face_records(faces, estimates)
                     faces_seen += len(records)
                     if args.json:
                         t = float(frame.time) if frame.time is not None else None
@@ -219,6 +232,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="when no face is found: report none (skip) or use the whole image as "
                         "the face (whole; for pre-cropped photos)")
     p.add_argument("--tta", action="store_true", help="average with the mirrored crop")
+    p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
+                   help="each age interval covers this share of faces like the validation "
+                        "faces (above 0, at most 0.99; default 0.8: a central 80%% interval)")
     p.add_argument("--video", help="a video file to annotate frame by frame (needs --output)")
     p.add_argument("--min-face-size", type=int, help="smallest face in pixels (default 20)")
     p.add_argument("--min-score", type=float, help="detection score threshold (default 0.9)")

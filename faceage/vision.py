@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from faceage.errors import ImageError, UserError
+from faceage.interval import DEFAULT_COVERAGE, check_coverage
 
 # Enough for a 60-megapixel camera; a decoded image costs 3 bytes per pixel.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -458,14 +459,21 @@ class FaceFinder:
         return faces
 
 
-def face_record(face: Face, age: float) -> dict[str, Any]:
-    """The JSON form of one face, shared by ``faceage predict --json`` and the Serve API."""
+def face_record(face: Face, age: float, low: float, high: float) -> dict[str, Any]:
+    """The JSON form of one face, shared by ``faceage predict --json`` and the Serve API:
+    ``age`` and its interval ``age_interval: [low, high]`` (``AgeModel.estimate``)."""
     return {
         "box": [round(float(v), 1) for v in face.box],
         "score": round(float(face.score), 4),
         "age": round(float(age), 2),
+        "age_interval": [round(float(low), 2), round(float(high), 2)],
         "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
     }
+
+
+def face_records(faces: Sequence[Face], estimates) -> list[dict[str, Any]]:
+    """``face_record`` for each face and its ``AgeEstimates`` entry."""
+    return [face_record(f, *e) for f, e in zip(faces, estimates, strict=True)]
 
 
 class FacePipeline:
@@ -477,22 +485,25 @@ class FacePipeline:
     """
 
     def __init__(self, model, detector: FaceDetector | DetectorConfig | dict | None = None,
-                 no_face: NoFace = "skip", tta: bool = False):
+                 no_face: NoFace = "skip", tta: bool = False,
+                 coverage: float = DEFAULT_COVERAGE):
         self.model = model
         self.finder = FaceFinder.for_model(model.metadata, detector, no_face)
         self.tta = tta
+        self.coverage = check_coverage(coverage)  # of each face's age interval
 
     def find_faces(self, image: np.ndarray) -> list[Face]:
         return self.finder.find(image)
 
-    def predict_faces(self, images: Sequence[np.ndarray]) -> list[tuple[list[Face], np.ndarray]]:
-        """Faces and their ages for each image; the model runs once over all their crops."""
+    def predict_faces(self, images: Sequence[np.ndarray]) -> list[tuple[list[Face], Any]]:
+        """Faces and their ``AgeEstimates`` (ages, interval ends) for each image; the model runs
+        once over all their crops."""
         found = [self.find_faces(im) for im in images]
         ages = self.model.predict_groups([[f.crop for f in faces] for faces in found],
-                                         tta=self.tta)
+                                         tta=self.tta, coverage=self.coverage)
         return list(zip(found, ages, strict=True))
 
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Face records for one image."""
-        faces, ages = self.predict_faces([image])[0]
-        return [face_record(f, a) for f, a in zip(faces, ages, strict=True)]
+        faces, estimates = self.predict_faces([image])[0]
+        return face_records(faces, estimates)

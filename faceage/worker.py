@@ -16,6 +16,7 @@ import torch
 from faceage.config import Config
 from faceage.data import BatchAugment, PreparedData, eval_transform, make_dataset, open_shipped
 from faceage.errors import UserError
+from faceage.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
 from faceage.loop import (
     StepContext,
     autocast_dtype,
@@ -29,7 +30,7 @@ from faceage.loop import (
     sum_across,
     train_one_epoch,
 )
-from faceage.models import AgeRegressor, build_model
+from faceage.models import AgeRegressor, build_model, head_uncertainty
 from faceage.schedule import Stage, UnfreezeSchedule
 from faceage.sources import resolve_sources, source_column, source_val_metrics, train_sampler
 
@@ -133,7 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_transform = eval_transform(cfg.model.input_size)
 
     model = build_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden,
-                        cfg.model.dropout, cfg.model.weights_dir)
+                        cfg.model.dropout, cfg.model.weights_dir, cfg.model.uncertainty)
     model.set_target_stats(summary["train_age_mean"], summary["train_age_std"] or 1.0)
     schedule = UnfreezeSchedule(cfg.schedule, model.group_names(), steps)
     total = schedule.total_epochs
@@ -146,6 +147,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         state = load_checkpoint(checkpoint)
+        kind = head_uncertainty(state["model"])
+        if kind != cfg.model.uncertainty:
+            raise UserError(f"run {cfg.name!r} was trained with model.uncertainty={kind}: its "
+                            f"checkpoints cannot be resumed with {cfg.model.uncertainty}; "
+                            f"pass --set model.uncertainty={kind}")
         model.load_state_dict(state["model"])
         schedule.load_state_dict(state["schedule"])
         start_epoch = state["epoch"] + 1
@@ -199,7 +205,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             [stats["loss_sum"], stats["abs_sum"], stats["images"]], world)
         check_replicas_agree(model, world)
         share_buffers(model, world)
-        preds = gather(predict(model, val_loader, ctx, val_transform, cfg.train.eval_tta), world)
+        preds, scales = predict(model, val_loader, ctx, val_transform, cfg.train.eval_tta)
+        preds = gather(preds, world)
+        scales = None if scales is None else gather(scales, world)
+        # The interval is calibrated on this epoch's validation predictions (the ones that
+        # rank the checkpoint); export stores the best epoch's in the model file.
+        calibration = IntervalCalibration.fit(preds, val_true, scales)
+        band = coverage_report(*calibration.interval(preds, scales, DEFAULT_COVERAGE), val_true)
         val = source_val_metrics(preds, val_true, val_sources, source_names)
         schedule.end_epoch(epoch, val["val_mae"])
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
@@ -210,6 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "images_per_s": images / max(stats["seconds"], 1e-9),
             "epoch_seconds": stats["seconds"],
             "data_share": stats["data_seconds"] / max(stats["seconds"], 1e-9), **lrs,
+            "val_interval_coverage": band["coverage"], "val_interval_width": band["mean_width"],
         }
         history.append(metrics)
         out(f"[faceage] epoch {epoch + 1}/{total} [{stage.name}] "
@@ -229,6 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "schedule": schedule.state_dict(), "epoch": epoch, "stage": stage.index,
                     "stage_name": stage.name, "history": history, "resumes": resumes,
                     "data_summary": summary, "config": cfg.to_dict(),
+                    "interval_calibration": calibration.to_metadata(),
                 })
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)

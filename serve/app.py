@@ -36,14 +36,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceage import __version__
 from faceage.errors import ImageError, UserError
-from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file, read_model_file
+from faceage.interval import DEFAULT_COVERAGE
+from faceage.modelfile import DEFAULT_MODEL_PATH, AgeEstimates, load_model_file, read_model_file
 from faceage.vision import (
     DEFAULT_MAX_PIXELS,
     DetectorConfig,
     Face,
     FaceDetector,
     FaceFinder,
-    face_record,
+    face_records,
     load_image,
 )
 
@@ -72,6 +73,9 @@ class ServeArgs(BaseModel):
     no_face: Literal["skip", "whole"] = Field(
         "skip", description="no face found: report none, or age the whole image")
     tta: bool = Field(False, description="average each face with its mirror image")
+    interval_coverage: float = Field(
+        DEFAULT_COVERAGE, gt=0.0, le=0.99, description="each face's age_interval is the central "
+        "interval covering this share of faces like the model's validation faces")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when the replica was given a GPU (num_gpus)")
     max_body_bytes: int = Field(16 * MiB, ge=1024, description="larger request bodies and "
@@ -153,10 +157,12 @@ class Detector:
 class AgeRegressor:
     """The exported model; ``@serve.batch`` merges face crops of concurrent requests."""
 
-    def __init__(self, model_path: str, tta: bool, device: str):
+    def __init__(self, model_path: str, tta: bool, device: str,
+                 coverage: float = DEFAULT_COVERAGE):
         self.path = str(model_path)
         self.model = load_model_file(model_path, device=replica_device(device))
         self.tta = tta
+        self.coverage = coverage
         self.batching = BatchSettings()
         size = self.model.input_size
         self.model.predict([np.zeros((size, size, 3), np.uint8)], tta=tta)
@@ -168,14 +174,17 @@ class AgeRegressor:
         self.ages.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def ages(self, crop_stacks: list[np.ndarray]) -> list[np.ndarray]:
-        """Ages for each request's (N, S, S, 3) crops; one model call for the whole batch."""
+    async def ages(self, crop_stacks: list[np.ndarray]) -> list[AgeEstimates]:
+        """Ages and intervals for each request's (N, S, S, 3) crops; one model call for the
+        whole batch."""
         # In a thread so the event loop keeps queueing the next batch during this one.
-        return await asyncio.to_thread(self.model.predict_groups, crop_stacks, self.tta)
+        return await asyncio.to_thread(self.model.predict_groups, crop_stacks, self.tta,
+                                       self.coverage)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.model.name, "version": self.model.version, "path": self.path,
                 "device": str(self.model.device), "tta": self.tta,
+                "interval": self.model.interval_info(self.coverage),
                 "batching": self.batching.model_dump(), "metadata": self.model.metadata}
 
 
@@ -186,6 +195,10 @@ class FaceOut(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
     score: float = Field(description="detection score")
     age: float = Field(description="estimated age in years")
+    age_interval: list[float] = Field(
+        min_length=2, max_length=2,
+        description="[low, high] in years: the central interval (args.interval_coverage, "
+                    "default 80 %) the true age falls in, calibrated on validation faces")
     landmarks: list[list[float]] = Field(
         description="eyes, nose, mouth corners as [x, y] (empty for a whole-image face)")
 
@@ -371,12 +384,13 @@ class Ingress:
             raise ApiError(found["status"], found["error"])
         faces: list[Face] = found["faces"]
         aged = time.perf_counter()
-        ages = np.zeros(0, np.float32)
+        estimates = AgeEstimates.empty()
         if faces:
-            ages = await self._call(self.regressor.ages.remote(np.stack([f.crop for f in faces])))
+            estimates = await self._call(
+                self.regressor.ages.remote(np.stack([f.crop for f in faces])))
         done = time.perf_counter()
         return {
-            "faces": [face_record(f, a) for f, a in zip(faces, ages, strict=True)],
+            "faces": face_records(faces, estimates),
             "image": {"width": found["width"], "height": found["height"]},
             "model": await self._model(),
             "timings_ms": {**found["timings_ms"], "age": _ms(done - aged),
@@ -501,5 +515,5 @@ def app(args: dict[str, Any]) -> serve.Application:
         raise UserError(f"serve/config.yaml args.model_path: {exc}") from None
     detector = Detector.bind(str(path), args.detector.model_dump(), args.no_face,
                              args.max_pixels, args.device)
-    regressor = AgeRegressor.bind(str(path), args.tta, args.device)
+    regressor = AgeRegressor.bind(str(path), args.tta, args.device, args.interval_coverage)
     return Ingress.bind(detector, regressor, args.model_dump())

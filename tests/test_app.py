@@ -236,11 +236,15 @@ def upload(page, container_key: str, paths: Path | list[Path]) -> None:
     assert all(r.ok for r in received), [r.status for r in received]
 
 
-def serve_ages(serve_url: str, path: Path) -> list[float]:
+def serve_faces(serve_url: str, path: Path) -> list[dict]:
     answer = requests.post(serve_url + "/predict", data=path.read_bytes(),
                            headers={"Content-Type": "image/jpeg"}, timeout=120)
     answer.raise_for_status()
-    return [face["age"] for face in answer.json()["faces"]]
+    return answer.json()["faces"]
+
+
+def serve_ages(serve_url: str, path: Path) -> list[float]:
+    return [face["age"] for face in serve_faces(serve_url, path)]
 
 
 def green_box_pixels(rgb: np.ndarray) -> int:
@@ -268,8 +272,12 @@ def wait_inbound_frames(frame, at_least: int, timeout_s: float = STEP_MS / 1000)
 
 
 def test_photo_shows_the_age_serve_gives(page, serve_url, astronaut_path, artifacts, tmp_path):
-    expected = serve_ages(serve_url, astronaut_path)
+    faces = serve_faces(serve_url, astronaut_path)
+    expected = [f["age"] for f in faces]
     assert len(expected) == 1
+    low, high = faces[0]["age_interval"]
+    assert 0 <= low <= expected[0] <= high
+    interval = f"({low:.0f}–{high:.0f})"
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(astronaut_path.read_bytes()[:3000])
     upload(page, "photos", [astronaut_path, broken])
@@ -282,6 +290,9 @@ def test_photo_shows_the_age_serve_gives(page, serve_url, astronaut_path, artifa
     shown = [float(a) for a in re.findall(r"age (\d+\.\d)", text)]
     assert len(shown) == 1 and abs(shown[0] - expected[0]) <= 0.051, (shown, expected, text)
     assert f"{expected[0]:.1f}" in result.locator("table").inner_text()
+    # The interval, e.g. "34.2 (29–40)", next to the age and in the table.
+    assert f"{expected[0]:.1f} {interval}" in text, (interval, text)
+    assert interval in result.locator("table").inner_text()
     with page.expect_download() as download:
         result.get_by_role("button", name="Download annotated image").click()
     saved = artifacts / "astronaut-annotated.png"

@@ -52,6 +52,29 @@ def test_tracker_keeps_identity_and_smooths_age():
     assert {t["face"] for t in tracker.summary()} == {1, 2, 3}
 
 
+def test_tracker_moves_each_interval_with_the_smoothed_age():
+    tracker = FaceTracker(alpha=0.5)
+    tracker.update([{**face([0, 0, 100, 100], 30), "age_interval": [25, 36]}])
+    [f] = tracker.update([{**face([2, 0, 102, 100], 40), "age_interval": [34, 47]}])
+    assert f["age"] == 35.0 and f["age_interval"] == [29.0, 42.0]  # 6 below, 7 above
+    [old_serve] = tracker.update([face([2, 0, 102, 100], 40)])  # a Serve without intervals
+    assert "age_interval" not in old_serve and old_serve["age"] == 37.5
+
+
+def test_labels_and_table_show_the_interval_and_cope_without_one():
+    from app.draw import interval_text
+    from faceage.annotate import age_label
+
+    with_interval = {**face([10, 10, 90, 90], 34.4), "age_interval": [29.2, 40.1]}
+    old = face([10, 10, 90, 90], 34.4)
+    assert age_label(with_interval) == "34 (29-40)" and age_label(old) == "34"
+    assert age_label(with_interval, "–") == "34 (29–40)"
+    assert interval_text(with_interval) == "29–40" and interval_text(old) == "–"
+    rgb = np.zeros((120, 120, 3), np.uint8)
+    drawn, plain = annotate(rgb, [with_interval]), annotate(rgb, [old])
+    assert drawn.shape == rgb.shape and (drawn != plain).any()  # the longer label is drawn
+
+
 def test_tracker_drops_lost_faces_after_max_misses():
     tracker = FaceTracker(max_misses=2)
     tracker.update([face([0, 0, 10, 10], 30)])

@@ -81,3 +81,13 @@ def test_coverage_outside_the_range_is_refused(bad):
 def test_fit_needs_matching_data():
     with pytest.raises(ValueError, match="as many predictions as true ages"):
         IntervalCalibration.fit([], [])
+
+
+def test_metadata_is_plain_python_so_checkpoints_load_with_weights_only(tmp_path):
+    """Training checkpoints carry the calibration and are read with ``weights_only=True``."""
+    import torch
+
+    meta = IntervalCalibration.fit([20.0, 30.0, 40.0], [22.0, 27.0, 45.0], [2.0, 3.0, 4.0])
+    torch.save({"interval_calibration": meta.to_metadata()}, tmp_path / "ckpt.pt")
+    back = torch.load(tmp_path / "ckpt.pt", weights_only=True)["interval_calibration"]
+    assert IntervalCalibration.from_metadata(back) == meta

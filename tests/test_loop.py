@@ -81,15 +81,87 @@ def test_train_one_epoch_steps_the_stage_groups_and_counts_images():
 def test_predict_keeps_order_and_averages_the_flip():
     model, _, ctx = setup()
     loader = two_batches()
-    plain = predict(model, loader, ctx, eval_transform(16), tta=False)
+    plain, scales = predict(model, loader, ctx, eval_transform(16), tta=False)
+    assert scales is None  # a one-output model has no scale
     assert plain.shape == (6,) and plain.dtype == np.float32
     x = eval_transform(16)(next(iter(loader))[0])
     model.eval()
     with torch.no_grad():
         assert np.allclose(plain[:3], model(x).numpy(), atol=1e-5)
         flipped = model(torch.flip(x, dims=[3])).numpy()
-    tta = predict(model, loader, ctx, eval_transform(16), tta=True)
+    tta, _ = predict(model, loader, ctx, eval_transform(16), tta=True)
     assert np.allclose(tta[:3], (plain[:3] + flipped) / 2, atol=1e-5)
+
+
+def tiny_regressor(uncertainty: str):
+    from faceage.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.0,
+                       uncertainty=uncertainty)
+
+
+def test_predict_returns_scales_of_a_laplace_head_and_averages_them_with_the_flip():
+    model = tiny_regressor("laplace")
+    ctx = StepContext(torch.device("cpu"), None, channels_last=False, scaler=None)
+    loader = two_batches()
+    ages, scales = predict(model, loader, ctx, eval_transform(32), tta=False)
+    assert ages.shape == scales.shape == (6,) and (scales > 0).all()
+    x = eval_transform(32)(next(iter(loader))[0])
+    model.eval()
+    with torch.no_grad():
+        a, s = model.forward_with_scale(x)
+        fa, fs = model.forward_with_scale(torch.flip(x, dims=[3]))
+    assert np.allclose(ages[:3], a.numpy(), atol=1e-4)
+    tta_ages, tta_scales = predict(model, loader, ctx, eval_transform(32), tta=True)
+    assert np.allclose(tta_ages[:3], ((a + fa) / 2).numpy(), atol=1e-4)
+    assert np.allclose(tta_scales[:3], ((s + fs) / 2).numpy(), atol=1e-4)
+
+
+def test_the_scale_term_leaves_every_age_gradient_as_plain_l1():
+    """The Laplace term trains only the scale row: trunk, hidden layer and age row get exactly
+    the gradient of the configured age loss alone."""
+    from faceage.models import laplace_nll
+
+    model = tiny_regressor("laplace").train()
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([5.0, 25.0, 45.0, 80.0])
+
+    def grads(with_scale: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)
+        ages, log_scale = model(x, with_log_scale=True)
+        loss = make_loss("l1")(ages, y)
+        if with_scale:
+            loss = loss + laplace_nll(ages, log_scale, y, model.age_std)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, both = grads(False), grads(True)
+    last = model.head[-1]
+    for name, g in plain.items():
+        if name in ("head.3.weight", "head.3.bias"):
+            assert torch.equal(g[:1], both[name][:1]), name  # the age row
+            assert not g[1:].any() and both[name][1:].any()  # only the scale row learns
+        else:
+            assert torch.equal(g, both[name]), name
+    assert last.weight.shape[0] == 2
+
+
+def test_train_one_epoch_trains_the_scale_of_a_laplace_head():
+    from faceage.schedule import UnfreezeSchedule
+
+    model = tiny_regressor("laplace")
+    cfg = ScheduleConfig(stages=[StageConfig(name="head", train=0, epochs=1, lr=0.1)])
+    schedule = UnfreezeSchedule(cfg, model.group_names(), steps_per_epoch=2)
+    ctx = StepContext(torch.device("cpu"), None, channels_last=False, scaler=None)
+    before = model.head[-1].weight.detach().clone()
+    opt = build_optimizer(model, schedule, schedule.stage_at(0), weight_decay=0.0)
+    stats = train_one_epoch(model, two_batches(), opt, schedule, 0, make_loss("l1"), ctx,
+                            BatchAugment(32, AugmentConfig()), None)
+    assert stats["images"] == 6 and np.isfinite(stats["loss_sum"])
+    after = model.head[-1].weight.detach()
+    assert not torch.equal(before[1], after[1]) and not torch.equal(before[0], after[0])
 
 
 def cfg_for(tmp_path: Path, *extra: str):

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from faceage.errors import UserError
-from faceage.modelfile import FORMAT, FORMAT_VERSION, load_model_file, save_model_file
+from faceage.interval import IntervalCalibration
+from faceage.modelfile import (
+    DEFAULT_MODEL_PATH,
+    FORMAT,
+    FORMAT_VERSION,
+    load_model_file,
+    save_model_file,
+)
 from faceage.models import build_model
 from faceage.preprocess import eval_transform, preprocessing_metadata
 
@@ -70,7 +77,9 @@ def test_loaded_model_predicts_exactly_like_the_trained_one(trained_like, model_
     # Groups (one image's faces, one Serve request's crops) come back in their own slices.
     groups = model.predict_groups([images[:1], [], images[1:]])
     assert [len(g) for g in groups] == [1, 0, 2]
-    assert np.array_equal(np.concatenate(groups), want)
+    assert np.array_equal(np.concatenate([g.age for g in groups]), want)
+    for g in groups:
+        assert all(0 <= low <= age <= high for age, low, high in g)
     assert model.predict_groups([]) == [] and len(model.predict_groups([[]])[0]) == 0
 
 
@@ -115,3 +124,71 @@ def test_model_files_load_with_weights_only(model_path, tmp_path):
     torch.save({**blob, "extra": torch.nn.Linear(2, 2)}, pickled)
     with pytest.raises(UserError, match="is not a faceage model file"):
         load_model_file(pickled)
+
+
+# -- age intervals -------------------------------------------------------------------------------
+
+
+def test_a_file_without_calibration_answers_the_laplace_interval_of_its_val_mae(model_path):
+    model = load_model_file(model_path)  # one-output head, val_mae 7.5, no interval_calibration
+    assert model.net.uncertainty == "none" and model.metadata["uncertainty"] == "none"
+    info = model.interval_info(0.8)
+    assert info["method"] == "laplace-from-val-mae" and info["samples"] == 0
+    assert "val MAE 7.50" in info["note"] and not info["per_face_width"]
+    est = model.estimate(crops(SIZE, 90))
+    # ±ln(5)·MAE at 80 %, the same width for every face (low clipped at 0 only).
+    half = np.log(5) * 7.5
+    for age, low, high in est:
+        assert high - age == pytest.approx(half, abs=1e-3)
+        assert low == pytest.approx(max(0.0, age - half), abs=1e-3)
+    wider = model.estimate(crops(SIZE), coverage=0.95)
+    assert wider.high[0] - wider.age[0] > half
+
+
+def test_a_file_with_no_calibration_and_no_val_mae_says_what_it_assumed(trained_like, tmp_path):
+    from faceage.modelfile import FALLBACK_MAE
+
+    path = save_model_file(trained_like, tmp_path / "bare.pt",
+                           {"preprocessing": preprocessing_metadata(SIZE)})
+    info = load_model_file(path).interval_info()
+    assert info["method"] == "laplace-from-val-mae"
+    assert f"assumed MAE of {FALLBACK_MAE:g} years" in info["note"]
+
+
+def test_the_shipped_model_still_loads_and_answers_a_val_mae_interval():
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.skip(f"{DEFAULT_MODEL_PATH} is not in this checkout")
+    model = load_model_file()
+    assert model.net.uncertainty == "none"
+    info = model.interval_info()
+    val_mae = model.metadata["metrics"]["val_mae"]
+    assert info["method"] == "laplace-from-val-mae" and info["coverage"] == 0.8
+    assert info["residual_bounds"][1] == pytest.approx(np.log(5) * val_mae, abs=1e-2)
+
+
+def test_a_laplace_head_round_trips_with_its_calibration(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("mobilenet_v2", "none", head_hidden=16, dropout=0.0,
+                      uncertainty="laplace").eval()
+    rng = np.random.default_rng(1)
+    ages, scales = rng.uniform(10, 70, 200), rng.uniform(2, 9, 200)
+    true = ages + scales * rng.laplace(size=200)
+    cal = IntervalCalibration.fit(ages, true, scales)
+    path = save_model_file(net, tmp_path / "laplace.pt", {
+        "preprocessing": preprocessing_metadata(SIZE), "metrics": {"val_mae": 6.0},
+        "interval_calibration": cal.to_metadata()})
+    model = load_model_file(path)
+    assert model.metadata["uncertainty"] == "laplace" and model.net.uncertainty == "laplace"
+    assert model.calibration == cal and model.interval_info()["samples"] == 200
+    assert model.interval_info()["per_face_width"]
+    images = crops(SIZE, 64, 100)
+    got_ages, got_scales = model.predict_with_scale(images)
+    with torch.inference_mode():
+        batch = model.preprocess(images)
+        want_ages, want_scales = net.forward_with_scale(batch)
+    assert np.allclose(got_ages, want_ages.numpy()) and np.allclose(got_scales, want_scales)
+    assert np.array_equal(model.predict(images), got_ages)
+    est = model.estimate(images)
+    low, high = cal.interval(got_ages, got_scales)
+    assert np.allclose(est.low, low, atol=1e-4) and np.allclose(est.high, high, atol=1e-4)
+    assert ((0 <= est.low) & (est.low <= est.age) & (est.age <= est.high)).all()

@@ -6,6 +6,7 @@ import os
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -109,3 +110,49 @@ def test_shared_mobilenet_v2_weights_as_path_and_as_imagenet():
     for a, b in zip(by_path.trunk.state_dict().values(), by_name.trunk.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_laplace_head_keeps_the_head_shape_and_returns_ages_and_scales_in_years():
+    from faceage.models import LOG_SCALE_MAX, LOG_SCALE_MIN, head_uncertainty
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.1,
+                        uncertainty="laplace").eval()
+    model.set_target_stats(40.0, 15.0)
+    assert [type(m).__name__ for m in model.head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert model.head[-1].out_features == 2 and head_uncertainty(model.state_dict()) == "laplace"
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ages = model(x)
+        same, scales = model.forward_with_scale(x)
+        _, log_scale = model(x, with_log_scale=True)
+        out = model.head(model.trunk(x))
+    assert ages.shape == scales.shape == (3,) and torch.equal(ages, same)
+    assert torch.allclose(ages, out[:, 0] * 15.0 + 40.0, atol=1e-5)
+    assert torch.allclose(scales, torch.exp(out[:, 1].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)) * 15,
+                          atol=1e-5)
+    assert torch.equal(log_scale, out[:, 1].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX))
+    with torch.no_grad():
+        model.head[-1].bias[1] = 50.0  # the log-scale is clamped: never inf
+        assert torch.isfinite(model.forward_with_scale(x)[1]).all()
+
+    plain = build_model("mobilenet_v2", "none", head_hidden=8, uncertainty="none").eval()
+    assert head_uncertainty(plain.state_dict()) == "none"
+    with torch.no_grad():
+        assert plain.forward_with_scale(x)[1] is None
+    with pytest.raises(UserError, match="model.uncertainty 'gauss'"):
+        build_model("mobilenet_v2", "none", uncertainty="gauss")
+
+
+def test_laplace_nll_is_the_standardised_laplace_likelihood():
+    from faceage.models import laplace_nll
+
+    ages = torch.tensor([30.0, 50.0], requires_grad=True)
+    log_scale = torch.tensor([0.0, -1.0], requires_grad=True)
+    true = torch.tensor([40.0, 45.0])
+    nll = laplace_nll(ages, log_scale, true, torch.tensor(20.0))
+    want = ((10 / 20) / 1 + 0.0 + (5 / 20) / np.exp(-1.0) - 1.0) / 2
+    assert float(nll.detach()) == pytest.approx(want, rel=1e-5)
+    nll.backward()
+    assert ages.grad is None or not ages.grad.any()  # the residual is detached
+    assert log_scale.grad.abs().sum() > 0

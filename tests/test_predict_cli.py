@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -18,7 +19,7 @@ from faceage.modelfile import DEFAULT_MODEL_PATH
 
 UTKFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
 
-FACE_KEYS = {"box", "score", "age", "landmarks"}
+FACE_KEYS = {"box", "score", "age", "age_interval", "landmarks"}
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -81,12 +82,29 @@ def test_predict_json_for_one_photo(capsys, untrained_model_file, astronaut_path
     assert set(face) == FACE_KEYS
     assert np.allclose(face["box"], [181, 62, 268, 172], atol=10)
     assert len(face["landmarks"]) == 5 and isinstance(face["age"], float)
+    low, high = face["age_interval"]
+    assert 0 <= low <= face["age"] <= high
+
+
+def test_predict_coverage_sets_the_interval(capsys, untrained_model_file, astronaut_path):
+    widths = []
+    for coverage in ("0.5", "0.95"):
+        code, out, _ = _run(capsys, "predict", astronaut_path, "--model", untrained_model_file,
+                            "--json", "--coverage", coverage)
+        assert code == 0
+        [face] = _json_lines(out)[0]["faces"]
+        widths.append(face["age_interval"][1] - face["age_interval"][0])
+    assert 0 < widths[0] < widths[1]
+    with pytest.raises(SystemExit):
+        main(["predict", str(astronaut_path), "--coverage", "1.5"])
+    assert "at most 0.99" in capsys.readouterr().err
 
 
 def test_predict_human_output(capsys, untrained_model_file, astronaut_path):
     code, out, _ = _run(capsys, "predict", astronaut_path, "--model", untrained_model_file)
     assert code == 0
     assert "face 1/1" in out and "age" in out
+    assert re.search(r"age \d+\.\d \(\d+-\d+\)", out)
 
 
 def test_every_bad_input_gets_a_line_and_processing_goes_on(capsys, untrained_model_file,
@@ -189,6 +207,9 @@ def test_video(capsys, untrained_model_file, astronaut_path, tmp_path):
     lines = _json_lines(out)
     assert [x["frame"] for x in lines] == list(range(8))
     assert all(len(x["faces"]) == 1 for x in lines)
+    for x in lines:
+        low, high = x["faces"][0]["age_interval"]
+        assert 0 <= low <= x["faces"][0]["age"] <= high
     assert "8 frames" in err
     with av.open(str(target)) as written:
         frames = list(written.decode(video=0))
@@ -218,12 +239,20 @@ def test_evaluate_manifest(capsys, untrained_model_file, photos, tmp_path):
     assert r == json.loads(report.read_text())
     assert (r["images"], r["evaluated"], r["no_face"], r["unreadable"]) == (3, 1, 1, 1)
     assert set(r["metrics"]) >= {"mae", "rmse", "cs5"} and r["mae_by_decade"]["40-49"]["n"] == 1
+    assert r["interval_calibration"]["coverage"] == 0.8
+    assert r["interval_calibration"]["method"] == "laplace-from-val-mae"
+    assert r["interval"]["n"] == 1 and 0 <= r["interval"]["coverage"] <= 1
+    assert r["interval"]["mean_width"] > 0 and r["interval_by_decade"]["40-49"]["n"] == 1
     assert report.with_suffix(".png").stat().st_size > 1000
     assert len(report.with_suffix(".csv").read_text().splitlines()) == 4
+    rows = pd.read_csv(report.with_suffix(".csv"))
+    ok = rows[rows["status"] == "ok"]
+    assert ((ok["age_low"] <= ok["pred"]) & (ok["pred"] <= ok["age_high"])).all()
     code, out, _ = _run(capsys, "evaluate", "--data", manifest, "--format", "manifest",
                         "--model", untrained_model_file, "--report", report)
     assert code == 0
     assert "MAE" in out and "RMSE" in out and "CS@5" in out and "decade" in out
+    assert "age interval (80%" in out and "covered" in out
     assert json.loads(report.read_text())["evaluated"] == 2  # whole images: the rocket counts
 
 

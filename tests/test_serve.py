@@ -237,11 +237,14 @@ def assert_same_faces(got: list[dict], want: list[dict]) -> None:
     """
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
-        assert set(g) == set(w) == {"box", "score", "age", "landmarks"}
+        assert set(g) == set(w) == {"box", "score", "age", "age_interval", "landmarks"}
         assert np.allclose(g["box"], w["box"], rtol=0, atol=0.1 + 1e-6)
         assert np.allclose(g["landmarks"], w["landmarks"], rtol=0, atol=0.1 + 1e-6)
         assert abs(g["score"] - w["score"]) <= 1e-4 + 1e-9
         assert abs(g["age"] - w["age"]) <= 0.01 + 1e-9
+        low, high = g["age_interval"]
+        assert 0 <= low <= g["age"] <= high
+        assert np.allclose(g["age_interval"], w["age_interval"], rtol=0, atol=0.01 + 1e-6)
 
 
 def test_multipart_frames_and_stream_agree_with_predict(serve_url, astronaut_path, rocket_path,
@@ -281,6 +284,11 @@ def test_health_model_and_docs(serve_url, serve_model_file):
     assert model["device"] == "cpu" and model["detector"]["device"] == "cpu"
     assert model["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
     assert model["limits"]["max_body_bytes"] == MAX_BODY
+    interval = model["interval"]
+    assert interval["coverage"] == 0.8 and interval["method"] in (
+        "laplace-from-val-mae", "scaled-residual", "residual")
+    if "interval_calibration" not in metadata:  # a model file from before intervals
+        assert interval["method"] == "laplace-from-val-mae" and "val MAE" in interval["note"]
     schema = requests.get(serve_url + "/openapi.json", timeout=TIMEOUT).json()
     assert {"/predict", "/predict/frames", "/healthz", "/model"} <= set(schema["paths"])
     body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]

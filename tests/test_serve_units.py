@@ -146,9 +146,9 @@ def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astr
     calls = []
     predict_groups = regressor.model.predict_groups
 
-    def spy(groups, tta=False):
+    def spy(groups, tta=False, coverage=0.8):
         calls.append([len(g) for g in groups])
-        return predict_groups(groups, tta)
+        return predict_groups(groups, tta, coverage)
 
     regressor.model.predict_groups = spy
     try:
@@ -157,10 +157,30 @@ def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astr
     finally:
         regressor.model.predict_groups = predict_groups
     assert calls == [[1, 2, 1]]
-    alone = [regressor.model.predict(list(s)) for s in stacks]
+    alone = [regressor.model.estimate(list(s)) for s in stacks]
     assert [len(a) for a in ages] == [1, 2, 1]
     for got, want in zip(ages, alone, strict=True):
-        assert np.allclose(got, want, atol=1e-4)
+        assert np.allclose(got.age, want.age, atol=1e-4)
+        assert np.allclose(got.low, want.low, atol=1e-4)
+        assert np.allclose(got.high, want.high, atol=1e-4)
+        assert ((0 <= got.low) & (got.low <= got.age) & (got.age <= got.high)).all()
+
+
+def test_age_regressor_reports_and_applies_its_interval_coverage(model_path, astronaut_path):
+    from serve.app import AgeRegressor, ServeArgs
+
+    with pytest.raises(ValueError, match="interval_coverage"):
+        ServeArgs(interval_coverage=1.0)
+    with pytest.raises(ValueError, match="interval_coverage"):
+        ServeArgs(interval_coverage=0)
+    regressor = AgeRegressor.func_or_class(str(model_path), False, "cpu", 0.5)
+    info = regressor.info()["interval"]
+    assert info["coverage"] == 0.5 and info["method"] in (
+        "laplace-from-val-mae", "scaled-residual", "residual")
+    crop = np.full((regressor.model.input_size,) * 2 + (3,), 120, np.uint8)
+    [narrow] = asyncio.run(unbatched(regressor.ages)([np.stack([crop])]))
+    wide = regressor.model.estimate([crop], coverage=0.9)
+    assert narrow.high[0] - narrow.low[0] < wide.high[0] - wide.low[0]
 
 
 def test_ingress_answers_what_faceage_predict_answers(replicas, model_path, astronaut_path,

@@ -272,8 +272,21 @@ def test_split_csv_is_exactly_what_trained(ray_local, utkface_images, tmp_path, 
     for part in ("train", "val", "test"):
         assert data_summary[part] == counts.get(part, 0), part
     assert data_summary["skipped"] == {"unreadable or truncated files": 1}
-    assert load_model_file(outcome.model_path).metadata["data"]["train"] == counts["train"]
+    model = load_model_file(outcome.model_path)
+    assert model.metadata["data"]["train"] == counts["train"]
     assert outcome.history[0]["val_images"] == counts["val"]
+    # A new run's head predicts a scale; the interval is calibrated on every val image.
+    assert model.metadata["uncertainty"] == "laplace" and model.net.uncertainty == "laplace"
+    cal = model.metadata["interval_calibration"]
+    assert cal["method"] == "scaled-residual" and cal["samples"] == counts["val"]
+    assert model.calibration.samples == counts["val"]
+    metrics = model.metadata["metrics"]
+    assert 0 <= metrics["val_interval_coverage"] <= 1 and metrics["val_interval_width"] > 0
+    best = json.loads((outcome.run_dir / "summary.json").read_text())["best"]
+    assert best["val_interval_width"] == pytest.approx(metrics["val_interval_width"])
+    assert "age interval (80 %, calibrated on the val split): covers" in out
+    est = model.estimate([np.asarray(Image.open(p).convert("RGB")) for p in images[:3]])
+    assert ((0 <= est.low) & (est.low <= est.age) & (est.age <= est.high)).all()
     assert out.count("skipped 1 unreadable or truncated files") == 1
     assert out.count(f"[faceage] split: train {counts['train']}, val {counts['val']}") == 1
 

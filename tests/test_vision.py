@@ -183,7 +183,7 @@ def test_sixteen_bit_gray_is_aged_as_the_eight_bit_one(astronaut):
     (faces8, ages8), (faces16, ages16) = pipe.predict_faces(
         [load_image(_png_bytes(Image.fromarray(gray8))), load_image(data16)])
     assert len(faces8) == len(faces16) == 1
-    assert abs(float(ages16[0]) - float(ages8[0])) < 0.5
+    assert abs(float(ages16.age[0]) - float(ages8.age[0])) < 0.5
 
 
 @pytest.mark.parametrize("name,data,status,words", [
@@ -355,10 +355,12 @@ def test_crop_policy_metadata_round_trip():
 
 def test_face_record_is_the_documented_json(astronaut, detector):
     face = detector.detect(astronaut)[0]
-    rec = json.loads(json.dumps(face_record(face, np.float32(41.234))))
-    assert set(rec) == {"box", "score", "age", "landmarks"}
+    rec = json.loads(json.dumps(face_record(face, np.float32(41.234), np.float32(33.456),
+                                            np.float64(50.0))))
+    assert set(rec) == {"box", "score", "age", "age_interval", "landmarks"}
     assert len(rec["box"]) == 4 and all(isinstance(v, float) for v in rec["box"])
     assert isinstance(rec["score"], float) and rec["age"] == 41.23
+    assert rec["age_interval"] == [33.46, 50.0]
     assert len(rec["landmarks"]) == 5 and all(len(p) == 2 for p in rec["landmarks"])
 
 
@@ -368,12 +370,18 @@ def test_pipeline_predicts_each_face(untrained_model_file, astronaut, rocket_pat
     model = load_model_file(untrained_model_file)
     pipe = FacePipeline(model)
     assert pipe.finder.size == 96
-    (faces, ages), (none, no_ages) = pipe.predict_faces([astronaut, load_image(rocket_path)])
+    (faces, est), (none, no_ages) = pipe.predict_faces([astronaut, load_image(rocket_path)])
+    ages = est.age
     assert len(faces) == 1 and len(ages) == 1 and np.isfinite(ages[0])
+    assert 0 <= est.low[0] <= ages[0] <= est.high[0]
     assert faces[0].crop.shape == (96, 96, 3)
     assert none == [] and len(no_ages) == 0
     records = pipe.predict(astronaut)
     assert records[0]["age"] == pytest.approx(float(ages[0]), abs=0.01)
+    low, high = records[0]["age_interval"]
+    assert low == pytest.approx(float(est.low[0]), abs=0.01) and high >= records[0]["age"]
+    wide = FacePipeline(model, coverage=0.95).predict(astronaut)[0]["age_interval"]
+    assert wide[1] - wide[0] > high - low
     # Serve composes the same two steps: FaceFinder.find then AgeModel.predict.
     finder = FaceFinder.for_model(model.metadata)
     again = model.predict([f.crop for f in finder.find(astronaut)])
