@@ -62,7 +62,8 @@ def plain_loop(cfg, threads: int) -> dict:
     data = prepare_data(cfg.data, cfg.model.input_size)
     loader = torch.utils.data.DataLoader(make_dataset(data, "train"), shuffle=True,
                                          batch_size=cfg.train.batch_size, drop_last=True)
-    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout)
+    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout,
+                        uncertainty=cfg.model.uncertainty)
     model = model.to(memory_format=torch.channels_last)
     steps = min(len(loader), cfg.train.max_steps_per_epoch)
     schedule = UnfreezeSchedule(cfg.schedule, model.group_names(), steps)
