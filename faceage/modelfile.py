@@ -156,8 +156,17 @@ class AgeModel:
         """What ``/model`` and reports say about the intervals at ``coverage``."""
         cal = self.calibration
         lo, hi = cal.bounds(coverage)
+        if cal.method == "scaled-residual":
+            how = (f"calibrated on {cal.samples} validation faces; the width follows the "
+                   "scale the model predicts for each face")
+        elif cal.method == "residual":
+            how = f"calibrated on {cal.samples} validation faces; the same width for every face"
+        else:
+            how = ("the model file has no calibration: a symmetric interval of ±ln(5)·MAE at "
+                   "80 % (±ln(1/(1-c))·MAE at coverage c: Laplace errors with the file's val "
+                   "MAE), the same width for every face")
         return {"coverage": check_coverage(coverage), "method": cal.method,
-                "samples": cal.samples, "note": cal.note,
+                "samples": cal.samples, "note": cal.note, "description": how,
                 "uncertainty": self.net.uncertainty,
                 "residual_bounds": [round(lo, 3), round(hi, 3)],
                 "per_face_width": cal.method == "scaled-residual"}

@@ -135,6 +135,8 @@ def test_a_file_without_calibration_answers_the_laplace_interval_of_its_val_mae(
     info = model.interval_info(0.8)
     assert info["method"] == "laplace-from-val-mae" and info["samples"] == 0
     assert "val MAE 7.50" in info["note"] and not info["per_face_width"]
+    assert "±ln(5)·MAE at 80 %" in info["description"]
+    assert "same width for every face" in info["description"]
     est = model.estimate(crops(SIZE, 90))
     # ±ln(5)·MAE at 80 %, the same width for every face (low clipped at 0 only).
     half = np.log(5) * 7.5
