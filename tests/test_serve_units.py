@@ -9,6 +9,7 @@ tests/test_serve.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 
 import numpy as np
@@ -18,6 +19,12 @@ from PIL import Image
 from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
 from faceage.vision import FacePipeline, load_image
 
+
+def run_coroutine(coro):
+    """``asyncio.run`` in a thread of its own: the browser tests' session-scoped Playwright keeps
+    an event loop running in the main thread, where ``asyncio.run`` refuses to start."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 def test_config_yaml_validates_and_fits_two_cores():
     import yaml
@@ -153,7 +160,7 @@ def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astr
     regressor.model.predict_groups = spy
     try:
         # What @serve.batch hands the method: the requests' crop stacks, as one list.
-        ages = asyncio.run(unbatched(regressor.ages)(stacks))
+        ages = run_coroutine(unbatched(regressor.ages)(stacks))
     finally:
         regressor.model.predict_groups = predict_groups
     assert calls == [[1, 2, 1]]
@@ -178,7 +185,7 @@ def test_age_regressor_reports_and_applies_its_interval_coverage(model_path, ast
     assert info["coverage"] == 0.5 and info["method"] in (
         "laplace-from-val-mae", "scaled-residual", "residual")
     crop = np.full((regressor.model.input_size,) * 2 + (3,), 120, np.uint8)
-    [narrow] = asyncio.run(unbatched(regressor.ages)([np.stack([crop])]))
+    [narrow] = run_coroutine(unbatched(regressor.ages)([np.stack([crop])]))
     wide = regressor.model.estimate([crop], coverage=0.9)
     assert narrow.high[0] - narrow.low[0] < wide.high[0] - wide.low[0]
 
@@ -193,7 +200,7 @@ def test_ingress_answers_what_faceage_predict_answers(replicas, model_path, astr
         return await asyncio.gather(*(ingress.predict_image(p.read_bytes(), p.name)
                                       for p in (astronaut_path, rocket_path)))
 
-    astronaut, rocket = asyncio.run(both())
+    astronaut, rocket = run_coroutine(both())
     assert astronaut["faces"] == pipeline.predict(load_image(astronaut_path))
     width, height = Image.open(rocket_path).size
     assert rocket["faces"] == [] and rocket["image"] == {"width": width, "height": height}
@@ -208,14 +215,14 @@ def test_ingress_turns_bad_images_and_overload_into_status_codes(replicas):
 
     ingress = make_ingress(*replicas)
     with pytest.raises(ApiError) as bad:
-        asyncio.run(ingress.predict_image(b"\xff\xd8 half a jpeg", "upload.jpg"))
+        run_coroutine(ingress.predict_image(b"\xff\xd8 half a jpeg", "upload.jpg"))
     assert bad.value.status == 400 and "upload.jpg" in bad.value.message
-    frame = asyncio.run(ingress._frame(3, "text, not bytes"))
+    frame = run_coroutine(ingress._frame(3, "text, not bytes"))
     assert frame["frame"] == 3 and frame["status"] == 415
 
     async def shed():
         raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
 
     with pytest.raises(ApiError) as overloaded:
-        asyncio.run(ingress._call(shed()))
+        run_coroutine(ingress._call(shed()))
     assert overloaded.value.status == 503 and "capacity" in overloaded.value.message
