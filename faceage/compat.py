@@ -106,6 +106,25 @@ def placement_group_table() -> list[Any]:
             for raw in state._connect_and_get_accessor().get_placement_group_table()]
 
 
+# -- Ray Train's logs -----------------------------------------------------------------------------
+
+
+def quiet_train_report_log(level: str) -> None:
+    """Hold Ray Train's per-report INFO line (``Reporting training result N: TrainingReport(...)``,
+    a few hundred characters per epoch in the run's output) to ``level``.
+
+    Ray 2.60: ray/train/v2/_internal/execution/context.py logs it through
+    ``logging.getLogger(__file__)``, a logger named by the file's *path*, outside the ``ray.train``
+    hierarchy that ``LoggingConfig`` and ``train.ray_log_level`` set; so its name is taken from
+    that module's ``__file__``.
+    """
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 # -- the cluster launcher -------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from faceage.compat import quiet_train_report_log
 from faceage.config import Config
 from faceage.data import BatchAugment, PreparedData, eval_transform, make_dataset, open_shipped
 from faceage.errors import UserError
@@ -118,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # The run config's LoggingConfig leaves the "ray" logger's console handler alone, so a line
     # per report and checkpoint would still reach the job log from every worker.
     logging.getLogger("ray.train").setLevel(cfg.train.ray_log_level)
+    quiet_train_report_log(cfg.train.ray_log_level)
 
     # The driver read, split and decoded the data; this is its table, not a second reading.
     shipped = ray.get(loop_config["data"])

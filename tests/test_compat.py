@@ -123,6 +123,18 @@ def test_ray_start_and_dashboard_bind_port_zero_themselves():
 # -- streamlit-webrtc -----------------------------------------------------------------------------
 
 
+def test_train_report_line_is_logged_by_a_logger_named_after_its_file():
+    from ray.train.v2._internal.execution import context
+
+    source = inspect.getsource(context)
+    assert "logger = logging.getLogger(__file__)" in source
+    assert "Reporting training result" in source
+    compat.quiet_train_report_log("WARNING")
+    import logging
+
+    assert not context.logger.isEnabledFor(logging.INFO)
+
+
 def test_webrtc_context_records_its_last_rendered_run_count():
     from streamlit_webrtc import component
 
