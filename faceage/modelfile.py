@@ -12,6 +12,7 @@ metrics and the full training config.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -142,15 +143,11 @@ class AgeModel:
     def version(self) -> str:
         return str(self.metadata.get("version", "unknown"))
 
-    @property
+    @functools.cached_property
     def calibration(self) -> IntervalCalibration:
         """The model file's interval calibration; for files from before intervals, a Laplace
         interval from its val MAE (±ln(5)·MAE at 80 %, the same width for every face)."""
-        cached = self.__dict__.get("_calibration")
-        if cached is None:
-            cached = calibration_of(self.metadata)
-            self.__dict__["_calibration"] = cached
-        return cached
+        return calibration_of(self.metadata)
 
     def interval_info(self, coverage: float = DEFAULT_COVERAGE) -> dict[str, Any]:
         """What ``/model`` and reports say about the intervals at ``coverage``."""
