@@ -171,6 +171,16 @@ class ScalingSettings(_Strict):
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (``faceage.tracking``): every run is an MLflow run."""
+
+    mlflow: bool = Field(True, description="log params, per-epoch metrics and artifacts to MLflow")
+    experiment: str = Field("faceage", min_length=1, description="MLflow experiment name")
+    uri: str | None = Field(
+        None, description="tracking URI (default: MLFLOW_TRACKING_URI, else "
+                          "sqlite:///<storage_path>/mlflow.db)")
+
+
 class Config(_Strict):
     name: str = "faceage"
     storage_path: str = "runs"
@@ -181,6 +191,7 @@ class Config(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingSettings = ScalingSettings()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def total_epochs(self) -> int:

@@ -120,9 +120,8 @@ def ray_for_run(cfg: Config):
 
 
 def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
-    """Train with Ray Train, export the best checkpoint, write curves and a summary."""
-    from ray.train import TrainingFailedError
-
+    """Train with Ray Train, export the best checkpoint, write curves and a summary; with
+    ``tracking.mlflow`` the run is an MLflow run too (``faceage.tracking``)."""
     check_job_paths(cfg)
     cfg = cfg.with_absolute_paths()
     checked = preflight(cfg)
@@ -131,7 +130,30 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
         print(f"[faceage] {run_dir} has checkpoints of an earlier run: resuming it "
               "(choose another name or delete the folder to start over)")
     save_config(cfg, run_dir / "config.yaml")
+    from faceage.tracking import open_run
 
+    tracked = open_run(cfg)  # a bad tracking URI stops here, before Ray starts
+    if tracked is not None:
+        callbacks = [*(callbacks or []), tracked.callback()]
+        print(f"[faceage] MLflow: run {tracked.run_id} in experiment "
+              f"{cfg.tracking.experiment!r} at {tracked.uri}")
+    try:
+        outcome = _train(cfg, checked, callbacks)
+    except BaseException:
+        if tracked is not None:
+            tracked.finish(ok=False)
+        raise
+    if tracked is not None:
+        tracked.log_artifacts(outcome.model_path, run_dir / "curves.png",
+                              run_dir / "summary.json", run_dir / "config.yaml")
+        tracked.finish(ok=True)
+    return outcome
+
+
+def _train(cfg: Config, checked, callbacks: list | None) -> TrainOutcome:
+    from ray.train import TrainingFailedError
+
+    run_dir = cfg.run_dir()
     started = time.time()
     with ray_for_run(cfg):
         # Read, split, prepared and decoded once, here (raw AAF/CSV sources go through Ray
