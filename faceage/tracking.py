@@ -135,55 +135,96 @@ class TrackedRun:
             print(f"[faceage] MLflow: could not close run {self.run_id}: {exc}")
 
 
-def open_run(cfg: Config) -> TrackedRun | None:
-    """Check the store, find or create the experiment and open this run's MLflow run.
+def _artifact_root(uri: str) -> str | None:
+    """A SQLite store keeps artifacts beside it (MLflow's default is ./mlruns of the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
 
-    ``cfg`` has absolute paths and its run folder exists (after ``preflight``). A run folder
-    with an MLflow run of an earlier attempt (a resume) continues that run. Every way the store
-    can be wrong is one ``UserError`` here, before training starts.
-    """
-    if not cfg.tracking.mlflow:
-        return None
-    uri = tracking_uri(cfg)
-    _check_reachable(uri)
-    local = uri == f"sqlite:///{storage_root(cfg) / 'mlflow.db'}"
-    run_file = cfg.run_dir() / RUN_FILE
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except Exception:  # created meanwhile by a concurrent trial
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _run_name(cfg: Config, uri: str) -> str:
+    """The run folder relative to a SQLite store's folder (``<tune>/<trial>/train`` for a trial),
+    else the run's name."""
+    if uri.startswith("sqlite:///"):
+        try:
+            return str(cfg.run_dir().relative_to(Path(uri[len("sqlite:///"):]).parent))
+        except ValueError:
+            pass
+    return cfg.name
+
+
+@contextmanager
+def _store_errors(cfg: Config, uri: str):
     try:
         with _no_retries():
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri=uri)
-            name = cfg.tracking.experiment
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                artifacts = (storage_root(cfg) / "mlartifacts").as_uri() if local else None
-                exp_id = client.create_experiment(name, artifact_location=artifacts)
-            else:
-                exp_id = exp.experiment_id
-            if run_file.is_file():
-                earlier = json.loads(run_file.read_text())
-                if earlier.get("uri") == uri:
-                    try:
-                        run = client.get_run(earlier["run_id"])
-                    except Exception:  # deleted from the store: start a new one
-                        run = None
-                    if run is not None and run.info.experiment_id == exp_id:
-                        client.update_run(run.info.run_id, status="RUNNING")
-                        return TrackedRun(uri, run.info.run_id, exp_id)
-            run = client.create_run(exp_id, run_name=cfg.name,
-                                    tags={"faceage.run_dir": str(cfg.run_dir())})
-            params = flatten(cfg.to_dict())
-            from mlflow.entities import Param
-
-            items = [Param(k, v[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                client.log_batch(run.info.run_id, params=items[i:i + 100])
+            yield
     except UserError:
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise UserError(f"{_where(uri)}: cannot reach or create experiment "
                         f"{cfg.tracking.experiment!r}: {type(exc).__name__}: {first}") from None
+
+
+def check_store(cfg: Config) -> str | None:
+    """Reach the store and find or create the experiment; returns the tracking URI (None when
+    tracking is off). Every way the store can be wrong is one ``UserError``."""
+    if not cfg.tracking.mlflow:
+        return None
+    uri = tracking_uri(cfg)
+    _check_reachable(uri)
+    with _store_errors(cfg, uri):
+        from mlflow.tracking import MlflowClient
+
+        _experiment_id(MlflowClient(tracking_uri=uri), cfg.tracking.experiment, uri)
+    return uri
+
+
+def open_run(cfg: Config) -> TrackedRun | None:
+    """Check the store, find or create the experiment and open this run's MLflow run.
+
+    ``cfg`` has absolute paths and its run folder exists (after ``preflight``). A run folder
+    with an MLflow run of an earlier attempt (a resume) continues that run.
+    """
+    if not cfg.tracking.mlflow:
+        return None
+    uri = tracking_uri(cfg)
+    _check_reachable(uri)
+    run_file = cfg.run_dir() / RUN_FILE
+    with _store_errors(cfg, uri):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
+        if run_file.is_file():
+            earlier = json.loads(run_file.read_text())
+            if earlier.get("uri") == uri:
+                try:
+                    run = client.get_run(earlier["run_id"])
+                except Exception:  # deleted from the store: start a new one
+                    run = None
+                if run is not None and run.info.experiment_id == exp_id:
+                    client.update_run(run.info.run_id, status="RUNNING")
+                    return TrackedRun(uri, run.info.run_id, exp_id)
+        run = client.create_run(exp_id, run_name=_run_name(cfg, uri),
+                                tags={"faceage.run_dir": str(cfg.run_dir())})
+        items = [Param(k, v[:6000]) for k, v in flatten(cfg.to_dict()).items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
     run_file.write_text(json.dumps({"uri": uri, "run_id": run.info.run_id}))
     return TrackedRun(uri, run.info.run_id, exp_id)
 

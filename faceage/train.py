@@ -134,7 +134,8 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
 
     tracked = open_run(cfg)  # a bad tracking URI stops here, before Ray starts
     if tracked is not None:
-        callbacks = [*(callbacks or []), tracked.callback()]
+        # First: Tune's report callback does not return when ASHA stops the trial.
+        callbacks = [tracked.callback(), *(callbacks or [])]
         print(f"[faceage] MLflow: run {tracked.run_id} in experiment "
               f"{cfg.tracking.experiment!r} at {tracked.uri}")
     try:

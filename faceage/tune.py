@@ -517,6 +517,7 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
 
     from faceage.plots import tune_curves
     from faceage.preflight import check_job_paths
+    from faceage.tracking import check_store
     from faceage.train import ray_for_run
 
     plan = plan_search(settings, config_dir)
@@ -524,6 +525,9 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
     plan.base = plan.base.with_absolute_paths()
     plan.tune_dir = plan.base.run_dir()
     check_trials_buildable(plan)
+    # Every trial logs to the search's store (one MLflow run each), checked and set up here
+    # before any trial starts; trials on other nodes get the URI in their config.
+    plan.base.tracking.uri = check_store(plan.base)
     plan.tune_dir.mkdir(parents=True, exist_ok=True)
     (plan.tune_dir / "tune.yaml").write_text(
         yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))

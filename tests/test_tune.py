@@ -99,6 +99,19 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
         assert len(summary["history"]) == 2
     assert f"best trial {best['trial']}" in out and str(tune_dir / "best_model.pt") in out
 
+    # Every trial is an MLflow run in the search's store, one val_mae per epoch it ran.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("faceage").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {f"tiny/{t}/train" for t in table["trial"]}
+    for _, row in table.iterrows():
+        run = by_name[f"tiny/{row['trial']}/train"]
+        history = client.get_metric_history(run.info.run_id, "val_mae")
+        assert len(history) == row["epochs_run"]
+        assert run.data.params["model.backbone"] == row["backbone"]
+
 
 @pytest.mark.parametrize("change, message", [
     ({"space": {"optimizer": ["adam"]}}, "space.optimizer: unknown search key 'optimizer'"),
