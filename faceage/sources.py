@@ -283,6 +283,35 @@ def prepare_key(origins: Sequence[str], policy: dict, size: int, detector: dict)
     return key.hexdigest()[:16]
 
 
+def find_covering_prepare(root: Path, fmt: str, origins: Sequence[str], policy: dict, size: int,
+                          detector: dict) -> Path | None:
+    """A finished prepared set of this format, crop policy, size and detector that holds every
+    one of ``origins`` and is newer than each of them (a run on a subset, such as a ``limit``,
+    reuses a full prepare instead of detecting the faces again); None when there is none."""
+    wanted = set(origins)
+    policy, detector = json.loads(json.dumps(policy)), json.loads(json.dumps(detector))
+    newest = 0.0
+    for p in wanted:
+        try:
+            newest = max(newest, os.stat(p).st_mtime)
+        except OSError:
+            return None
+    for meta_path in sorted(root.glob(f"{fmt}-*/prepare.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            if (meta.get("crop_policy") != policy or meta.get("crop_size") != size
+                    or meta.get("detector") != detector
+                    or meta_path.stat().st_mtime < newest):
+                continue
+            index = pd.read_csv(meta_path.parent / "index.csv", usecols=["source_path"],
+                                keep_default_na=False)
+        except (OSError, ValueError):
+            continue
+        if wanted <= {os.path.realpath(p) for p in index["source_path"]}:
+            return meta_path.parent
+    return None
+
+
 def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
                    report: LoadReport, *, local: bool | None = None,
                    say=print) -> pd.DataFrame:
@@ -302,7 +331,13 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
     root.mkdir(parents=True, exist_ok=True)
     out = root / f"{spec.format}-{key}"
     with FileLock(str(root / f"{spec.format}-{key}.lock")):
-        if (out / "prepare.json").is_file():
+        covering = None if (out / "prepare.json").is_file() else find_covering_prepare(
+            root, spec.format, origins, policy_meta, DEFAULT_CROP_SIZE, detector_meta)
+        if covering is not None:
+            out = covering
+            say(f"[faceage] {spec.name}: reusing {len(rows)} images' crops from the larger "
+                f"prepared set in {out}")
+        elif (out / "prepare.json").is_file():
             say(f"[faceage] {spec.name}: reusing the prepared crops in {out}")
         else:
             if local is None:

@@ -4,6 +4,8 @@ sampling, per-source splits and metrics, the prepare cache, and a multi-source R
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +264,22 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     assert "reusing the prepared crops" in lines[-1]
     meta = json.loads(next((tmp_path / "prepared").glob("csv-*/prepare.json")).read_text())
     assert meta["crop_size"] == 200 and meta["crop_policy"]["name"] == "utkface-chip"
+
+    # A subset (as a smaller limit gives) is served from the larger prepared set.
+    subset = prepare_source(specs[0], table.iloc[:1], data, LoadReport(), local=True,
+                            say=lines.append)
+    assert list(subset["path"]) == list(first["path"])
+    assert "reusing 1 images' crops from the larger prepared set" in lines[-1]
+    assert len(list((tmp_path / "prepared").glob("csv-*/prepare.json"))) == 1
+
+    # An image changed after the prepare is not served from it: that subset is prepared anew.
+    monkeypatch.undo()
+    os.utime(tmp_path / "astronaut.jpg", (time.time() + 5, time.time() + 5))
+    table, _, specs = read_sources(data)
+    fresh = prepare_source(specs[0], table.iloc[:1], data, LoadReport(), local=True,
+                           say=lines.append)
+    assert "preparing 1 images once" in lines[-2] and len(fresh) == 1
+    assert len(list((tmp_path / "prepared").glob("csv-*/prepare.json"))) == 2
 
 
 @pytest.mark.slow
