@@ -40,7 +40,10 @@ if TYPE_CHECKING:  # pandas loads only when a search runs: `faceage --help` stay
     import pandas as pd
 
 METRIC = "val_mae"
-SPACE_KEYS = ("backbone", "pretrained", "input_size", "lr_scale", "schedule", "loss")
+SPACE_KEYS = ("backbone", "pretrained", "input_size", "uncertainty", "lr_scale", "schedule",
+              "loss")
+# ``weight.<source>``: the sampling weight of the training source named <source> (data.sources).
+WEIGHT_PREFIX = "weight."
 LOSSES = ("l1", "smooth_l1", "mse")
 # --set keys whose first part is one of these go to the tune settings; all others to ``base``.
 TUNE_KEYS = ("name", "storage_path", "train_config", "base", "schedules", "space", "search")
@@ -152,9 +155,9 @@ def _deep_merge(into: dict, extra: dict) -> dict:
 def parse_dimension(key: str, spec: Any) -> Dimension:
     """A space entry: a value (fixed), a list (random choice), {grid: [...]} or a range."""
     where = f"space.{key}"
-    if key not in SPACE_KEYS:
+    if key not in SPACE_KEYS and not (key.startswith(WEIGHT_PREFIX) and len(key) > 7):
         raise UserError(f"{where}: unknown search key {key!r}; the space takes "
-                        f"{', '.join(SPACE_KEYS)}")
+                        f"{', '.join(SPACE_KEYS)} and weight.<source name>")
     if isinstance(spec, dict):
         if len(spec) != 1 or next(iter(spec)) not in ("grid", "choice", "uniform", "loguniform"):
             raise UserError(f"{where}: expected a value, a list, or one of {{grid: [...]}}, "
@@ -164,8 +167,9 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
         if kind in ("uniform", "loguniform"):
-            if key != "lr_scale":
-                raise UserError(f"{where}: a {kind} range needs a numeric key (lr_scale)")
+            if key != "lr_scale" and not key.startswith(WEIGHT_PREFIX):
+                raise UserError(f"{where}: a {kind} range needs a numeric key (lr_scale, "
+                                "weight.<source>)")
             if (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
                     or not 0 < values[0] < values[1]):
                 raise UserError(f"{where}.{kind}: expected [low, high] with 0 < low < high, "
@@ -184,9 +188,23 @@ def trial_config(base: Config, params: dict[str, Any], schedules: dict[str, list
     raw = base.to_dict()
     raw.update(name=name, storage_path=storage_path)
     model, train = raw["model"], raw["train"]
-    for key in ("backbone", "pretrained", "input_size"):
+    for key in ("backbone", "pretrained", "input_size", "uncertainty"):
         if key in params:
             model[key] = params[key]
+    weights = {k[len(WEIGHT_PREFIX):]: v for k, v in params.items() if k.startswith(WEIGHT_PREFIX)}
+    if weights:
+        from faceage.sources import resolve_sources
+
+        names = [s.name for s in resolve_sources(base.data)]
+        unknown = sorted(set(weights) - set(names)) if base.data.sources is not None else [
+            next(iter(weights))]
+        if unknown:
+            raise UserError(f"space.weight.{unknown[0]}: the base training settings have no data "
+                            f"source named {unknown[0]!r}" + (
+                                f" (sources: {', '.join(names)})" if base.data.sources is not None
+                                else "; weights need data.sources"))
+        for name, value in weights.items():
+            raw["data"]["sources"][names.index(name)]["weight"] = value
     if "loss" in params:
         train["loss"] = params["loss"]
     if "schedule" in params:
@@ -350,6 +368,10 @@ def collect_results(grid, plan: TunePlan) -> tuple[pd.DataFrame, dict[str, pd.Da
             "backbone": config.get("backbone", plan.base.model.backbone),
             "params": _params_text(config, plan.dims),
             "best_val_mae": float(best[METRIC]) if best is not None else float("nan"),
+            # Several sources: val_mae is the mean of theirs; each one's at the same epoch.
+            "val_mae_by_source": "" if best is None else ", ".join(
+                f"{c.split('/', 1)[1]} {best[c]:.2f}" for c in df.columns
+                if c.startswith(f"{METRIC}/") and pd.notna(best[c])),
             "best_epoch": int(best["epoch"]) + 1 if best is not None else None,
             "epochs_run": epochs,
             "epochs_planned": cfg.total_epochs,
@@ -398,14 +420,17 @@ def export_best_trial(table: pd.DataFrame, plan: TunePlan) -> tuple[Path, pd.Ser
 def markdown_table(table: pd.DataFrame) -> str:
     import pandas as pd
 
-    lines = ["| trial | backbone | params | best val MAE | best epoch | epochs run | time (s) "
-             "| status |", "|---|---|---|---|---|---|---|---|"]
+    by_source = "val_mae_by_source" in table and table["val_mae_by_source"].astype(bool).any()
+    lines = ["| trial | backbone | params | best val MAE " + ("| by source " if by_source else "")
+             + "| best epoch | epochs run | time (s) | status |",
+             "|---|---|---|---|" + ("---|" if by_source else "") + "---|---|---|---|"]
     for _, r in table.iterrows():
         mae = f"{r['best_val_mae']:.2f}" if pd.notna(r["best_val_mae"]) else "-"
         epoch = f"{int(r['best_epoch'])}" if pd.notna(r["best_epoch"]) else "-"
         secs = f"{r['time_s']:.0f}" if pd.notna(r["time_s"]) else "-"
         status = str(r["status"]).replace("|", "/")
-        lines.append(f"| {r['trial']} | {r['backbone']} | {r['params']} | {mae} | {epoch} "
+        extra = f"| {r['val_mae_by_source']} " if by_source else ""
+        lines.append(f"| {r['trial']} | {r['backbone']} | {r['params']} | {mae} {extra}| {epoch} "
                      f"| {r['epochs_run']}/{r['epochs_planned']} | {secs} | {status} |")
     return "\n".join(lines)
 

@@ -125,6 +125,10 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
      "unknown groups ['block9']"),
     ({"space": {"pretrained": ["none", "/nowhere/weights.pth"]}},
      "pretrained=/nowhere/weights.pth: pretrained weights file not found"),
+    ({"space": {"uncertainty": {"grid": ["none", "gaussian"]}}},
+     "model.uncertainty: Input should be 'none' or 'laplace'"),
+    ({"space": {"weight.aaf": [1, 2]}}, "space.weight.aaf: the base training settings have no "
+                                        "data source named 'aaf'; weights need data.sources"),
 ])
 def test_bad_search_space_stops_before_any_trial(tiny_utkface, tmp_path, change, message):
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
@@ -211,3 +215,26 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
     for pg in [*orphaned_placement_groups(), kept, by_driver]:
         ray.util.remove_placement_group(pg)
     ray.kill(alive)
+
+
+def test_space_sets_uncertainty_and_source_weights(tiny_utkface, tmp_path):
+    """``uncertainty`` and ``weight.<source>`` reach the trial's training config."""
+    from faceage.tune import trial_config
+
+    settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
+    settings["base"]["data"] = {"sources": [
+        {"format": "utkface", "path": str(tiny_utkface)},
+        {"format": "utkface", "path": str(tiny_utkface), "name": "more"}],
+        "limit": None, "cache_dir": str(tmp_path / "cache")}
+    settings["space"] = {"uncertainty": {"grid": ["none", "laplace"]},
+                         "weight.more": {"grid": [1, 3]}}
+    plan = plan_search(load_tune_settings(write_yaml(tmp_path / "tune.yaml", settings)))
+    assert plan.trial_count == 4
+    cfg = trial_config(plan.base, {"uncertainty": "none", "weight.more": 3}, plan.schedules,
+                       str(tmp_path), "t")
+    assert cfg.model.uncertainty == "none"
+    assert [s.weight for s in cfg.data.sources] == [1.0, 3.0]
+    with pytest.raises(UserError, match=r"no data source named 'less' \(sources: utkface, more\)"):
+        trial_config(plan.base, {"weight.less": 2}, plan.schedules, str(tmp_path), "t")
+    with pytest.raises(UserError, match="greater than 0"):
+        trial_config(plan.base, {"weight.more": 0}, plan.schedules, str(tmp_path), "t")
