@@ -224,12 +224,27 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
     prediction_report(ok["pred"], ok["age"], summary["mae_by_decade"], path.with_suffix(".png"),
                       title=f"{model.name} on {Path(args.data).name} "
                             f"(MAE {summary['metrics']['mae']:.2f})")
+    track(args, model, [path, path.with_suffix(".png"), path.with_suffix(".csv")],
+          {"": summary["metrics"]})
     if args.json:
         print(json.dumps(report), file=out)
     else:
         print(format_table(report), file=out)
         print(f"\nreport: {path}\nplot:   {path.with_suffix('.png')}", file=out)
     return 0
+
+
+def track(args: argparse.Namespace, model, files: list[Path], metrics: dict[str, dict]) -> None:
+    """The report and its metrics (``eval_test_tta_mae/aaf``, ...) to the model's MLflow run."""
+    if getattr(args, "no_mlflow", False):
+        return
+    from faceage.tracking import attach_report
+
+    prefix = f"eval_{args.split}{'_tta' if args.tta else ''}_"
+    flat = {f"{prefix}{k}{'/' + src if src else ''}": v
+            for src, block in metrics.items() for k, v in block.items()
+            if k in ("mae", "rmse", "cs5", "mean_signed_error")}
+    attach_report(model.metadata, files, flat, say=lambda m: print(m, file=sys.stderr))
 
 
 # -- several sources ------------------------------------------------------------------------------
@@ -370,6 +385,9 @@ def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) ->
     path.write_text(json.dumps(report, indent=2))
     preds.rename(columns={"gender": "gender_code", "gender_name": "gender"}).drop(
         columns=["gender_code", "race"]).to_csv(path.with_suffix(".csv"), index=False)
+    track(args, model, [path, path.with_suffix(".csv")],
+          {"": summary["all"]["metrics"],
+           **{n: summary["sources"][n]["metrics"] for n in names}})
     if args.json:
         print(json.dumps(report), file=out)
     else:
@@ -396,5 +414,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="the age intervals' coverage (above 0, at most 0.99; default 0.8); the "
                         "report says how often the true age falls inside and the mean width")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="do not add the report to the MLflow run that trained the model (by "
+                        "default it is added when the model file names a run whose store "
+                        "answers)")
     p.add_argument("--report", help="report path (default runs/evaluate/MODEL-DATA.json); the "
                                     "PNG and per-image CSV are written beside it")

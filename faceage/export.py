@@ -90,6 +90,10 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
         "config": cfg.to_dict(),
     }
     metadata.update(interval_metadata(best_state, best_metrics, uncertainty))
+    from faceage.tracking import run_reference
+
+    if (tracked := run_reference(run_dir)) is not None:
+        metadata["mlflow"] = tracked  # `faceage evaluate` adds its report to this run
     metadata["metrics"].update({k: best_metrics[k] for k in INTERVAL_METRICS
                                 if k in best_metrics})
     path = save_model_file(model, run_dir / "model.pt", metadata)

@@ -259,3 +259,68 @@ class MLflowEpochLogger(_user_callback_base()):
             self._client.log_batch(self.run_id, metrics=batch)
         except Exception as exc:  # tracking must not stop training
             print(f"[faceage] MLflow: could not log epoch {step + 1}: {exc}")
+
+
+# -- after the run: trials Tune stopped, evaluation reports ---------------------------------------
+
+
+def run_reference(run_dir: Path) -> dict | None:
+    """``{"uri", "run_id"}`` of the MLflow run of a run folder (None when it was not tracked)."""
+    try:
+        ref = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return {"uri": ref["uri"], "run_id": ref["run_id"]} if "run_id" in ref else None
+
+
+def close_run(run_dir: Path, status: str) -> None:
+    """End a run folder's MLflow run that is still RUNNING with ``status`` (KILLED, FAILED).
+
+    When ASHA stops a Tune trial, Tune ends the trial's actor, so ``run_training`` never gets to
+    close its run; the search's driver closes it afterwards."""
+    ref = run_reference(run_dir)
+    if ref is None:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=ref["uri"])
+        if client.get_run(ref["run_id"]).info.status == "RUNNING":
+            client.set_terminated(ref["run_id"], status)
+    except Exception as exc:
+        print(f"[faceage] MLflow: could not close run {ref['run_id']}: {exc}")
+
+
+def attach_report(metadata: dict, files: list[Path], metrics: dict[str, float],
+                  say=print) -> str | None:
+    """Add an evaluation's report files (under ``evaluate/``) and its metrics to the MLflow run
+    that trained the model, when the model file names one and its store answers; returns the run
+    id, or None. Never fails the evaluation: the report is on disk either way."""
+    ref = metadata.get("mlflow") or {}
+    if not ref.get("run_id"):
+        return None
+    uri = ref["uri"]
+    try:
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            return None  # a model file from another machine: its store is not here
+        _check_reachable(uri)
+        with _no_retries():
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri)
+            client.get_run(ref["run_id"])
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and math.isfinite(float(v))]
+            if batch:
+                client.log_batch(ref["run_id"], metrics=batch)
+            for f in files:
+                if Path(f).is_file():
+                    client.log_artifact(ref["run_id"], str(f), artifact_path="evaluate")
+    except Exception as exc:
+        say(f"[faceage] MLflow: the report was not added to run {ref['run_id']} at {uri}: "
+            f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}")
+        return None
+    say(f"[faceage] MLflow: report added to run {ref['run_id']} ({uri})")
+    return ref["run_id"]

@@ -590,6 +590,12 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
         grid = tuner.fit()
         table, curves = collect_results(grid, plan)
         exported = export_best_trial(table, plan)
+    from faceage.tracking import close_run
+
+    for _, row in table[table["status"] != "completed"].iterrows():
+        # ASHA ended these trials' actors before run_training could close their MLflow runs.
+        close_run(Path(row["run_dir"]), "KILLED" if row["status"] == "stopped by ASHA"
+                  else "FAILED")
     wall = time.time() - started
     table.drop(columns=["checkpoint"]).to_csv(plan.tune_dir / "results.csv", index=False)
     md = markdown_table(table)

@@ -4,6 +4,7 @@ run before Ray starts; ``tracking.mlflow=false`` creates no store."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def test_training_run_is_logged(tiny_utkface, tmp_path, ray_local):
     local = Path(client.download_artifacts(run.info.run_id, "model.pt", str(tmp_path / "dl")))
     assert local.stat().st_size == outcome.model_path.stat().st_size
     assert str(tmp_path.resolve() / "mlartifacts") in run.info.artifact_uri
+
+    # `faceage evaluate` adds its report and figures to the run named in the model file.
+    from faceage.cli import main as cli_main
+    from faceage.modelfile import load_model_file
+
+    assert load_model_file(outcome.model_path).metadata["mlflow"]["run_id"] == run.info.run_id
+    report = tmp_path / "eval" / "val.json"
+    assert cli_main(["evaluate", "--model", str(outcome.model_path), "--data",
+                     str(tiny_utkface), "--split", "val", "--report", str(report)]) == 0
+    evaluated = json.loads(report.read_text())
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["eval_val_mae"] == pytest.approx(evaluated["metrics"]["mae"])
+    assert {"evaluate/val.json", "evaluate/val.png", "evaluate/val.csv"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow

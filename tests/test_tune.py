@@ -111,6 +111,9 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
         history = client.get_metric_history(run.info.run_id, "val_mae")
         assert len(history) == row["epochs_run"]
         assert run.data.params["model.backbone"] == row["backbone"]
+        # Trials ASHA stopped are closed by the driver, not left RUNNING.
+        assert run.info.status == {"completed": "FINISHED",
+                                   "stopped by ASHA": "KILLED"}[row["status"]]
 
 
 @pytest.mark.parametrize("change, message", [
