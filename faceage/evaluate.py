@@ -243,7 +243,7 @@ def track(args: argparse.Namespace, model, files: list[Path], metrics: dict[str,
     prefix = f"eval_{args.split}{'_tta' if args.tta else ''}_"
     flat = {f"{prefix}{k}{'/' + src if src else ''}": v
             for src, block in metrics.items() for k, v in block.items()
-            if k in ("mae", "rmse", "cs5", "mean_signed_error")}
+            if k in ("mae", "rmse", "cs5", "signed")}
     attach_report(model.metadata, files, flat, say=lambda m: print(m, file=sys.stderr))
 
 

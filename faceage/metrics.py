@@ -6,16 +6,19 @@ import numpy as np
 
 
 def regression_metrics(pred, true, cs_years: float = 5.0) -> dict[str, float]:
-    """MAE, RMSE and CS@5 (share of predictions within ``cs_years`` of the truth)."""
+    """MAE, RMSE, CS@5 (share of predictions within ``cs_years`` of the truth) and the mean
+    signed error."""
     pred = np.asarray(pred, dtype=np.float64)
     true = np.asarray(true, dtype=np.float64)
     if pred.size == 0:
-        return {"mae": float("nan"), "rmse": float("nan"), "cs5": float("nan"), "n": 0}
+        return {"mae": float("nan"), "rmse": float("nan"), "cs5": float("nan"),
+                "signed": float("nan"), "n": 0}
     err = np.abs(pred - true)
     return {
         "mae": float(err.mean()),
         "rmse": float(np.sqrt(np.mean((pred - true) ** 2))),
         "cs5": float(np.mean(err <= cs_years)),
+        "signed": float(np.mean(pred - true)),  # mean signed error: above 0 reads older
         "n": int(pred.size),
     }
 
@@ -26,12 +29,15 @@ def decade_label(age: float) -> str:
 
 
 def mae_by(pred, true, keys) -> dict[str, dict[str, float]]:
-    """MAE and count per value of ``keys`` (e.g. age decade, gender), sorted by key."""
+    """MAE, mean signed error (predicted minus true: above 0 reads older) and count per value of
+    ``keys`` (e.g. age decade, gender), sorted by key."""
     pred, true, keys = np.asarray(pred, float), np.asarray(true, float), np.asarray(keys)
     out = {}
     for k in sorted(set(keys.tolist()), key=lambda x: (str(type(x)), x)):
         mask = keys == k
-        out[str(k)] = {"mae": float(np.abs(pred[mask] - true[mask]).mean()), "n": int(mask.sum())}
+        err = pred[mask] - true[mask]
+        out[str(k)] = {"mae": float(np.abs(err).mean()), "signed": float(err.mean()),
+                       "n": int(mask.sum())}
     return out
 
 
