@@ -77,20 +77,27 @@ def _require_dir(path: Path) -> None:
         raise UserError(f"expected a directory of UTKFace images, got a file: {path}")
 
 
-def read_utkface(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
-    """Every well-named UTKFace image in ``directory``; malformed names are counted, not fatal."""
-    root = Path(directory).expanduser()
-    _require_dir(root)
+def scan_labelled_images(root: Path, parse, bad_name: str) -> tuple[list[tuple], LoadReport]:
+    """``(path, *labels)`` of every image file in ``root`` (sorted by name) whose name ``parse``
+    reads (it returns a tuple of labels, or None); the others are counted under ``bad_name``."""
     report = LoadReport()
     rows = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_file() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             continue
-        labels = parse_utkface_name(entry.name)
+        labels = parse(entry.name)
         if labels is None:
-            report.skip("malformed names", entry.name)
+            report.skip(bad_name, entry.name)
             continue
         rows.append((entry.path, *labels))
+    return rows, report
+
+
+def read_utkface(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
+    """Every well-named UTKFace image in ``directory``; malformed names are counted, not fatal."""
+    root = Path(directory).expanduser()
+    _require_dir(root)
+    rows, report = scan_labelled_images(root, parse_utkface_name, "malformed names")
     if not rows:
         raise UserError(
             f"no UTKFace images found in {root} (expected names like "

@@ -29,7 +29,6 @@ import torch
 
 from faceage.config import DataConfig
 from faceage.data import (
-    IMAGE_EXTENSIONS,
     MAX_AGE,
     UTKFACE_RACES,
     LoadReport,
@@ -38,6 +37,7 @@ from faceage.data import (
     read_manifest,
     read_prepared,
     read_utkface,
+    scan_labelled_images,
 )
 from faceage.errors import UserError
 
@@ -128,23 +128,14 @@ def read_aaf(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
     if not root.is_dir():
         raise UserError(f"AAF folder not found: {root}" if not root.exists()
                         else f"expected a folder of AAF photos, got a file: {root}")
-    report = LoadReport()
-    rows = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not entry.is_file() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        labels = parse_aaf_name(entry.name)
-        if labels is None:
-            report.skip("names not like NNNNNAaa.jpg", entry.name)
-            continue
-        rows.append((entry.path, float(labels[0]), labels[1]))
+    rows, report = scan_labelled_images(root, parse_aaf_name, "names not like NNNNNAaa.jpg")
     if not rows:
         bad = report.skipped.get("names not like NNNNNAaa.jpg", [])
         seen = f": {len(bad)} images with other names ({', '.join(bad[:3])})" if bad else ""
         raise UserError(f"no AAF images found in {root}{seen}; AAF names are NNNNNAaa.jpg, "
                         "e.g. 00012A25.jpg (serial, 'A', age)")
     report.kept = len(rows)
-    df = pd.DataFrame(rows, columns=["path", "age", "gender"])
+    df = pd.DataFrame(rows, columns=["path", "age", "gender"]).astype({"age": float})
     return df.assign(group="AAF"), report
 
 
