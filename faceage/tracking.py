@@ -128,9 +128,10 @@ class TrackedRun:
         except Exception as exc:  # the model is on disk already: say so, do not fail the run
             print(f"[faceage] MLflow: could not store the artifacts of run {self.run_id}: {exc}")
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, status: str) -> None:
+        """End the run as FINISHED, FAILED or KILLED (interrupted)."""
         try:
-            self.client().set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+            self.client().set_terminated(self.run_id, status)
         except Exception as exc:
             print(f"[faceage] MLflow: could not close run {self.run_id}: {exc}")
 
@@ -273,11 +274,12 @@ def run_reference(run_dir: Path) -> dict | None:
     return {"uri": ref["uri"], "run_id": ref["run_id"]} if "run_id" in ref else None
 
 
-def close_run(run_dir: Path, status: str) -> None:
-    """End a run folder's MLflow run that is still RUNNING with ``status`` (KILLED, FAILED).
+def close_run(run_dir: Path, status: str, replace: tuple[str, ...] = ("RUNNING",)) -> None:
+    """Set a run folder's MLflow run to ``status`` (KILLED, FAILED) if it is in ``replace``.
 
-    When ASHA stops a Tune trial, Tune ends the trial's actor, so ``run_training`` never gets to
-    close its run; the search's driver closes it afterwards."""
+    When ASHA stops a Tune trial, Tune ends the trial's actor: ``run_training`` either never
+    gets to close its run, or sees the stop as an error and closes it as FAILED; the search's
+    driver, which knows why the trial ended, closes it afterwards."""
     ref = run_reference(run_dir)
     if ref is None:
         return
@@ -285,7 +287,7 @@ def close_run(run_dir: Path, status: str) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=ref["uri"])
-        if client.get_run(ref["run_id"]).info.status == "RUNNING":
+        if client.get_run(ref["run_id"]).info.status in replace:
             client.set_terminated(ref["run_id"], status)
     except Exception as exc:
         print(f"[faceage] MLflow: could not close run {ref['run_id']}: {exc}")

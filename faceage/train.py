@@ -140,14 +140,14 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
               f"{cfg.tracking.experiment!r} at {tracked.uri}")
     try:
         outcome = _train(cfg, checked, callbacks)
-    except BaseException:
-        if tracked is not None:
-            tracked.finish(ok=False)
+    except BaseException as exc:
+        if tracked is not None:  # Ctrl-C (or a stop from Tune) is KILLED, an error FAILED
+            tracked.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     if tracked is not None:
         tracked.log_artifacts(outcome.model_path, run_dir / "curves.png",
                               run_dir / "summary.json", run_dir / "config.yaml")
-        tracked.finish(ok=True)
+        tracked.finish("FINISHED")
     return outcome
 
 

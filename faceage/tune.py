@@ -594,8 +594,10 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
 
     for _, row in table[table["status"] != "completed"].iterrows():
         # ASHA ended these trials' actors before run_training could close their MLflow runs.
-        close_run(Path(row["run_dir"]), "KILLED" if row["status"] == "stopped by ASHA"
-                  else "FAILED")
+        if row["status"] == "stopped by ASHA":
+            close_run(Path(row["run_dir"]), "KILLED", replace=("RUNNING", "FAILED"))
+        else:
+            close_run(Path(row["run_dir"]), "FAILED")
     wall = time.time() - started
     table.drop(columns=["checkpoint"]).to_csv(plan.tune_dir / "results.csv", index=False)
     md = markdown_table(table)
