@@ -155,7 +155,8 @@ def _deep_merge(into: dict, extra: dict) -> dict:
 def parse_dimension(key: str, spec: Any) -> Dimension:
     """A space entry: a value (fixed), a list (random choice), {grid: [...]} or a range."""
     where = f"space.{key}"
-    if key not in SPACE_KEYS and not (key.startswith(WEIGHT_PREFIX) and len(key) > 7):
+    is_weight = key.startswith(WEIGHT_PREFIX) and len(key) > len(WEIGHT_PREFIX)
+    if key not in SPACE_KEYS and not is_weight:
         raise UserError(f"{where}: unknown search key {key!r}; the space takes "
                         f"{', '.join(SPACE_KEYS)} and weight.<source name>")
     if isinstance(spec, dict):
