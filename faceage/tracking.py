@@ -136,11 +136,15 @@ class TrackedRun:
             print(f"[faceage] MLflow: could not close run {self.run_id}: {exc}")
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def _artifact_root(uri: str) -> str | None:
     """A SQLite store keeps artifacts beside it (MLflow's default is ./mlruns of the cwd)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return None
+    db = _sqlite_file(uri)
+    return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -159,9 +163,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
 def _run_name(cfg: Config, uri: str) -> str:
     """The run folder relative to a SQLite store's folder (``<tune>/<trial>/train`` for a trial),
     else the run's name."""
-    if uri.startswith("sqlite:///"):
+    db = _sqlite_file(uri)
+    if db is not None:
         try:
-            return str(cfg.run_dir().relative_to(Path(uri[len("sqlite:///"):]).parent))
+            return str(cfg.run_dir().relative_to(db.parent))
         except ValueError:
             pass
     return cfg.name
@@ -204,29 +209,27 @@ def open_run(cfg: Config) -> TrackedRun | None:
         return None
     uri = tracking_uri(cfg)
     _check_reachable(uri)
-    run_file = cfg.run_dir() / RUN_FILE
+    earlier = run_reference(cfg.run_dir())
     with _store_errors(cfg, uri):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
-        if run_file.is_file():
-            earlier = json.loads(run_file.read_text())
-            if earlier.get("uri") == uri:
-                try:
-                    run = client.get_run(earlier["run_id"])
-                except Exception:  # deleted from the store: start a new one
-                    run = None
-                if run is not None and run.info.experiment_id == exp_id:
-                    client.update_run(run.info.run_id, status="RUNNING")
-                    return TrackedRun(uri, run.info.run_id, exp_id)
+        if earlier is not None and earlier["uri"] == uri:
+            try:
+                run = client.get_run(earlier["run_id"])
+            except Exception:  # deleted from the store: start a new one
+                run = None
+            if run is not None and run.info.experiment_id == exp_id:
+                client.update_run(run.info.run_id, status="RUNNING")
+                return TrackedRun(uri, run.info.run_id, exp_id)
         run = client.create_run(exp_id, run_name=_run_name(cfg, uri),
                                 tags={"faceage.run_dir": str(cfg.run_dir())})
         items = [Param(k, v[:6000]) for k, v in flatten(cfg.to_dict()).items()]
         for i in range(0, len(items), 100):
             client.log_batch(run.info.run_id, params=items[i:i + 100])
-    run_file.write_text(json.dumps({"uri": uri, "run_id": run.info.run_id}))
+    (cfg.run_dir() / RUN_FILE).write_text(json.dumps({"uri": uri, "run_id": run.info.run_id}))
     return TrackedRun(uri, run.info.run_id, exp_id)
 
 
@@ -303,7 +306,7 @@ def attach_report(metadata: dict, files: list[Path], metrics: dict[str, float],
         return None
     uri = ref["uri"]
     try:
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        if (db := _sqlite_file(uri)) is not None and not db.is_file():
             return None  # a model file from another machine: its store is not here
         _check_reachable(uri)
         with _no_retries():
