@@ -337,6 +337,7 @@ def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) ->
     """``faceage evaluate`` over several sources: each source's rows evaluated (raw AAF/CSV
     photos detected and aligned by the model's crop policy), reported per source and whole."""
     from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
+    from faceage.plots import sources_prediction_report
     from faceage.sources import read_sources
 
     model = load_model_file(args.model)
@@ -382,17 +383,25 @@ def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) ->
         f"{model_path.stem}-{name}" + ("" if args.split == "all" else f"-{args.split}") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     report["report"], report["predictions"] = str(path), str(path.with_suffix(".csv"))
+    report["plot"] = str(path.with_suffix(".png"))
     path.write_text(json.dumps(report, indent=2))
     preds.rename(columns={"gender": "gender_code", "gender_name": "gender"}).drop(
         columns=["gender_code", "race"]).to_csv(path.with_suffix(".csv"), index=False)
-    track(args, model, [path, path.with_suffix(".csv")],
+    ok = preds[preds["status"] == "ok"]
+    maes = ", ".join(f"{n} {summary['sources'][n]['metrics']['mae']:.2f}" for n in names)
+    sources_prediction_report(
+        {n: (ok.loc[ok["source"] == n, "pred"], ok.loc[ok["source"] == n, "age"],
+             summary["sources"][n]["mae_by_decade"]) for n in names},
+        path.with_suffix(".png"), title=f"{model.name}, {args.split} split (MAE {maes})")
+    track(args, model, [path, path.with_suffix(".png"), path.with_suffix(".csv")],
           {"": summary["all"]["metrics"],
            **{n: summary["sources"][n]["metrics"] for n in names}})
     if args.json:
         print(json.dumps(report), file=out)
     else:
         print(format_sources_table(report), file=out)
-        print(f"\nreport: {path}\npredictions: {path.with_suffix('.csv')}", file=out)
+        print(f"\nreport: {path}\nplot:   {path.with_suffix('.png')}\n"
+              f"predictions: {path.with_suffix('.csv')}", file=out)
     return 0
 
 

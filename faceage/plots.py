@@ -57,21 +57,40 @@ def learning_curves(history: Sequence[dict], path: str | Path, title: str = "") 
 
 def prediction_report(pred, true, by_decade: dict, path: str | Path, title: str = "") -> Path:
     """Predicted vs true scatter and MAE by age decade."""
-    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    return sources_prediction_report({"": (pred, true, by_decade)}, path, title)
+
+
+def sources_prediction_report(parts: dict[str, tuple], path: str | Path, title: str = "") -> Path:
+    """``prediction_report`` for several sources, ``{name: (pred, true, by_decade)}``: one
+    scatter colour and one bar per source in each decade (a single unnamed part: no legend)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    ax1.scatter(true, pred, s=4, alpha=0.35)
-    hi = max(float(true.max(initial=1)), float(pred.max(initial=1))) + 5
+    hi = 1.0
+    for name, (pred, true, _) in parts.items():
+        pred, true = np.asarray(pred, float), np.asarray(true, float)
+        ax1.scatter(true, pred, s=4, alpha=0.35, label=name or None)
+        hi = max(hi, float(true.max(initial=1)), float(pred.max(initial=1)))
+    hi += 5
     ax1.plot([0, hi], [0, hi], "k--", alpha=0.5)
     ax1.set_xlim(0, hi)
     ax1.set_ylim(0, hi)
     ax1.set_xlabel("true age")
     ax1.set_ylabel("predicted age")
     ax1.grid(alpha=0.3)
-    labels = list(by_decade)
-    ax2.bar(labels, [by_decade[k]["mae"] for k in labels], color="tab:orange")
-    for i, k in enumerate(labels):
-        ax2.text(i, by_decade[k]["mae"], f"n={by_decade[k]['n']}", ha="center", va="bottom",
-                 fontsize=7)
+    labels = sorted({k for *_, by_decade in parts.values() for k in by_decade},
+                    key=lambda k: int(k.split("-")[0]) if k.split("-")[0].isdigit() else 999)
+    width = 0.8 / len(parts)
+    for j, (name, (*_, by_decade)) in enumerate(parts.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i, k in enumerate(labels) if k in by_decade]
+        maes = [by_decade[k]["mae"] for k in labels if k in by_decade]
+        ax2.bar(xs, maes, width, label=name or None,
+                color="tab:orange" if len(parts) == 1 else None)
+        for x, k in zip(xs, [k for k in labels if k in by_decade], strict=True):
+            ax2.text(x, by_decade[k]["mae"], f"n={by_decade[k]['n']}", ha="center",
+                     va="bottom", fontsize=7 if len(parts) == 1 else 5)
+    ax2.set_xticks(range(len(labels)), labels)
+    if len(parts) > 1:
+        ax1.legend(loc="upper left", markerscale=3)
+        ax2.legend(loc="upper left")
     ax2.set_xlabel("true age decade")
     ax2.set_ylabel("MAE (years)")
     ax2.grid(alpha=0.3, axis="y")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+from PIL import Image
 
 from faceage.cli import main
 
 
 def _aaf(folder, names):
     import numpy as np
-    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
@@ -40,6 +40,8 @@ def test_evaluate_reports_each_source_and_the_whole(untrained_model_file, utkfac
     preds = pd.read_csv(report.with_suffix(".csv"))
     assert {"source", "gender", "group", "pred", "age"} <= set(preds.columns)
     assert preds["source"].value_counts().to_dict() == {"utkface": 6, "utkface-2": 4}
+    assert rep["plot"] == str(report.with_suffix(".png"))
+    assert Image.open(rep["plot"]).size[0] > 500  # one scatter colour and bar per source
 
 
 def test_evaluate_takes_a_training_config(untrained_model_file, utkface_images, tmp_path,

@@ -157,15 +157,17 @@ def test_a_file_with_no_calibration_and_no_val_mae_says_what_it_assumed(trained_
     assert f"assumed MAE of {FALLBACK_MAE:g} years" in info["note"]
 
 
-def test_the_shipped_model_still_loads_and_answers_a_val_mae_interval():
+def test_the_shipped_model_has_a_laplace_head_and_a_calibrated_interval():
     if not DEFAULT_MODEL_PATH.is_file():
         pytest.skip(f"{DEFAULT_MODEL_PATH} is not in this checkout")
     model = load_model_file()
-    assert model.net.uncertainty == "none"
+    assert model.net.uncertainty == "laplace"
     info = model.interval_info()
-    val_mae = model.metadata["metrics"]["val_mae"]
-    assert info["method"] == "laplace-from-val-mae" and info["coverage"] == 0.8
-    assert info["residual_bounds"][1] == pytest.approx(np.log(5) * val_mae, abs=1e-2)
+    assert info["method"] == "scaled-residual" and info["per_face_width"]
+    assert info["samples"] > 2000 and info["coverage"] == 0.8  # both sources' val faces
+    est = model.estimate(crops(model.input_size, 70, 110))
+    assert np.all(est.low < est.age) and np.all(est.age < est.high)
+    assert len({round(float(h - lo), 3) for lo, h in zip(est.low, est.high, strict=True)}) > 1
 
 
 def test_a_laplace_head_round_trips_with_its_calibration(tmp_path):
