@@ -165,6 +165,10 @@ class DetectorConfig(BaseModel):
 
     min_face_size: int = Field(20, ge=8, description="smallest face searched for, in pixels of "
                                                      "the original image")
+    min_face_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="also skip faces smaller than this share of the "
+        "image's shorter side (0: off); bounds the detection pyramid for video, where faces "
+        "are large")
     thresholds: tuple[float, float, float] = Field(
         (0.6, 0.7, 0.7), description="P-, R- and O-net score thresholds")
     min_score: float = Field(0.9, ge=0.0, le=1.0, description="faces scoring below are dropped")
@@ -245,8 +249,15 @@ class FaceDetector:
         p = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
         return b, p
 
-    def detect_raw(self, image: np.ndarray, pad: bool) -> tuple[np.ndarray, np.ndarray]:
-        """MTCNN's unfiltered, unclipped boxes+scores (N, 5) and landmarks (N, 5, 2)."""
+    def min_face(self, height: int, width: int) -> float:
+        """The smallest face searched for in an image of this size, in its pixels."""
+        cfg = self.config
+        return max(float(cfg.min_face_size), cfg.min_face_fraction * min(height, width))
+
+    def detect_raw(self, image: np.ndarray, pad: bool,
+                   min_face: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """MTCNN's unfiltered, unclipped boxes+scores (N, 5) and landmarks (N, 5, 2), for faces
+        of at least ``min_face`` pixels (default: ``min_face(h, w)``)."""
         cfg = self.config
         h, w = image.shape[:2]
         scale = min(1.0, cfg.max_side / max(h, w))
@@ -261,7 +272,9 @@ class FaceDetector:
             fill = [int(v) for v in small.reshape(-1, 3).mean(axis=0)]
             small = cv2.copyMakeBorder(small, offset, offset, offset, offset,
                                        cv2.BORDER_CONSTANT, value=fill)
-        boxes, points = self._run_mtcnn(small, cfg.min_face_size * scale)
+        if min_face is None:
+            min_face = self.min_face(h, w)
+        boxes, points = self._run_mtcnn(small, min_face * scale)
         boxes = boxes.copy()
         boxes[:, :4] = (boxes[:, :4] - offset) / scale
         points = (points - offset) / scale
@@ -272,11 +285,14 @@ class FaceDetector:
         image = check_image_array(image)
         cfg = self.config
         h, w = image.shape[:2]
+        min_face = self.min_face(h, w)
         boxes, points = self.detect_raw(image, pad=cfg.pad == "always")
         if cfg.pad == "auto":
             sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-            if len(boxes) == 0 or sides.max() >= 0.6 * min(h, w):
+            if len(boxes) == 0:
                 boxes, points = self.detect_raw(image, pad=True)
+            elif sides.max() >= 0.6 * min(h, w):
+                boxes, points = self._redetect_large(image, boxes, points, sides)
         faces = []
         for b, p in zip(boxes, points, strict=True):
             score = float(b[4])
@@ -285,13 +301,32 @@ class FaceDetector:
             if score < cfg.min_score or not (0 <= cx < w and 0 <= cy < h):
                 continue
             # MTCNN's box regression can shrink a box below the pyramid's smallest face.
-            if max(b[2] - b[0], b[3] - b[1]) < cfg.min_face_size:
+            if max(b[2] - b[0], b[3] - b[1]) < min_face:
                 continue
             box = np.array([np.clip(b[0], 0, w), np.clip(b[1], 0, h),
                             np.clip(b[2], 0, w), np.clip(b[3], 0, h)], dtype=np.float32)
             faces.append(Face(box=box, score=score, landmarks=p.astype(np.float32)))
         faces.sort(key=lambda f: -f.area)
         return faces[: cfg.max_faces]
+
+
+    def _redetect_large(self, image: np.ndarray, boxes: np.ndarray, points: np.ndarray,
+                        sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Re-find the faces that (nearly) fill the frame on a padded copy, where MTCNN frames
+        them better, with a pyramid bounded below at half the largest face: the padded pass only
+        has to find faces that large, at a fraction of a full pass's cost. Smaller faces of the
+        first pass that overlap none of the new ones are kept as they were."""
+        big = max(self.min_face(*image.shape[:2]), 0.5 * float(sides.max()))
+        padded_boxes, padded_points = self.detect_raw(image, pad=True, min_face=big)
+        keep = [i for i in np.flatnonzero(sides < big)
+                if not any(_overlaps(boxes[i], b) for b in padded_boxes)]
+        return (np.concatenate([padded_boxes, boxes[keep]]),
+                np.concatenate([padded_points, points[keep]]))
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether boxes ``[x1, y1, x2, y2, ...]`` ``a`` and ``b`` intersect."""
+    return bool(min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]))
 
 
 # -- alignment -----------------------------------------------------------------------------------

@@ -269,6 +269,35 @@ def test_min_face_size_and_tiny_images(astronaut):
     assert FaceDetector().detect(np.zeros((8, 8, 3), np.uint8)) == []
 
 
+def test_min_face_fraction_skips_faces_small_for_the_frame(astronaut):
+    """The live-stream profile's bound: the astronaut's face is ~18 % of the photo's side."""
+    assert len(FaceDetector(DetectorConfig(min_face_fraction=0.1)).detect(astronaut)) == 1
+    bounded = FaceDetector(DetectorConfig(min_face_fraction=0.3))
+    assert bounded.detect(astronaut) == []
+    assert bounded.min_face(480, 640) == pytest.approx(144) and bounded.min_face(40, 40) == 20
+
+
+def test_a_close_up_is_re_found_padded_with_a_bounded_pyramid(astronaut, detector, monkeypatch):
+    """A face filling most of the frame sends ``pad: auto`` to a padded second pass; that pass
+    only searches faces at least half as large (a few pyramid levels, not all), and a small face
+    the first pass found elsewhere is kept."""
+    region = astronaut[30:200, 150:300]
+    canvas = np.full((400, 520, 3), 200, np.uint8)
+    canvas[5:395, 0:340] = np.asarray(Image.fromarray(region).resize((340, 390)))
+    canvas[20:88, 440:500] = np.asarray(Image.fromarray(region).resize((60, 68)))
+    calls = []
+    run = detector._run_mtcnn
+    monkeypatch.setattr(detector, "_run_mtcnn",
+                        lambda image, min_face: calls.append((image.shape, min_face))
+                        or run(image, min_face))
+    big, small = detector.detect(canvas)
+    side = max(big.box[2] - big.box[0], big.box[3] - big.box[1])
+    assert side >= 0.6 * 400 and small.box[0] > 400 and small.area < big.area / 10
+    (first_shape, first_min), (padded_shape, padded_min) = calls
+    assert first_shape == canvas.shape and first_min == 20
+    assert padded_shape[0] > 400 and padded_min >= 0.4 * side
+
+
 def test_grayscale_photo(astronaut, detector):
     gray = np.repeat(np.asarray(Image.fromarray(astronaut).convert("L"))[..., None], 3, axis=2)
     assert len(detector.detect(gray)) == 1
