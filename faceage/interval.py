@@ -102,6 +102,33 @@ class IntervalCalibration:
                    str(meta.get("note", "")))
 
 
+@dataclass(frozen=True)
+class AgeEstimates:
+    """Ages and the ends of their intervals (years), one entry per face; iterates as
+    ``(age, low, high)`` per face."""
+
+    age: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.age)
+
+    def __iter__(self):
+        return zip(self.age.tolist(), self.low.tolist(), self.high.tolist(), strict=True)
+
+    def __getitem__(self, index: int | slice):
+        """A slice: the ``AgeEstimates`` of those faces; an int: one face's (age, low, high)."""
+        if isinstance(index, slice):
+            return AgeEstimates(self.age[index], self.low[index], self.high[index])
+        return float(self.age[index]), float(self.low[index]), float(self.high[index])
+
+    @classmethod
+    def empty(cls) -> AgeEstimates:
+        z = np.zeros(0, np.float32)
+        return cls(z, z, z)
+
+
 def coverage_report(low: Sequence[float], high: Sequence[float],
                     true: Sequence[float]) -> dict[str, float]:
     """How often the true age lies in [low, high], and the mean width, in years."""

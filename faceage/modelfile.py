@@ -24,15 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from faceage import __version__
+from faceage import DEFAULT_MODEL_PATH, __version__
 from faceage.errors import UserError
-from faceage.interval import DEFAULT_COVERAGE, IntervalCalibration, check_coverage
+from faceage.interval import (  # noqa: F401 (AgeEstimates: re-exported, its old home)
+    DEFAULT_COVERAGE,
+    AgeEstimates,
+    IntervalCalibration,
+    check_coverage,
+)
 from faceage.models import AgeRegressor, head_uncertainty
 from faceage.preprocess import crops_to_batch
 
 FORMAT = "faceage-model"
 FORMAT_VERSION = 1
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "faceage-default.pt"
 # A model file with neither a calibration nor a val MAE (hand-made, or metrics stripped) gets a
 # Laplace interval as if its MAE were this many years: wide, and said so in its note.
 FALLBACK_MAE = 8.0
@@ -90,33 +94,6 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
             f"{p} was written by a newer faceage (format {blob['format_version']}); upgrade faceage"
         )
     return json.loads(blob["metadata_json"]), blob["state_dict"]
-
-
-@dataclass(frozen=True)
-class AgeEstimates:
-    """Ages and the ends of their intervals (years), one entry per face; iterates as
-    ``(age, low, high)`` per face."""
-
-    age: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.age)
-
-    def __iter__(self):
-        return zip(self.age.tolist(), self.low.tolist(), self.high.tolist(), strict=True)
-
-    def __getitem__(self, index: int | slice):
-        """A slice: the ``AgeEstimates`` of those faces; an int: one face's (age, low, high)."""
-        if isinstance(index, slice):
-            return AgeEstimates(self.age[index], self.low[index], self.high[index])
-        return float(self.age[index]), float(self.low[index]), float(self.high[index])
-
-    @classmethod
-    def empty(cls) -> AgeEstimates:
-        z = np.zeros(0, np.float32)
-        return cls(z, z, z)
 
 
 @dataclass

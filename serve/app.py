@@ -4,13 +4,15 @@
 
 ``app`` is the application builder ``serve/config.yaml`` names (``import_path: serve.app:app``);
 its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and batching come from the
-config. The deployments are thin and call the library ``faceage predict`` uses: the Detector
-holds a ``faceage.vision.FaceFinder`` (decode, detect, align), the AgeRegressor a
+config. The model deployments (serve/deployments.py) are thin and call the library ``faceage
+predict`` uses: the Detector holds ``faceage.vision.FaceFinder``s (decode, detect, align; a full
+``photo`` profile and a cheaper ``stream`` one for video frames), the AgeRegressor a
 ``faceage.modelfile.AgeModel`` and ages the crops of concurrent requests with
 ``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of several images, and
-``face_record`` writes the JSON. So the API returns the CLI's faces for the same photo and model.
-Nothing here imports pandas or the training modules (Ray Serve itself imports pandas when it is
-installed; see tests/test_inference_imports.py).
+``face_record`` writes the JSON. So /predict returns the CLI's faces for the same photo and model.
+This module is the Ingress: it imports neither torch (serve/deployments.py is imported only by
+the builder, ``app``) nor pandas nor the training modules (Ray Serve itself imports pandas when
+it is installed; see tests/test_inference_imports.py).
 """
 
 import asyncio
@@ -34,19 +36,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from faceage import __version__
-from faceage.errors import ImageError, UserError
-from faceage.interval import DEFAULT_COVERAGE
-from faceage.modelfile import DEFAULT_MODEL_PATH, AgeEstimates, load_model_file, read_model_file
-from faceage.vision import (
-    DEFAULT_MAX_PIXELS,
-    DetectorConfig,
-    Face,
-    FaceDetector,
-    FaceFinder,
-    face_records,
-    load_image,
-)
+from faceage import DEFAULT_MODEL_PATH, __version__
+from faceage.errors import UserError
+from faceage.interval import DEFAULT_COVERAGE, AgeEstimates
+from faceage.vision import DEFAULT_MAX_PIXELS, DetectorConfig, Face, face_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -59,6 +52,9 @@ RAW_IMAGE_TYPES = frozenset({
     "application/octet-stream",
 })
 MULTIPART = "multipart/form-data"
+# The live-stream profile's defaults: detect on a copy at most 320 px long, and only faces at
+# least a tenth of the frame's shorter side (a webcam user fills much more).
+STREAM_DETECTOR_DEFAULTS = {"max_side": 320, "min_face_fraction": 0.1}
 
 
 class ServeArgs(BaseModel):
@@ -69,7 +65,17 @@ class ServeArgs(BaseModel):
     model_path: str | None = Field(
         None, description="model file; relative paths are from the repository root "
                           "(default: the shipped models/faceage-default.pt)")
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    detector: DetectorConfig = Field(
+        default_factory=DetectorConfig, description="full detection: single photos (/predict)")
+    stream_detector: DetectorConfig = Field(
+        default_factory=lambda: DetectorConfig(**STREAM_DETECTOR_DEFAULTS),
+        description="the live-stream profile: video and webcam frames (/stream, "
+                    "/predict/frames); cheaper settings, measured in docs/serve.md")
+    detector_threads: int | None = Field(
+        None, ge=1, description="torch threads per Detector replica (default: Ray's, one per "
+                                "whole CPU of its num_cpus, at least one)")
+    regressor_threads: int | None = Field(
+        None, ge=1, description="torch threads per AgeRegressor replica (default: Ray's)")
     no_face: Literal["skip", "whole"] = Field(
         "skip", description="no face found: report none, or age the whole image")
     tta: bool = Field(False, description="average each face with its mirror image")
@@ -93,99 +99,6 @@ class ServeArgs(BaseModel):
             return DEFAULT_MODEL_PATH
         path = Path(self.model_path).expanduser()
         return path if path.is_absolute() else REPO_ROOT / path
-
-
-class BatchSettings(BaseModel):
-    """AgeRegressor's ``user_config``: changeable on a running deployment without a restart."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(16, ge=1, description="most requests merged into one forward "
-                                                      "pass (1 turns batching off)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long the first request "
-                                                                "waits for others")
-
-
-def replica_device(setting: str) -> str:
-    """The torch device for this replica: cuda when Ray gave it a GPU (or when told to)."""
-    if setting != "auto":
-        return setting
-    import ray
-
-    return "cuda" if ray.get_gpu_ids() else "cpu"
-
-
-# -- the two model deployments ----------------------------------------------------------------
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=2,
-                  max_queued_requests=32)
-class Detector:
-    """Decode, detect (MTCNN) and align: photo bytes in, faces with crops framed for the model."""
-
-    def __init__(self, model_path: str, detector: dict, no_face: str, max_pixels: int,
-                 device: str):
-        metadata, _ = read_model_file(model_path)
-        self.device = replica_device(device)
-        self.finder = FaceFinder.for_model(
-            metadata, FaceDetector(DetectorConfig(**detector), device=self.device), no_face)
-        self.max_pixels = max_pixels
-        self.finder.find(np.full((160, 160, 3), 128, np.uint8))  # first call pays torch's setup
-
-    def find(self, data: bytes, name: str = "image") -> dict[str, Any]:
-        """Faces in an encoded image, or ``{"error", "status"}`` for one that cannot be used."""
-        start = time.perf_counter()
-        try:
-            image = load_image(data, name=name, max_pixels=self.max_pixels)
-        except ImageError as exc:
-            # Returned, not raised: a bad upload is the client's error, not a replica failure.
-            return {"error": str(exc), "status": exc.status}
-        decoded = time.perf_counter()
-        faces = self.finder.find(image)
-        return {"faces": faces, "width": int(image.shape[1]), "height": int(image.shape[0]),
-                "timings_ms": {"decode": _ms(decoded - start),
-                               "detect": _ms(time.perf_counter() - decoded)}}
-
-    def info(self) -> dict[str, Any]:
-        return {"device": self.device, "detector": self.finder.detector.config.model_dump(),
-                "no_face": self.finder.no_face, "crop_size": self.finder.size,
-                "crop_policy": self.finder.policy.to_metadata(), "max_pixels": self.max_pixels}
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32,
-                  max_queued_requests=64)
-class AgeRegressor:
-    """The exported model; ``@serve.batch`` merges face crops of concurrent requests."""
-
-    def __init__(self, model_path: str, tta: bool, device: str,
-                 coverage: float = DEFAULT_COVERAGE):
-        self.path = str(model_path)
-        self.model = load_model_file(model_path, device=replica_device(device))
-        self.tta = tta
-        self.coverage = coverage
-        self.batching = BatchSettings()
-        size = self.model.input_size
-        self.model.predict([np.zeros((size, size, 3), np.uint8)], tta=tta)
-
-    def reconfigure(self, user_config: dict) -> None:
-        """Apply ``user_config`` (``BatchSettings``) from serve/config.yaml."""
-        self.batching = BatchSettings(**(user_config or {}))
-        self.ages.set_max_batch_size(self.batching.max_batch_size)
-        self.ages.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def ages(self, crop_stacks: list[np.ndarray]) -> list[AgeEstimates]:
-        """Ages and intervals for each request's (N, S, S, 3) crops; one model call for the
-        whole batch."""
-        # In a thread so the event loop keeps queueing the next batch during this one.
-        return await asyncio.to_thread(self.model.predict_groups, crop_stacks, self.tta,
-                                       self.coverage)
-
-    def info(self) -> dict[str, Any]:
-        return {"name": self.model.name, "version": self.model.version, "path": self.path,
-                "device": str(self.model.device), "tta": self.tta,
-                "interval": self.model.interval_info(self.coverage),
-                "batching": self.batching.model_dump(), "metadata": self.model.metadata}
 
 
 # -- the HTTP API ------------------------------------------------------------------------------
@@ -376,10 +289,17 @@ class Ingress:
             self._model_ref = {"name": info["name"], "version": info["version"]}
         return self._model_ref
 
-    async def predict_image(self, data: bytes, name: str) -> dict[str, Any]:
-        """One image's result; raises ``ApiError`` for a bad image or an overloaded service."""
+    async def predict_image(self, data: bytes, name: str,
+                            profile: str = "photo") -> dict[str, Any]:
+        """One image's result with the ``photo`` or ``stream`` detection profile; raises
+        ``ApiError`` for a bad image or an overloaded service.
+
+        ``timings_ms``: ``decode`` and ``detect`` inside the Detector, ``detect_call`` the whole
+        Detector call as the Ingress sees it (those two plus the hops and queueing), ``age`` the
+        AgeRegressor call (hops, batching and the model), ``total`` all of it in the Ingress.
+        """
         start = time.perf_counter()
-        found = await self._call(self.detector.find.remote(data, name))
+        found = await self._call(self.detector.find.remote(data, name, profile))
         if "error" in found:
             raise ApiError(found["status"], found["error"])
         faces: list[Face] = found["faces"]
@@ -393,11 +313,12 @@ class Ingress:
             "faces": face_records(faces, estimates),
             "image": {"width": found["width"], "height": found["height"]},
             "model": await self._model(),
-            "timings_ms": {**found["timings_ms"], "age": _ms(done - aged),
-                           "total": _ms(done - start)},
+            "timings_ms": {**found["timings_ms"], "detect_call": _ms(aged - start),
+                           "age": _ms(done - aged), "total": _ms(done - start)},
         }
 
     async def _frame(self, index: int, data: Any) -> dict[str, Any]:
+        """One video frame (/stream, /predict/frames): the ``stream`` detection profile."""
         if not isinstance(data, (bytes, bytearray)):
             return {"frame": index, "error": "send each frame as binary image data (JPEG, PNG)",
                     "status": 415}
@@ -406,7 +327,8 @@ class Ingress:
                     "error": f"frame {index} is {len(data)} bytes, above the limit of "
                              f"{self.settings.max_body_bytes}"}
         try:
-            return {"frame": index, **await self.predict_image(bytes(data), f"frame {index}")}
+            return {"frame": index, **await self.predict_image(bytes(data), f"frame {index}",
+                                                               "stream")}
         except ApiError as exc:
             return {"frame": index, "error": exc.message, "status": exc.status}
 
@@ -507,6 +429,11 @@ class Ingress:
 
 def app(args: dict[str, Any]) -> serve.Application:
     """The application ``serve/config.yaml`` runs; ``args`` are validated as ``ServeArgs``."""
+    # Here, not at the top: the model deployments load torch, and the Ingress replicas, which
+    # import this module, must not (serve/deployments.py).
+    from faceage.modelfile import read_model_file
+    from serve.deployments import AgeRegressor, Detector
+
     args = ServeArgs.model_validate(args or {})
     path = args.resolved_model_path()
     try:
@@ -514,6 +441,8 @@ def app(args: dict[str, Any]) -> serve.Application:
     except UserError as exc:
         raise UserError(f"serve/config.yaml args.model_path: {exc}") from None
     detector = Detector.bind(str(path), args.detector.model_dump(), args.no_face,
-                             args.max_pixels, args.device)
-    regressor = AgeRegressor.bind(str(path), args.tta, args.device, args.interval_coverage)
+                             args.max_pixels, args.device, args.stream_detector.model_dump(),
+                             args.detector_threads)
+    regressor = AgeRegressor.bind(str(path), args.tta, args.device, args.interval_coverage,
+                                  args.regressor_threads)
     return Ingress.bind(detector, regressor, args.model_dump())

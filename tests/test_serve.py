@@ -247,10 +247,43 @@ def assert_same_faces(got: list[dict], want: list[dict]) -> None:
         assert np.allclose(g["age_interval"], w["age_interval"], rtol=0, atol=0.01 + 1e-6)
 
 
-def test_multipart_frames_and_stream_agree_with_predict(serve_url, astronaut_path, rocket_path,
-                                                        two_faces_path):
-    photos = [astronaut_path, rocket_path, two_faces_path]
+@pytest.fixture(scope="module")
+def small_face_path(astronaut_path, tmp_path_factory) -> Path:
+    """A 640x480 frame whose one face is about 30 px: full detection (20 px and up) finds it,
+    the live-stream profile (a tenth of the frame's side and up) does not search that small."""
+    canvas = Image.new("RGB", (640, 480), (90, 90, 90))
+    canvas.paste(Image.open(astronaut_path).convert("RGB").resize((170, 170)), (240, 150))
+    path = tmp_path_factory.mktemp("photos") / "small_face.jpg"
+    canvas.save(path, quality=92)
+    return path
+
+
+def test_frames_and_stream_use_the_live_stream_profile(serve_url, serve_model_file,
+                                                       astronaut_path, rocket_path,
+                                                       two_faces_path, small_face_path):
+    """/predict/frames and /stream give FacePipeline's faces with the stream profile /model
+    names; /predict (full detection, test_predict_equals_the_cli) finds the small face too."""
+    import torch
+
+    from faceage.modelfile import load_model_file
+    from faceage.vision import FacePipeline, load_image
+
+    photos = [astronaut_path, rocket_path, two_faces_path, small_face_path]
     single = [post_image(serve_url, p.read_bytes()).json()["faces"] for p in photos]
+    profile = requests.get(serve_url + "/model", timeout=TIMEOUT).json()["detector"][
+        "stream_detector"]
+    assert profile["min_face_fraction"] > 0
+    pipeline = FacePipeline(load_model_file(serve_model_file), detector=profile)
+    # On one torch thread, as the replicas: MTCNN's floats depend on the thread count, and the
+    # profile's downscaled detection doubles any landmark difference in the crop.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stream_faces = [pipeline.predict(load_image(p)) for p in photos]
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(f) for f in stream_faces] == [1, 0, 2, 0]
+    assert len(single[3]) == 1, "full detection finds the small face"
 
     r = requests.post(serve_url + "/predict", timeout=TIMEOUT,
                       files={"file": ("a.jpg", astronaut_path.read_bytes(), "image/jpeg")})
@@ -261,18 +294,30 @@ def test_multipart_frames_and_stream_agree_with_predict(serve_url, astronaut_pat
     r = requests.post(serve_url + "/predict/frames", files=files, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     frames = r.json()["frames"]
-    assert [f["frame"] for f in frames] == [0, 1, 2]
-    for frame, faces in zip(frames, single, strict=True):
+    assert [f["frame"] for f in frames] == [0, 1, 2, 3]
+    for frame, faces in zip(frames, stream_faces, strict=True):
         assert "error" not in frame
         assert_same_faces(frame["faces"], faces)
 
     with ws_connect(serve_url.replace("http://", "ws://") + "/stream",
                     open_timeout=TIMEOUT) as ws:
-        for i, (photo, faces) in enumerate(zip(photos, single, strict=True)):
+        for i, (photo, faces) in enumerate(zip(photos, stream_faces, strict=True)):
             ws.send(photo.read_bytes())
             result = json.loads(ws.recv(timeout=TIMEOUT))
             assert result["frame"] == i
             assert_same_faces(result["faces"], faces)
+
+
+def test_the_ingress_replica_loads_no_torch(serve_app):
+    """serve/app.py keeps torch (0.4 GB of private memory a process) out of the Ingress; the
+    model deployments have it (which shows the check can see it)."""
+    def libraries(proc: psutil.Process) -> set[str]:
+        return {Path(m.path).name for m in proc.memory_maps() if m.path}
+
+    [ingress] = ready_replicas(serve_app, "Ingress")
+    detector = ready_replicas(serve_app, "Detector")[0]
+    assert any(name.startswith("libtorch_cpu") for name in libraries(detector))
+    assert not any(name.startswith("libtorch") for name in libraries(ingress))
 
 
 def test_health_model_and_docs(serve_url, serve_model_file):
@@ -282,7 +327,8 @@ def test_health_model_and_docs(serve_url, serve_model_file):
     assert model["name"] == metadata["name"]
     assert model["metadata"]["preprocessing"] == metadata["preprocessing"]
     assert model["device"] == "cpu" and model["detector"]["device"] == "cpu"
-    assert model["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
+    assert model["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}
+    assert model["threads"] >= 1 and model["detector"]["threads"] >= 1
     assert model["limits"]["max_body_bytes"] == MAX_BODY
     interval = model["interval"]
     assert interval["coverage"] == 0.8 and interval["method"] in (

@@ -30,7 +30,8 @@ def test_config_yaml_validates_and_fits_two_cores():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import BatchSettings, ServeArgs
+    from serve.app import ServeArgs
+    from serve.deployments import BatchSettings
     from serve.local import DEFAULT_CONFIG, apply_overrides
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -112,11 +113,12 @@ def model_path(untrained_model_file):
 @pytest.fixture(scope="module")
 def replicas(model_path):
     """A Detector and an AgeRegressor as their replicas construct them (defaults of ServeArgs)."""
-    from serve.app import AgeRegressor, Detector, ServeArgs
+    from serve.app import ServeArgs
+    from serve.deployments import AgeRegressor, Detector
 
     args = ServeArgs(model_path=str(model_path))
     detector = Detector.func_or_class(str(model_path), args.detector.model_dump(), args.no_face,
-                                      args.max_pixels, "cpu")
+                                      args.max_pixels, "cpu", args.stream_detector.model_dump())
     regressor = AgeRegressor.func_or_class(str(model_path), args.tta, "cpu")
     return detector, regressor, args
 
@@ -133,20 +135,34 @@ def make_ingress(detector, regressor, args):
 
 def test_detector_finds_faces_and_returns_bad_images_as_errors(replicas, astronaut_path):
     detector, _, _ = replicas
-    found = detector.find(astronaut_path.read_bytes(), "astronaut.jpg")
+    found = run_coroutine(detector.find(astronaut_path.read_bytes(), "astronaut.jpg"))
     assert (found["width"], found["height"]) == (512, 512)
-    size = detector.finder.size
+    size = detector.finders["photo"].size
     assert len(found["faces"]) == 1 and found["faces"][0].crop.shape == (size, size, 3)
     assert set(found["timings_ms"]) == {"decode", "detect"}
-    assert detector.find(b"not an image", "upload") == {
+    assert run_coroutine(detector.find(b"not an image", "upload")) == {
         "error": "upload: not an image, or not one of the supported formats "
                  "(JPEG, PNG, WEBP, AVIF, BMP, GIF, TIFF, PPM)", "status": 400}
-    assert detector.info()["crop_size"] == detector.finder.size
+    info = detector.info()
+    assert info["crop_size"] == size and info["threads"] >= 1
+    assert info["stream_detector"]["min_face_fraction"] > 0 == info["detector"]["min_face_fraction"]
+
+
+def test_the_stream_profile_finds_the_photo_profiles_large_face(replicas, astronaut_path):
+    """The video profile (downscaled, large faces only) finds the same face as full detection,
+    framed within a few pixels, and the two profiles share one set of MTCNN weights."""
+    detector, _, _ = replicas
+    data = astronaut_path.read_bytes()
+    [photo] = run_coroutine(detector.find(data, profile="photo"))["faces"]
+    [stream] = run_coroutine(detector.find(data, profile="stream"))["faces"]
+    assert np.abs(photo.box - stream.box).max() < 8
+    finders = detector.finders
+    assert finders["photo"].detector._nets is finders["stream"].detector._nets
 
 
 def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astronaut_path):
     detector, regressor, _ = replicas
-    crop = detector.find(astronaut_path.read_bytes())["faces"][0].crop
+    crop = run_coroutine(detector.find(astronaut_path.read_bytes()))["faces"][0].crop
     stacks = [np.stack([crop]), np.stack([crop, crop[:, ::-1]]), np.stack([crop[::-1]])]
     for s in stacks:
         s.flags.writeable = False  # as arrays arrive from Ray's object store
@@ -174,7 +190,8 @@ def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astr
 
 
 def test_age_regressor_reports_and_applies_its_interval_coverage(model_path, astronaut_path):
-    from serve.app import AgeRegressor, ServeArgs
+    from serve.app import ServeArgs
+    from serve.deployments import AgeRegressor
 
     with pytest.raises(ValueError, match="interval_coverage"):
         ServeArgs(interval_coverage=1.0)
@@ -205,7 +222,7 @@ def test_ingress_answers_what_faceage_predict_answers(replicas, model_path, astr
     width, height = Image.open(rocket_path).size
     assert rocket["faces"] == [] and rocket["image"] == {"width": width, "height": height}
     assert astronaut["model"]["name"] == pipeline.model.name
-    assert set(astronaut["timings_ms"]) == {"decode", "detect", "age", "total"}
+    assert set(astronaut["timings_ms"]) == {"decode", "detect", "detect_call", "age", "total"}
 
 
 def test_ingress_turns_bad_images_and_overload_into_status_codes(replicas):
