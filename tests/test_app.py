@@ -9,6 +9,7 @@ Screenshots, downloads and the Streamlit log go to ``artifacts/test_app/``
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("FACEAGE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FACEAGE_TEST_ARTIFACTS", REPO / "artifacts" / "test_app"))
 WEBCAM_REPEAT = int(os.environ.get("FACEAGE_WEBCAM_REPEAT", "1"))
+# The fake webcam's clip: a 640x480 camera at 30 fps, so the page can show more than a slower
+# camera would allow.
+CAMERA_FPS = 30
 # Every test drives Chromium against the Streamlit app and the session's Serve application.
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.browser]
 # Slow, loaded CI machines: every wait is on a condition, with these as the upper bounds.
@@ -98,12 +102,14 @@ def browser_tools() -> None:
 
 @pytest.fixture(scope="session")
 def fake_camera(browser_tools, astronaut_path, tmp_path_factory) -> Path:
-    """A 640x480 .y4m of the astronaut photo: Chromium's fake webcam plays it in a loop."""
+    """A 640x480, 30 fps .y4m of the astronaut photo drifting in a small circle (every frame a
+    little different, as from a webcam): Chromium's fake webcam plays it in a loop."""
     path = tmp_path_factory.mktemp("camera") / "astronaut.y4m"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-loop", "1",
-                    "-i", str(astronaut_path),
-                    "-vf", "scale=480:480,pad=640:480:80:0,format=yuv420p",
-                    "-r", "10", "-t", "2", str(path)], check=True, timeout=120)
+                    "-i", str(astronaut_path), "-vf",
+                    "scale=520:520,pad=680:520:80:0,"
+                    "crop=640:480:'20+20*sin(2*PI*t/2)':'20+20*cos(2*PI*t/2)',format=yuv420p",
+                    "-r", str(CAMERA_FPS), "-t", "2", str(path)], check=True, timeout=120)
     return path
 
 
@@ -268,6 +274,18 @@ def wait_inbound_frames(frame, at_least: int, timeout_s: float = STEP_MS / 1000)
         frame.page.wait_for_timeout(250)
 
 
+LIVE_STATS = re.compile(r"([\d.]+) frames/s · round trip (\d+) ms · ([\d.]+) answers/s")
+
+
+def page_live_stats(text: str) -> dict[str, float]:
+    """The numbers the webcam tab shows under the video: the camera frames/s the page gets,
+    the round trip of the latest answer and the answers/s from Serve."""
+    found = LIVE_STATS.search(text)
+    assert found, f"no live numbers in {text!r}"
+    return {"frames_per_s": float(found[1]), "round_trip_ms": float(found[2]),
+            "answers_per_s": float(found[3])}
+
+
 # -- tests ---------------------------------------------------------------------------------------
 
 
@@ -354,10 +372,17 @@ def test_webcam_frames_come_back_with_ages(page, artifacts, astronaut_path, rock
     upload(page, "photos", rocket_path)
     page.locator(".st-key-photo-0").filter(has_text="no face found").wait_for()
     page.get_by_role("tab", name="Webcam").click()
-    # Still streaming well after ICE connected and after those runs.
+    # Still streaming well after ICE connected and after those runs; a few seconds of it, so
+    # the page's rates (3-second windows) describe a steady stream.
     decoded = inbound_frames(frame)
-    wait_inbound_frames(frame, at_least=decoded + 30)
+    wait_inbound_frames(frame, at_least=decoded + 5 * CAMERA_FPS)
     stats.wait_for()
+    shown = page_live_stats(stats.inner_text())
+    record = {**shown, "camera_fps": CAMERA_FPS, "attempt": attempt,
+              "load_average": round(os.getloadavg()[0], 2)}
+    print(f"\nwebcam page: {record}")
+    (artifacts / f"webcam-{attempt}.json").write_text(json.dumps(record))
+    assert shown["frames_per_s"] > 0 and shown["answers_per_s"] > 0
     video = component.locator("video").first
     shot = artifacts / f"webcam-{attempt}.png"
     video.screenshot(path=str(shot))
