@@ -309,7 +309,6 @@ class FaceDetector:
         faces.sort(key=lambda f: -f.area)
         return faces[: cfg.max_faces]
 
-
     def _redetect_large(self, image: np.ndarray, boxes: np.ndarray, points: np.ndarray,
                         sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Re-find the faces that (nearly) fill the frame on a padded copy, where MTCNN frames

@@ -24,7 +24,6 @@ from faceage.interval import DEFAULT_COVERAGE, AgeEstimates
 from faceage.modelfile import load_model_file, read_model_file
 from faceage.vision import DetectorConfig, FaceDetector, FaceFinder, load_image
 
-PROFILES = ("photo", "stream")
 T = TypeVar("T")
 
 
