@@ -5,9 +5,10 @@
 
 Every frame goes through full detection (serve/config.yaml's ``detector``, what /predict uses)
 and through the live-stream profile (``stream_detector``, what /stream and /predict/frames use),
-with the same model; the table compares the faces each finds (matched by box overlap), their
-boxes (IoU) and their ages, and the detection time per frame (one torch thread, as a Serve
-Detector replica has, and the process default).
+also as /stream runs it, searching near the previous frame's faces between whole-frame
+detections (``stream_track_frames``), with the same model; the table compares the faces each
+finds (matched by box overlap), their boxes (IoU) and their ages, and the detection time per
+frame (one torch thread, as a Serve Detector replica has, and the process default).
 
 Without ``--clip`` the clip is made here: 640x480 at 30 fps, real face photos (the astronaut of
 tests/data and, when ../shared/data/aaf is there, All-Age-Faces photos of its test split) moving
@@ -100,17 +101,24 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def timed(finder: FaceFinder, frames: list[np.ndarray], threads: int) -> tuple[list, float]:
+def timed(finder: FaceFinder, frames: list[np.ndarray], threads: int,
+          track: int = 0) -> tuple[list, float]:
+    """Faces per frame and the median ms per frame. ``track``: as /stream does, search near
+    the previous frame's faces for up to that many frames between whole-frame detections."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out, times = [], []
+        out, times, boxes, tracked = [], [], [], 0
         for frame in frames:
+            near = boxes if track and boxes and tracked < track else None
             start = time.perf_counter()
-            out.append(finder.find(frame))
+            faces, was_tracked = finder.find_tracked(frame, near)
             times.append(time.perf_counter() - start)
+            out.append(faces)
+            boxes = [f.box.tolist() for f in faces]
+            tracked = tracked + 1 if was_tracked else 0
     finally:
         torch.set_num_threads(before)
     return out, statistics.median(times) * 1000
@@ -158,6 +166,9 @@ def main() -> int:
                    help="torch threads to time with (0: the process default)")
     p.add_argument("--candidate", action="append", default=[], metavar="KEY=VALUE,...",
                    help="also try the stream profile with these changes (repeatable)")
+    p.add_argument("--track", type=int, default=None,
+                   help="frames tracked between whole-frame detections, as /stream does "
+                        "(default: serve/config.yaml's args.stream_track_frames; 0: none)")
     args = p.parse_args()
 
     import torch
@@ -171,6 +182,10 @@ def main() -> int:
                                            "stream": serve_args.stream_detector}
     for text in args.candidate:
         profiles[f"candidate {text}"] = parse_candidate(text)
+    track = serve_args.stream_track_frames if args.track is None else args.track
+    runs = [(name, cfg, 0) for name, cfg in profiles.items()]
+    if track:
+        runs.insert(2, (f"stream, tracked ({track} frames)", serve_args.stream_detector, track))
     with tempfile.TemporaryDirectory(prefix="faceage-clip-") as tmp:
         clip = Path(args.clip) if args.clip else make_clip(Path(tmp) / "webcam.mp4")
         frames = read_frames(clip, args.frames)
@@ -184,12 +199,12 @@ def main() -> int:
     thread_counts = [t or default_threads for t in args.threads]
     rows = []
     full_records = None
-    for name, cfg in profiles.items():
+    for name, cfg, tracking in runs:
         finder = FaceFinder.for_model(model.metadata, cfg)
         finder.find(frames[0])
         times = {}
         for threads in thread_counts:
-            found, times[threads] = timed(finder, frames, threads)
+            found, times[threads] = timed(finder, frames, threads, tracking)
         records = [face_records(faces, model.estimate([f.crop for f in faces]))
                    for faces in found]
         if full_records is None:

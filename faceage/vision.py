@@ -254,13 +254,15 @@ class FaceDetector:
         cfg = self.config
         return max(float(cfg.min_face_size), cfg.min_face_fraction * min(height, width))
 
-    def detect_raw(self, image: np.ndarray, pad: bool,
-                   min_face: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def detect_raw(self, image: np.ndarray, pad: bool, min_face: float | None = None,
+                   scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """MTCNN's unfiltered, unclipped boxes+scores (N, 5) and landmarks (N, 5, 2), for faces
-        of at least ``min_face`` pixels (default: ``min_face(h, w)``)."""
+        of at least ``min_face`` pixels (default: ``min_face(h, w)``), detected on a copy
+        resized by ``scale`` (default: down to ``max_side``)."""
         cfg = self.config
         h, w = image.shape[:2]
-        scale = min(1.0, cfg.max_side / max(h, w))
+        if scale is None:
+            scale = min(1.0, cfg.max_side / max(h, w))
         small = image
         if scale < 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -283,16 +285,19 @@ class FaceDetector:
     def detect(self, image: np.ndarray) -> list[Face]:
         """All faces in an HxWx3 uint8 RGB image, largest first."""
         image = check_image_array(image)
+        return self._detect(image, self.min_face(*image.shape[:2]), None)
+
+    def _detect(self, image: np.ndarray, min_face: float, scale: float | None) -> list[Face]:
         cfg = self.config
         h, w = image.shape[:2]
-        min_face = self.min_face(h, w)
-        boxes, points = self.detect_raw(image, pad=cfg.pad == "always")
+        boxes, points = self.detect_raw(image, cfg.pad == "always", min_face, scale)
         if cfg.pad == "auto":
             sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
             if len(boxes) == 0:
-                boxes, points = self.detect_raw(image, pad=True)
+                boxes, points = self.detect_raw(image, True, min_face, scale)
             elif sides.max() >= 0.6 * min(h, w):
-                boxes, points = self._redetect_large(image, boxes, points, sides)
+                boxes, points = self._redetect_large(image, boxes, points, sides, min_face,
+                                                     scale)
         faces = []
         for b, p in zip(boxes, points, strict=True):
             score = float(b[4])
@@ -309,14 +314,41 @@ class FaceDetector:
         faces.sort(key=lambda f: -f.area)
         return faces[: cfg.max_faces]
 
+    def detect_near(self, image: np.ndarray, boxes: Sequence[Sequence[float]],
+                    margin: float = 0.5) -> list[Face]:
+        """Faces in the region around ``boxes`` (``[x1, y1, x2, y2]``: where faces were in the
+        previous frame of a video), each box widened by ``margin`` x its longer side on every
+        side; [] when none is found there. Detected at the scale a whole-frame detection would
+        use (so faces are framed alike) and for faces at least half the smallest given one:
+        a fraction of a whole-frame detection's cost."""
+        image = check_image_array(image)
+        h, w = image.shape[:2]
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+        min_face = max(self.min_face(h, w), 0.5 * float(side.min(initial=0.0)))
+        scale = min(1.0, self.config.max_side / max(h, w))
+        x1 = int(np.clip(np.floor((b[:, 0] - margin * side).min()), 0, w))
+        y1 = int(np.clip(np.floor((b[:, 1] - margin * side).min()), 0, h))
+        x2 = int(np.clip(np.ceil((b[:, 2] + margin * side).max()), 0, w))
+        y2 = int(np.clip(np.ceil((b[:, 3] + margin * side).max()), 0, h))
+        if x2 - x1 < 12 or y2 - y1 < 12:
+            return []
+        faces = self._detect(image[y1:y2, x1:x2], min_face, scale)
+        shift = np.array([x1, y1], np.float32)
+        for f in faces:
+            f.box = f.box + np.tile(shift, 2)
+            f.landmarks = f.landmarks + shift
+        return faces
+
     def _redetect_large(self, image: np.ndarray, boxes: np.ndarray, points: np.ndarray,
-                        sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                        sides: np.ndarray, min_face: float,
+                        scale: float | None) -> tuple[np.ndarray, np.ndarray]:
         """Re-find the faces that (nearly) fill the frame on a padded copy, where MTCNN frames
         them better, with a pyramid bounded below at half the largest face: the padded pass only
         has to find faces that large, at a fraction of a full pass's cost. Smaller faces of the
         first pass that overlap none of the new ones are kept as they were."""
-        big = max(self.min_face(*image.shape[:2]), 0.5 * float(sides.max()))
-        padded_boxes, padded_points = self.detect_raw(image, pad=True, min_face=big)
+        big = max(min_face, 0.5 * float(sides.max()))
+        padded_boxes, padded_points = self.detect_raw(image, True, big, scale)
         keep = [i for i in np.flatnonzero(sides < big)
                 if not any(_overlaps(boxes[i], b) for b in padded_boxes)]
         return (np.concatenate([padded_boxes, boxes[keep]]),
@@ -483,14 +515,28 @@ class FaceFinder:
         return cls(metadata.get("crop_policy"), int(metadata["preprocessing"]["input_size"]),
                    detector, no_face)
 
-    def find(self, image: np.ndarray) -> list[Face]:
-        """Faces in ``image`` (largest first), each with ``crop`` set."""
-        faces = self.detector.detect(image)
+    def find(self, image: np.ndarray, near: Sequence[Sequence[float]] | None = None) -> list[Face]:
+        """Faces in ``image`` (largest first), each with ``crop`` set.
+
+        ``near``: boxes of the same faces in the previous frame of a video; only the region
+        around them is searched (``FaceDetector.detect_near``), and the whole frame when no
+        face is found there.
+        """
+        return self.find_tracked(image, near)[0]
+
+    def find_tracked(self, image: np.ndarray, near: Sequence[Sequence[float]] | None = None
+                     ) -> tuple[list[Face], bool]:
+        """``find``, and whether the faces were found near ``near`` (False: the whole frame
+        was searched)."""
+        faces = self.detector.detect_near(image, near) if near else []
+        tracked = bool(faces)
+        if not faces:
+            faces = self.detector.detect(image)
         for f in faces:
             f.crop = align_face(image, f, self.policy, self.size)
         if not faces and self.no_face == "whole":
             faces = [whole_image_face(image, self.size)]
-        return faces
+        return faces, tracked
 
 
 def face_record(face: Face, age: float, low: float, high: float) -> dict[str, Any]:

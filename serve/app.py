@@ -71,6 +71,10 @@ class ServeArgs(BaseModel):
         default_factory=lambda: DetectorConfig(**STREAM_DETECTOR_DEFAULTS),
         description="the live-stream profile: video and webcam frames (/stream, "
                     "/predict/frames); cheaper settings, measured in docs/serve.md")
+    stream_track_frames: int = Field(
+        10, ge=0, description="on /stream, search only around the previous frame's faces for "
+                              "up to this many frames between whole-frame detections (0: "
+                              "every frame whole); new faces appear at the next whole one")
     detector_threads: int | None = Field(
         None, ge=1, description="torch threads per Detector replica (default: Ray's, one per "
                                 "whole CPU of its num_cpus, at least one)")
@@ -145,6 +149,9 @@ class FrameResult(BaseModel):
     image: ImageSize | None = None
     model: ModelRef | None = None
     timings_ms: dict[str, float] | None = None
+    detection: Literal["whole frame", "near previous faces"] | None = Field(
+        None, description="/stream: where the Detector searched (near the previous frame's "
+                          "faces, falling back to the whole frame when none is there)")
     error: str | None = None
     status: int | None = None
 
@@ -289,8 +296,8 @@ class Ingress:
             self._model_ref = {"name": info["name"], "version": info["version"]}
         return self._model_ref
 
-    async def predict_image(self, data: bytes, name: str,
-                            profile: str = "photo") -> dict[str, Any]:
+    async def predict_image(self, data: bytes, name: str, profile: str = "photo",
+                            near: list[list[float]] | None = None) -> dict[str, Any]:
         """One image's result with the ``photo`` or ``stream`` detection profile; raises
         ``ApiError`` for a bad image or an overloaded service.
 
@@ -299,7 +306,7 @@ class Ingress:
         AgeRegressor call (hops, batching and the model), ``total`` all of it in the Ingress.
         """
         start = time.perf_counter()
-        found = await self._call(self.detector.find.remote(data, name, profile))
+        found = await self._call(self.detector.find.remote(data, name, profile, near))
         if "error" in found:
             raise ApiError(found["status"], found["error"])
         faces: list[Face] = found["faces"]
@@ -313,12 +320,15 @@ class Ingress:
             "faces": face_records(faces, estimates),
             "image": {"width": found["width"], "height": found["height"]},
             "model": await self._model(),
+            "detection": found["detection"],
             "timings_ms": {**found["timings_ms"], "detect_call": _ms(aged - start),
                            "age": _ms(done - aged), "total": _ms(done - start)},
         }
 
-    async def _frame(self, index: int, data: Any) -> dict[str, Any]:
-        """One video frame (/stream, /predict/frames): the ``stream`` detection profile."""
+    async def _frame(self, index: int, data: Any,
+                     near: list[list[float]] | None = None) -> dict[str, Any]:
+        """One video frame (/stream, /predict/frames): the ``stream`` detection profile,
+        around ``near`` (the previous frame's boxes) first when given."""
         if not isinstance(data, (bytes, bytearray)):
             return {"frame": index, "error": "send each frame as binary image data (JPEG, PNG)",
                     "status": 415}
@@ -328,7 +338,7 @@ class Ingress:
                              f"{self.settings.max_body_bytes}"}
         try:
             return {"frame": index, **await self.predict_image(bytes(data), f"frame {index}",
-                                                               "stream")}
+                                                               "stream", near)}
         except ApiError as exc:
             return {"frame": index, "error": exc.message, "status": exc.status}
 
@@ -393,14 +403,22 @@ class Ingress:
         """Send frames as binary messages (JPEG); each gets one JSON message back, in order."""
         await websocket.accept()
         index = 0
+        # Tracking: after a whole-frame detection, the next frames search only around the faces
+        # found (``stream_track_frames`` of them at most, while faces keep being found there).
+        boxes: list[list[float]] = []
+        tracked = 0
         try:
             while True:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
+                near = boxes if boxes and tracked < self.settings.stream_track_frames else None
                 result = await self._frame(index, data if data is not None else
-                                           message.get("text"))
+                                           message.get("text"), near)
+                if "faces" in result:
+                    boxes = [f["box"] for f in result["faces"] if f["landmarks"]]
+                    tracked = tracked + 1 if result["detection"] != "whole frame" else 0
                 await websocket.send_json(result)
                 index += 1
         except WebSocketDisconnect:

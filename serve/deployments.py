@@ -114,12 +114,15 @@ class Detector:
             finder.find(np.full((160, 160, 3), 128, np.uint8))
         return finders
 
-    async def find(self, data: bytes, name: str = "image",
-                   profile: str = "photo") -> dict[str, Any]:
-        """Faces in an encoded image, or ``{"error", "status"}`` for one that cannot be used."""
-        return await self.torch.call(self._find, data, name, profile)
+    async def find(self, data: bytes, name: str = "image", profile: str = "photo",
+                   near: list[list[float]] | None = None) -> dict[str, Any]:
+        """Faces in an encoded image, or ``{"error", "status"}`` for one that cannot be used.
+        ``near``: the previous frame's boxes of a stream, searched around first
+        (``FaceFinder.find``)."""
+        return await self.torch.call(self._find, data, name, profile, near)
 
-    def _find(self, data: bytes, name: str, profile: str) -> dict[str, Any]:
+    def _find(self, data: bytes, name: str, profile: str,
+              near: list[list[float]] | None) -> dict[str, Any]:
         start = time.perf_counter()
         try:
             image = load_image(data, name=name, max_pixels=self.max_pixels)
@@ -127,8 +130,9 @@ class Detector:
             # Returned, not raised: a bad upload is the client's error, not a replica failure.
             return {"error": str(exc), "status": exc.status}
         decoded = time.perf_counter()
-        faces = self.finders[profile].find(image)
+        faces, tracked = self.finders[profile].find_tracked(image, near)
         return {"faces": faces, "width": int(image.shape[1]), "height": int(image.shape[0]),
+                "detection": "near previous faces" if tracked else "whole frame",
                 "timings_ms": {"decode": _ms(decoded - start),
                                "detect": _ms(time.perf_counter() - decoded)}}
 

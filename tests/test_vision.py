@@ -298,6 +298,26 @@ def test_a_close_up_is_re_found_padded_with_a_bounded_pyramid(astronaut, detecto
     assert padded_shape[0] > 400 and padded_min >= 0.4 * side
 
 
+def test_detect_near_searches_around_the_previous_boxes(astronaut, detector, untrained_model_file):
+    """Tracking in a video: the face is found from last frame's box (shifted 12 px since), a
+    box where no face is finds nothing there, and FaceFinder then searches the whole frame."""
+    from faceage.modelfile import load_model_file
+
+    frame = np.full((480, 640, 3), 90, np.uint8)
+    frame[40:440, 72:472] = np.asarray(Image.fromarray(astronaut).resize((400, 400)))
+    [whole] = detector.detect(frame)
+    previous = (whole.box - np.array([12, 0, 12, 0])).tolist()
+    [near] = detector.detect_near(frame, [previous])
+    assert np.abs(near.box - whole.box).max() < 6
+    assert np.abs(near.landmarks - whole.landmarks).max() < 4
+    assert detector.detect_near(frame, [[540, 360, 600, 420]]) == []
+    finder = FaceFinder.for_model(load_model_file(untrained_model_file).metadata, detector)
+    faces, tracked = finder.find_tracked(frame, [previous])
+    assert tracked and len(faces) == 1 and faces[0].crop is not None
+    faces, tracked = finder.find_tracked(frame, [[540, 360, 600, 420]])
+    assert not tracked and len(faces) == 1  # nothing there: the whole frame was searched
+
+
 def test_grayscale_photo(astronaut, detector):
     gray = np.repeat(np.asarray(Image.fromarray(astronaut).convert("L"))[..., None], 3, axis=2)
     assert len(detector.detect(gray)) == 1
