@@ -155,14 +155,17 @@ def stream_call(url: str, clients: list):
 
 def replica_memory(service: LocalServe) -> list[dict]:
     """Private (USS) and resident memory of every replica and of Ray's own processes."""
+    from faceage.runtime import process_tree
+
+    names = {p.pid: d for d in DEPLOYMENTS for p in service.replica_processes(d)}
     rows = []
-    for proc in psutil.Process(service.pid).children(recursive=True):
+    for proc in process_tree(service.pid)[1:]:
         try:
             title = " ".join(proc.cmdline())
             info = proc.memory_full_info()
         except psutil.Error:
             continue
-        name = next((d for d in DEPLOYMENTS if f"ServeReplica:faceage:{d}" in title), None)
+        name = names.get(proc.pid)
         if name is None:
             if "ServeController" in title:
                 name = "Serve controller"

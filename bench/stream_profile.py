@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from app.tracking import iou  # the project root is on sys.path (uv's editable install)
 from faceage import DEFAULT_MODEL_PATH
 from faceage.vision import DetectorConfig, FaceFinder, face_records
 
@@ -91,14 +92,6 @@ def read_frames(path: Path, limit: int) -> list[np.ndarray]:
             if len(frames) >= limit:
                 break
     return frames
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def timed(finder: FaceFinder, frames: list[np.ndarray], threads: int,

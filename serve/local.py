@@ -35,6 +35,7 @@ from faceage.runtime import (
     child_env,
     free_port,
     http_ok,
+    process_tree,
     start_ray,
     stop_process_tree,
     stop_session,
@@ -271,6 +272,21 @@ class LocalServe:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def replica_processes(self, deployment: str, app_name: str = "faceage") -> list[Any]:
+        """The worker processes (``psutil.Process``) of ``deployment``'s replicas, by the title
+        Ray gives them (``ray::SERVE_REPLICA::...:ServeReplica:<app>:<deployment>[.method]``)."""
+        import psutil
+
+        found = []
+        for proc in process_tree(self.pid)[1:]:
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::") and f"ServeReplica:{app_name}:{deployment}" in title:
+                found.append(proc)
+        return found
 
     def start(self) -> LocalServe:
         # A short path: Ray's Unix sockets live under it and their paths must stay < 108 bytes.

@@ -79,17 +79,8 @@ def cli_faces(model: Path, *paths: Path, capsys) -> dict[str, list[dict]]:
 
 
 def replica_processes(serve_app, deployment: str) -> list[psutil.Process]:
-    """The worker processes of ``deployment``'s replicas, by the title Ray gives them
-    (``ray::SERVE_REPLICA::faceage#Detector#<id>:ServeReplica:faceage:Detector[.method]``)."""
-    found = []
-    for proc in psutil.Process(serve_app.pid).children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-            if title.startswith("ray::") and f"ServeReplica:faceage:{deployment}" in title:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    """The worker processes of ``deployment``'s replicas (``LocalServe.replica_processes``)."""
+    return serve_app.replica_processes(deployment)
 
 
 def ready_replicas(serve_app, deployment: str) -> list[psutil.Process]:
