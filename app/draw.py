@@ -1,5 +1,5 @@
-"""Pictures for the page: faces drawn on frames (faceage.annotate, Pillow only), status banners,
-JPEG/PNG encoding."""
+"""Pictures for the page: faces drawn on frames (faceage.inference.annotate, Pillow only), status
+banners, JPEG/PNG encoding."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from faceage.annotate import draw_faces
+from faceage.inference.annotate import draw_faces
 
 BANNER_OK = (20, 20, 20)
 BANNER_WARN = (200, 30, 30)

@@ -30,9 +30,9 @@ from app.draw import annotate, encode_image, interval_text  # noqa: E402
 from app.live import LiveAnnotator  # noqa: E402
 from app.video import VideoError, annotate_video, probe_video, suggested_stride  # noqa: E402
 from app.webrtc_guard import disarm_orphan_check  # noqa: E402
-from faceage.annotate import age_label  # noqa: E402  (Pillow only)
 from faceage.errors import ImageError  # noqa: E402
-from faceage.vision import load_image  # noqa: E402  (Pillow/OpenCV only; no torch)
+from faceage.inference.annotate import age_label  # noqa: E402  (Pillow only)
+from faceage.inference.vision import load_image  # noqa: E402  (Pillow/OpenCV only; no torch)
 
 PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 VIDEO_TYPES = ["mp4", "mov", "m4v", "webm", "mkv", "avi"]

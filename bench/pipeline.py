@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
-from faceage.vision import FaceFinder, align_face, load_image
+from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
+from faceage.inference.vision import FaceFinder, align_face, load_image
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
@@ -40,9 +40,9 @@ def make_frame(width: int, height: int, faces: int) -> bytes:
 
 
 def untrained_model_file() -> Path:
-    from faceage.modelfile import save_model_file
-    from faceage.models import build_model
-    from faceage.preprocess import preprocessing_metadata
+    from faceage.inference.modelfile import save_model_file
+    from faceage.inference.preprocess import preprocessing_metadata
+    from faceage.models.network import build_model
 
     path = Path(tempfile.mkdtemp()) / "untrained.pt"
     return save_model_file(build_model("mobilenet_v2", "none", 256, 0.0), path, {

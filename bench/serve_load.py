@@ -62,9 +62,9 @@ def make_frames(count: int = 8) -> list[bytes]:
 def untrained_default_model(folder: Path) -> Path:
     """An untrained model file with the default recipe's backbone, head and input size."""
     from faceage.config import Config
-    from faceage.modelfile import save_model_file
-    from faceage.models import build_model
-    from faceage.preprocess import preprocessing_metadata
+    from faceage.inference.modelfile import save_model_file
+    from faceage.inference.preprocess import preprocessing_metadata
+    from faceage.models.network import build_model
 
     m = Config().model
     net = build_model(m.backbone, "none", m.head_hidden, m.dropout)
@@ -219,8 +219,8 @@ def serve_rows(model: Path, paths: list[str], frames, levels, seconds, warmup, n
 
 
 def in_process_rows(model: Path, frames, seconds, warmup, profiles: dict) -> list:
-    from faceage.modelfile import load_model_file
-    from faceage.vision import FacePipeline, face_records, load_image
+    from faceage.inference.modelfile import load_model_file
+    from faceage.inference.vision import FacePipeline, face_records, load_image
 
     loaded = load_model_file(model)
     rows = []

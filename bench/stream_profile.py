@@ -34,7 +34,7 @@ from PIL import Image
 
 from app.tracking import iou  # the project root is on sys.path (uv's editable install)
 from faceage import DEFAULT_MODEL_PATH
-from faceage.vision import DetectorConfig, FaceFinder, face_records
+from faceage.inference.vision import DetectorConfig, FaceFinder, face_records
 
 REPO = Path(__file__).resolve().parents[1]
 AAF = REPO.parent / "shared" / "data" / "aaf"
@@ -46,7 +46,7 @@ def face_photos(count: int) -> list[np.ndarray]:
     photos = [np.asarray(Image.open(REPO / "tests/data/astronaut.jpg").convert("RGB"))]
     if AAF.is_dir() and count > 1:
         from faceage.config import SplitConfig
-        from faceage.data import assign_split
+        from faceage.data.datasets import assign_split
 
         names = sorted(p.name for p in AAF.glob("*.jpg"))
         splits = assign_split(names, SplitConfig(val=0.1, test=0.1, seed=0))
@@ -166,7 +166,7 @@ def main() -> int:
 
     import torch
 
-    from faceage.modelfile import load_model_file
+    from faceage.inference.modelfile import load_model_file
     from serve.app import ServeArgs
 
     model = load_model_file(args.model or DEFAULT_MODEL_PATH)

@@ -46,16 +46,16 @@ def plain_loop(cfg, threads: int) -> dict:
     """The training loop without Ray: one process, ``threads`` torch threads."""
     import torch
 
-    from faceage.data import BatchAugment, make_dataset, prepare_data
-    from faceage.loop import (
+    from faceage.data.datasets import BatchAugment, make_dataset, prepare_data
+    from faceage.models.network import build_model
+    from faceage.training.loop import (
         StepContext,
         autocast_dtype,
         build_optimizer,
         make_loss,
         train_one_epoch,
     )
-    from faceage.models import build_model
-    from faceage.schedule import UnfreezeSchedule
+    from faceage.training.schedule import UnfreezeSchedule
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -80,8 +80,8 @@ def plain_loop(cfg, threads: int) -> dict:
 
 def ray_loop(cfg) -> dict:
     """The real ``train_loop_per_worker`` under ``TorchTrainer``; metrics of the last epoch."""
-    from faceage.data import prepare_data
-    from faceage.train import build_trainer
+    from faceage.data.datasets import prepare_data
+    from faceage.training.driver import build_trainer
 
     result = build_trainer(cfg, prepare_data(cfg.data, cfg.model.input_size)).fit()
     return {"images_per_s": result.metrics["images_per_s"],
@@ -108,7 +108,7 @@ def main() -> int:
 
     import ray
 
-    from faceage.loop import autocast_dtype
+    from faceage.training.loop import autocast_dtype
 
     def dtype_name(precision: str) -> str:
         import torch

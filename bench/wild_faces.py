@@ -84,7 +84,7 @@ def main() -> None:
     from PIL import Image
 
     from faceage.config import SplitConfig
-    from faceage.data import assign_split, read_utkface
+    from faceage.data.datasets import assign_split, read_utkface
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="../shared/data/utkface")

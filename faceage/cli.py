@@ -13,32 +13,32 @@ from faceage.runtime import apply_ray_env_defaults
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from faceage.config import flat_overrides, load_config
-    from faceage.train import run_training
+    from faceage.training.driver import run_training
 
     run_training(load_config(args.config, flat_overrides(args)))
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from faceage.tune import run_tune_command
+    from faceage.training.tune import run_tune_command
 
     return run_tune_command(args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from faceage.predict import run_predict
+    from faceage.inference.predict import run_predict
 
     return run_predict(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from faceage.evaluate import run_evaluate
+    from faceage.training.evaluate import run_evaluate
 
     return run_evaluate(args)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from faceage.prepare import run_prepare_command
+    from faceage.data.prepare import run_prepare_command
 
     return run_prepare_command(args)
 
@@ -76,7 +76,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                     "ASHA on val MAE); writes a results table, a plot and the "
                                     "best trial's model file.")
     if wanted("tune"):
-        from faceage.tune import add_tune_arguments
+        from faceage.training.tune import add_tune_arguments
 
         add_tune_arguments(tu)
     tu.set_defaults(func=_cmd_tune)
@@ -85,7 +85,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         description="Detect, align and crop every image's face in parallel "
                                     "(Ray Data), writing crops, index.csv and prepare.json.")
     if wanted("prepare"):
-        from faceage.prepare import add_prepare_arguments
+        from faceage.data.prepare import add_prepare_arguments
 
         add_prepare_arguments(pr)
     pr.set_defaults(func=_cmd_prepare)
@@ -93,7 +93,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     pd_ = sub.add_parser("predict", help="ages of the faces in photos, folders or a video",
                          description="Detect, align and estimate the age of every face.")
     if wanted("predict"):
-        from faceage.predict import add_predict_arguments
+        from faceage.inference.predict import add_predict_arguments
 
         add_predict_arguments(pd_)
     pd_.set_defaults(func=_cmd_predict)
@@ -101,7 +101,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="MAE, RMSE, CS@5 of a model file on a labelled set",
                         description="Evaluate a model file; writes a JSON report and a PNG.")
     if wanted("evaluate"):
-        from faceage.evaluate import add_evaluate_arguments
+        from faceage.training.evaluate import add_evaluate_arguments
 
         add_evaluate_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)

@@ -43,7 +43,7 @@ class SourceConfig(_Strict):
     training image once per epoch, as with one source).
     """
 
-    format: str  # checked by faceage.sources with a message naming the source
+    format: str  # checked by faceage.data.sources with a message naming the source
     path: str
     prepared: bool = False
     weight: float = Field(1.0, gt=0.0)
@@ -172,7 +172,7 @@ class ScalingSettings(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Experiment tracking (``faceage.tracking``): every run is an MLflow run."""
+    """Experiment tracking (``faceage.training.experiment``): every run is an MLflow run."""
 
     mlflow: bool = Field(True, description="log params, per-epoch metrics and artifacts to MLflow")
     experiment: str = Field("faceage", min_length=1, description="MLflow experiment name")

@@ -5,9 +5,9 @@
 ``app`` is the application builder ``serve/config.yaml`` names (``import_path: serve.app:app``);
 its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and batching come from the
 config. The model deployments (serve/deployments.py) are thin and call the library ``faceage
-predict`` uses: the Detector holds ``faceage.vision.FaceFinder``s (decode, detect, align; a full
-``photo`` profile and a cheaper ``stream`` one for video frames), the AgeRegressor a
-``faceage.modelfile.AgeModel`` and ages the crops of concurrent requests with
+predict`` uses: the Detector holds ``faceage.inference.vision.FaceFinder``s (decode, detect,
+align; a full ``photo`` profile and a cheaper ``stream`` one for video frames), the AgeRegressor a
+``faceage.inference.modelfile.AgeModel`` and ages the crops of concurrent requests with
 ``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of several images, and
 ``face_record`` writes the JSON. So /predict returns the CLI's faces for the same photo and model.
 This module is the Ingress: it imports neither torch (serve/deployments.py is imported only by
@@ -38,14 +38,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceage import DEFAULT_MODEL_PATH, __version__
 from faceage.errors import UserError
-from faceage.interval import DEFAULT_COVERAGE, AgeEstimates
-from faceage.vision import DEFAULT_MAX_PIXELS, DetectorConfig, Face, face_records
+from faceage.inference.interval import DEFAULT_COVERAGE, AgeEstimates
+from faceage.inference.vision import DEFAULT_MAX_PIXELS, DetectorConfig, Face, face_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 
-# Content types /predict takes as a raw body: the formats faceage.vision decodes. Anything else
-# (text, JSON, SVG, HEIC) is a 415; octet-stream is sniffed like a file.
+# Content types /predict takes as a raw body: the formats faceage.inference.vision decodes.
+# Anything else (text, JSON, SVG, HEIC) is a 415; octet-stream is sniffed like a file.
 RAW_IMAGE_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/avif",
     "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff", "image/x-portable-pixmap",
@@ -449,7 +449,7 @@ def app(args: dict[str, Any]) -> serve.Application:
     """The application ``serve/config.yaml`` runs; ``args`` are validated as ``ServeArgs``."""
     # Here, not at the top: the model deployments load torch, and the Ingress replicas, which
     # import this module, must not (serve/deployments.py).
-    from faceage.modelfile import read_model_file
+    from faceage.inference.modelfile import read_model_file
     from serve.deployments import AgeRegressor, Detector
 
     args = ServeArgs.model_validate(args or {})

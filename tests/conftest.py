@@ -25,9 +25,9 @@ def untrained_model_file(tmp_path_factory) -> Path:
     """A real model file (MobileNetV2, untrained weights, 96 px input): plumbing, not accuracy."""
     import torch
 
-    from faceage.modelfile import save_model_file
-    from faceage.models import build_model
-    from faceage.preprocess import preprocessing_metadata
+    from faceage.inference.modelfile import save_model_file
+    from faceage.inference.preprocess import preprocessing_metadata
+    from faceage.models.network import build_model
 
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", "none", 64, 0.0)
@@ -119,7 +119,7 @@ SERVE_TEST_OVERRIDES = {
 @pytest.fixture(scope="session")
 def serve_model_file(untrained_model_file) -> Path:
     """The model the session's Serve runs: the shipped one (what users get), else untrained."""
-    from faceage.modelfile import DEFAULT_MODEL_PATH
+    from faceage.inference.modelfile import DEFAULT_MODEL_PATH
 
     return DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.exists() else untrained_model_file
 

@@ -41,7 +41,7 @@ STEP_MS = 180_000
 APP_READY = ('[data-testid="stApp"][data-test-connection-state="CONNECTED"]'
              '[data-test-script-state="notRunning"]')
 WEBRTC_IFRAME = 'iframe[title*="webrtc_streamer"]'
-# The box colour of faceage.annotate.draw_faces.
+# The box colour of faceage.inference.annotate.draw_faces.
 BOX_RGB = np.array([0, 220, 90])
 
 # Keeps every RTCPeerConnection a page (or its component iframes) creates, for getStats().

@@ -63,7 +63,7 @@ def test_tracker_moves_each_interval_with_the_smoothed_age():
 
 def test_labels_and_table_show_the_interval_and_cope_without_one():
     from app.draw import interval_text
-    from faceage.annotate import age_label
+    from faceage.inference.annotate import age_label
 
     with_interval = {**face([10, 10, 90, 90], 34.4), "age_interval": [29.2, 40.1]}
     old = face([10, 10, 90, 90], 34.4)

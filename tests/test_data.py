@@ -1,4 +1,4 @@
-"""faceage.data: UTKFace names, manifests, splits, the decode cache and the transforms."""
+"""faceage.data.datasets: UTKFace names, manifests, splits, the decode cache and the transforms."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from faceage.config import AugmentConfig, DataConfig, SplitConfig
-from faceage.data import (
+from faceage.data.datasets import (
     BatchAugment,
     DecodedCache,
     assign_split,

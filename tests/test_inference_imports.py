@@ -15,10 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Training-side modules: faceage's own and the libraries only they need.
-TRAINING = ("faceage.data", "faceage.train", "faceage.loop", "faceage.worker",
-            "faceage.preflight", "faceage.export", "faceage.tune", "faceage.schedule",
-            "faceage.prepare", "faceage.evaluate", "faceage.metrics", "faceage.plots",
-            "pandas", "mlflow", "matplotlib", "ray.train", "ray.tune", "ray.data")
+TRAINING = ("faceage.data", "faceage.training", "pandas", "mlflow", "matplotlib", "ray.train",
+            "ray.tune", "ray.data")
 
 REPORT = f"""
 import json, sys
@@ -38,20 +36,22 @@ def loaded_training_modules(code: str) -> list[str]:
 
 def test_the_report_sees_training_modules():
     """The check itself reports a loaded training module (else the tests below prove nothing)."""
-    code = "import sys, types\nsys.modules['faceage.data'] = types.ModuleType('faceage.data')\n"
-    assert loaded_training_modules(code) == ["faceage.data"]
+    code = ("import sys, types\n"
+            "sys.modules['faceage.data.datasets'] = types.ModuleType('faceage.data.datasets')\n")
+    assert loaded_training_modules(code) == ["faceage.data.datasets"]
 
 
 def test_vision_and_modelfile_load_no_training_code():
-    assert loaded_training_modules("import faceage.vision, faceage.modelfile, "
-                                   "faceage.preprocess, faceage.annotate") == []
+    assert loaded_training_modules("import faceage.inference.vision, faceage.inference.modelfile, "
+                                   "faceage.inference.preprocess, faceage.inference.annotate") == []
 
 
 def test_predict_command_imports_no_training_code():
     """What `faceage predict` imports before it touches a photo: its parser and its modules."""
     code = ("from faceage.cli import build_parser\n"
             "build_parser('predict').parse_args(['predict', 'x.jpg'])\n"
-            "import faceage.predict, faceage.annotate, faceage.modelfile\n")
+            "import faceage.inference.predict, faceage.inference.annotate\n"
+            "import faceage.inference.modelfile\n")
     assert loaded_training_modules(code) == []
 
 
@@ -76,9 +76,11 @@ def test_the_ingress_module_loads_no_torch():
     """serve/app.py (the Ingress replicas' module) without torch: the model deployments live in
     serve/deployments.py, which only the application builder imports; what the Ingress unpickles
     from them (Face, AgeEstimates) is torch-free too."""
-    code = ("import sys\nimport serve.app\nimport faceage.interval, faceage.vision\n"
+    code = ("import sys\nimport serve.app\n"
+            "import faceage.inference.interval, faceage.inference.vision\n"
             "import json\nprint(json.dumps(sorted(m for m in ('torch', 'torchvision', "
-            "'facenet_pytorch', 'faceage.modelfile', 'serve.deployments') if m in sys.modules)))\n")
+            "'facenet_pytorch', 'faceage.inference.modelfile', 'serve.deployments') "
+            "if m in sys.modules)))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from faceage.interval import (
+from faceage.inference.interval import (
     DEFAULT_COVERAGE,
     IntervalCalibration,
     check_coverage,

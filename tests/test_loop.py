@@ -1,5 +1,6 @@
 """The pieces of a training run that need no Ray: one epoch, prediction, preflight's messages,
-the end-of-run table and files (``faceage.loop``, ``faceage.preflight``, ``faceage.export``)."""
+the end-of-run table and files (``faceage.training.loop``, ``faceage.training.checks``,
+``faceage.training.export``)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import torch
 from torch import nn
 
 from faceage.config import AugmentConfig, ScheduleConfig, StageConfig, load_config
-from faceage.data import BatchAugment, eval_transform
+from faceage.data.datasets import BatchAugment, eval_transform
 from faceage.errors import UserError
-from faceage.export import data_crop_policy, summary_table, write_summary
-from faceage.loop import StepContext, build_optimizer, make_loss, predict, train_one_epoch
-from faceage.preflight import check_job_paths, check_resume_compatible, check_split_counts
+from faceage.training.checks import check_job_paths, check_resume_compatible, check_split_counts
+from faceage.training.export import data_crop_policy, summary_table, write_summary
+from faceage.training.loop import StepContext, build_optimizer, make_loss, predict, train_one_epoch
 
 
 class Tiny(nn.Module):
-    """Two layer groups, as ``AgeRegressor`` has them: a conv body and a linear head."""
+    """Two layer groups, as ``AgeNet`` has them: a conv body and a linear head."""
 
     def __init__(self):
         super().__init__()
@@ -48,7 +49,7 @@ def two_batches() -> torch.utils.data.DataLoader:
 
 
 def setup():
-    from faceage.schedule import UnfreezeSchedule
+    from faceage.training.schedule import UnfreezeSchedule
 
     torch.manual_seed(0)
     model = Tiny()
@@ -94,7 +95,7 @@ def test_predict_keeps_order_and_averages_the_flip():
 
 
 def tiny_regressor(uncertainty: str):
-    from faceage.models import build_model
+    from faceage.models.network import build_model
 
     torch.manual_seed(0)
     return build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.0,
@@ -121,7 +122,7 @@ def test_predict_returns_scales_of_a_laplace_head_and_averages_them_with_the_fli
 def test_the_scale_term_leaves_every_age_gradient_as_plain_l1():
     """The Laplace term trains only the scale row: trunk, hidden layer and age row get exactly
     the gradient of the configured age loss alone."""
-    from faceage.models import laplace_nll
+    from faceage.models.network import laplace_nll
 
     model = tiny_regressor("laplace").train()
     x = torch.randn(4, 3, 32, 32)
@@ -149,7 +150,7 @@ def test_the_scale_term_leaves_every_age_gradient_as_plain_l1():
 
 
 def test_train_one_epoch_trains_the_scale_of_a_laplace_head():
-    from faceage.schedule import UnfreezeSchedule
+    from faceage.training.schedule import UnfreezeSchedule
 
     model = tiny_regressor("laplace")
     cfg = ScheduleConfig(stages=[StageConfig(name="head", train=0, epochs=1, lr=0.1)])

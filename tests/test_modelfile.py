@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from faceage.errors import UserError
-from faceage.interval import IntervalCalibration
-from faceage.modelfile import (
+from faceage.inference.interval import IntervalCalibration
+from faceage.inference.modelfile import (
     DEFAULT_MODEL_PATH,
     FORMAT,
     FORMAT_VERSION,
     load_model_file,
     save_model_file,
 )
-from faceage.models import build_model
-from faceage.preprocess import eval_transform, preprocessing_metadata
+from faceage.inference.preprocess import eval_transform, preprocessing_metadata
+from faceage.models.network import build_model
 
 SIZE = 48
 
@@ -148,7 +148,7 @@ def test_a_file_without_calibration_answers_the_laplace_interval_of_its_val_mae(
 
 
 def test_a_file_with_no_calibration_and_no_val_mae_says_what_it_assumed(trained_like, tmp_path):
-    from faceage.modelfile import FALLBACK_MAE
+    from faceage.inference.modelfile import FALLBACK_MAE
 
     path = save_model_file(trained_like, tmp_path / "bare.pt",
                            {"preprocessing": preprocessing_metadata(SIZE)})

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from faceage.errors import UserError
-from faceage.models import BACKBONES, build_model
+from faceage.models.network import BACKBONES, build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MOBILENET_V2_FILE = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
@@ -113,7 +113,7 @@ def test_shared_mobilenet_v2_weights_as_path_and_as_imagenet():
 
 
 def test_a_laplace_head_keeps_the_head_shape_and_returns_ages_and_scales_in_years():
-    from faceage.models import LOG_SCALE_MAX, LOG_SCALE_MIN, head_uncertainty
+    from faceage.models.network import LOG_SCALE_MAX, LOG_SCALE_MIN, head_uncertainty
 
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.1,
@@ -145,7 +145,7 @@ def test_a_laplace_head_keeps_the_head_shape_and_returns_ages_and_scales_in_year
 
 
 def test_laplace_nll_is_the_standardised_laplace_likelihood():
-    from faceage.models import laplace_nll
+    from faceage.models.network import laplace_nll
 
     ages = torch.tensor([30.0, 50.0], requires_grad=True)
     log_scale = torch.tensor([0.0, -1.0], requires_grad=True)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from faceage.cli import main
-from faceage.modelfile import DEFAULT_MODEL_PATH
+from faceage.inference.modelfile import DEFAULT_MODEL_PATH
 
 UTKFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
 

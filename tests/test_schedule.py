@@ -10,9 +10,9 @@ from torch import nn
 
 from faceage.config import ScheduleConfig, StageConfig
 from faceage.errors import UserError
-from faceage.loop import build_optimizer
-from faceage.models import build_model
-from faceage.schedule import UnfreezeSchedule, resolve_groups
+from faceage.models.network import build_model
+from faceage.training.loop import build_optimizer
+from faceage.training.schedule import UnfreezeSchedule, resolve_groups
 
 STEPS = 10
 STAGES = [

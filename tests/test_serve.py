@@ -31,7 +31,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 from faceage.cli import main as faceage_main
-from faceage.modelfile import read_model_file
+from faceage.inference.modelfile import read_model_file
 from faceage.runtime import wait_until
 
 # Every test here needs the session's Serve application (minutes to start on 2 cores).
@@ -256,8 +256,8 @@ def test_frames_and_stream_use_the_live_stream_profile(serve_url, serve_model_fi
     names; /predict (full detection, test_predict_equals_the_cli) finds the small face too."""
     import torch
 
-    from faceage.modelfile import load_model_file
-    from faceage.vision import FacePipeline, load_image
+    from faceage.inference.modelfile import load_model_file
+    from faceage.inference.vision import FacePipeline, load_image
 
     photos = [astronaut_path, rocket_path, two_faces_path, small_face_path]
     single = [post_image(serve_url, p.read_bytes()).json()["faces"] for p in photos]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
-from faceage.vision import FacePipeline, load_image
+from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
+from faceage.inference.vision import FacePipeline, load_image
 
 
 def run_coroutine(coro):

@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from faceage.config import DataConfig, SourceConfig, load_config
-from faceage.data import read_split
-from faceage.errors import UserError
-from faceage.sources import (
+from faceage.data.datasets import read_split
+from faceage.data.sources import (
     SourceWeightedSampler,
     parse_aaf_name,
     prepare_source,
@@ -26,6 +25,7 @@ from faceage.sources import (
     source_val_metrics,
     train_sampler,
 )
+from faceage.errors import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -170,7 +170,7 @@ def test_source_errors_name_the_source_and_the_fix(tmp_path, utkface_images):
 
 
 def test_a_source_without_validation_images_is_refused(tmp_path, utkface_images):
-    from faceage.preflight import check_split_counts
+    from faceage.training.checks import check_split_counts
 
     cfg = load_config(None, [f"data.sources=[{{format: utkface, path: {tmp_path}}}, "
                              f"{{format: aaf, path: {tmp_path}/b}}]", "train.batch_size=2"])
@@ -238,7 +238,7 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     left out and counted; the second time the cached crops are reused without detecting."""
     import shutil
 
-    from faceage.data import LoadReport
+    from faceage.data.datasets import LoadReport
 
     shutil.copy(astronaut_path, tmp_path / "astronaut.jpg")
     shutil.copy(rocket_path, tmp_path / "rocket.jpg")
@@ -258,7 +258,7 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     def no_second_prepare(*a, **k):
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr("faceage.prepare.prepare_table", no_second_prepare)
+    monkeypatch.setattr("faceage.data.prepare.prepare_table", no_second_prepare)
     again = prepare_source(specs[0], table, data, LoadReport(), local=True, say=lines.append)
     assert list(again["path"]) == list(first["path"])
     assert "reusing the prepared crops" in lines[-1]
@@ -288,8 +288,8 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
 @pytest.mark.skipif(not (SHARED_DATA / "utkface").is_dir() or not (SHARED_DATA / "aaf").is_dir(),
                     reason=f"UTKFace and AAF not present under {SHARED_DATA}")
 def test_utkface_and_aaf_train_together_with_per_source_metrics(ray_local, tmp_path, capsys):
-    from faceage.modelfile import load_model_file
-    from faceage.train import run_training
+    from faceage.inference.modelfile import load_model_file
+    from faceage.training.driver import run_training
 
     cfg = load_config(None, [
         f"data.sources=[{{format: utkface, path: {SHARED_DATA / 'utkface'}, limit: 80}}, "

@@ -12,8 +12,8 @@ import pytest
 from test_train import tiny_config
 
 from faceage.errors import UserError
-from faceage.tracking import flatten, tracking_uri
-from faceage.train import run_training
+from faceage.training.driver import run_training
+from faceage.training.experiment import flatten, tracking_uri
 
 EPOCHS = "schedule.stages=[{name: head, train: 0, epochs: 1, lr: 0.002}, " \
          "{name: top, train: 2, epochs: 1, lr: 0.001}]"
@@ -88,7 +88,7 @@ def test_training_run_is_logged(tiny_utkface, tmp_path, ray_local):
 
     # `faceage evaluate` adds its report and figures to the run named in the model file.
     from faceage.cli import main as cli_main
-    from faceage.modelfile import load_model_file
+    from faceage.inference.modelfile import load_model_file
 
     assert load_model_file(outcome.model_path).metadata["mlflow"]["run_id"] == run.info.run_id
     report = tmp_path / "eval" / "val.json"

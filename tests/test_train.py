@@ -25,9 +25,9 @@ from PIL import Image
 from faceage.cli import main as cli_main
 from faceage.config import load_config
 from faceage.errors import TrainingFailed, UserError
-from faceage.modelfile import load_model_file
+from faceage.inference.modelfile import load_model_file
 from faceage.runtime import RayHead
-from faceage.train import run_training
+from faceage.training.driver import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_STAGES = "schedule.stages=[{name: head, train: 0, epochs: %d, lr: 0.002}, " \
@@ -238,13 +238,15 @@ def test_cli_prints_the_message_without_a_traceback(tiny_utkface, tmp_path, caps
     assert "Traceback" not in err
 
 
-def test_python_m_faceage_train_goes_through_the_cli(tiny_utkface, tmp_path, capsys):
-    from faceage.train import main
+def test_python_m_faceage_train_goes_through_the_cli(tiny_utkface, tmp_path):
+    import subprocess
+    import sys
 
-    code = main(["--set", *tiny_settings(tiny_utkface, tmp_path, "x", tmp_path),
-                 "model.backbone=alexnet"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: unknown backbone 'alexnet'")
+    proc = subprocess.run(
+        [sys.executable, "-m", "faceage.train", "--set",
+         *tiny_settings(tiny_utkface, tmp_path, "x", tmp_path), "model.backbone=alexnet"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown backbone 'alexnet'")
 
 
 @pytest.mark.slow
@@ -329,7 +331,7 @@ def test_ray_job_submit_against_a_local_head(ray_head, tiny_utkface, decode_cach
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
            "--address", ray_head["address"], "--working-dir", str(REPO),
            "--submission-id", submission, "--",
-           "python", "-m", "faceage.train", "--config", "configs/train.yaml", "--set",
+           "python", "-m", "faceage.training.driver", "--config", "configs/train.yaml", "--set",
            *tiny_settings(tiny_utkface, storage, "job", decode_cache),
            "scaling.num_workers=1", "scaling.cpus_per_worker=1", "max_failures=0",
            "train.eval_tta=false", TWO_STAGES % (1, 1)]

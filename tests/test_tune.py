@@ -17,8 +17,8 @@ from PIL import Image
 
 from faceage.cli import main as cli_main
 from faceage.errors import UserError
-from faceage.modelfile import load_model_file
-from faceage.tune import load_tune_settings, plan_search, run_tune
+from faceage.inference.modelfile import load_model_file
+from faceage.training.tune import load_tune_settings, plan_search, run_tune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
     """A stopped trial's Train controller dies holding its workers' placement group."""
     import ray
 
-    from faceage.tune import orphaned_placement_groups
+    from faceage.training.tune import orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:
@@ -222,7 +222,7 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
 
 def test_space_sets_uncertainty_and_source_weights(tiny_utkface, tmp_path):
     """``uncertainty`` and ``weight.<source>`` reach the trial's training config."""
-    from faceage.tune import trial_config
+    from faceage.training.tune import trial_config
 
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
     settings["base"]["data"] = {"sources": [

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from faceage.errors import ImageError, UserError
-from faceage.vision import (
+from faceage.inference.vision import (
     UTKFACE_CHIP_TEMPLATE,
     CropPolicy,
     DetectorConfig,
@@ -174,7 +174,7 @@ def test_sixteen_bit_decodes_as_the_eight_bit_image(astronaut, kind):
 def test_sixteen_bit_gray_is_aged_as_the_eight_bit_one(astronaut):
     """The shipped model gives the 16-bit PNG the 8-bit PNG's age (a clipping decode finds no
     face at all: Pillow's own convert("L") turns the photo nearly white)."""
-    from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
+    from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
 
     if not DEFAULT_MODEL_PATH.exists():
         pytest.skip(f"{DEFAULT_MODEL_PATH} is not in this checkout")
@@ -301,7 +301,7 @@ def test_a_close_up_is_re_found_padded_with_a_bounded_pyramid(astronaut, detecto
 def test_detect_near_searches_around_the_previous_boxes(astronaut, detector, untrained_model_file):
     """Tracking in a video: the face is found from last frame's box (shifted 12 px since), a
     box where no face is finds nothing there, and FaceFinder then searches the whole frame."""
-    from faceage.modelfile import load_model_file
+    from faceage.inference.modelfile import load_model_file
 
     frame = np.full((480, 640, 3), 90, np.uint8)
     frame[40:440, 72:472] = np.asarray(Image.fromarray(astronaut).resize((400, 400)))
@@ -414,7 +414,7 @@ def test_face_record_is_the_documented_json(astronaut, detector):
 
 
 def test_pipeline_predicts_each_face(untrained_model_file, astronaut, rocket_path):
-    from faceage.modelfile import load_model_file
+    from faceage.inference.modelfile import load_model_file
 
     model = load_model_file(untrained_model_file)
     pipe = FacePipeline(model)
@@ -438,7 +438,7 @@ def test_pipeline_predicts_each_face(untrained_model_file, astronaut, rocket_pat
 
 
 def test_no_face_whole_uses_the_image(untrained_model_file, rocket_path):
-    from faceage.modelfile import load_model_file
+    from faceage.inference.modelfile import load_model_file
 
     pipe = FacePipeline(load_model_file(untrained_model_file), no_face="whole")
     rocket = load_image(rocket_path)

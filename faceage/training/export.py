@@ -10,15 +10,15 @@ import numpy as np
 
 from faceage.config import Config
 from faceage.errors import TrainingFailed
-from faceage.models import build_model, head_uncertainty
-from faceage.preprocess import preprocessing_metadata
-from faceage.worker import METRIC, load_checkpoint
+from faceage.inference.preprocess import preprocessing_metadata
+from faceage.models.network import build_model, head_uncertainty
+from faceage.training.worker import METRIC, load_checkpoint
 
 
 def data_crop_policy(cfg: Config) -> dict:
     """How the training images were framed; inference crops faces the same way."""
     if cfg.data.sources is not None:
-        from faceage.sources import prepared_crop_policy
+        from faceage.data.sources import prepared_crop_policy
 
         return prepared_crop_policy(cfg.data) or {"name": "utkface-chip"}
     if cfg.data.format == "prepared":
@@ -31,7 +31,7 @@ def data_crop_policy(cfg: Config) -> dict:
 
 def data_metadata(cfg: Config, summary: dict) -> dict:
     """The model file's ``data``: the summary, plus each source (name, format, path, counts)."""
-    from faceage.sources import resolve_sources
+    from faceage.data.sources import resolve_sources
 
     counts = summary.get("sources", {})
     sources = [{**s.describe(), **counts.get(s.name, {})} for s in resolve_sources(cfg.data)]
@@ -64,7 +64,7 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
     Returns the model path, the best epoch's metrics and the latest checkpoint's state (history,
     resumes, data summary).
     """
-    from faceage.modelfile import save_model_file
+    from faceage.inference.modelfile import save_model_file
 
     ranked = [(c, m) for c, m in (result.best_checkpoints or [])
               if np.isfinite(m.get(METRIC, np.nan))]
@@ -90,7 +90,7 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
         "config": cfg.to_dict(),
     }
     metadata.update(interval_metadata(best_state, best_metrics, uncertainty))
-    from faceage.tracking import run_reference
+    from faceage.training.experiment import run_reference
 
     if (tracked := run_reference(run_dir)) is not None:
         metadata["mlflow"] = tracked  # `faceage evaluate` adds its report to this run
@@ -103,7 +103,7 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
 def write_summary(cfg: Config, run_dir: Path, model_path: Path, best: dict, latest: dict,
                   wall_seconds: float) -> Path:
     """``curves.png`` and ``summary.json`` in ``run_dir``; returns the curves' path."""
-    from faceage.plots import learning_curves
+    from faceage.training.plots import learning_curves
 
     history = latest["history"]
     curves = learning_curves(history, run_dir / "curves.png",

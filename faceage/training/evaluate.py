@@ -14,17 +14,19 @@ import pandas as pd
 
 from faceage.config import DataConfig, SplitConfig
 from faceage.errors import ImageError, UserError
-from faceage.interval import DEFAULT_COVERAGE
-from faceage.metrics import mae_by, mae_by_decade, regression_metrics
-from faceage.predict import coverage_arg
-from faceage.vision import FaceFinder, load_image, whole_image_face
+from faceage.inference.interval import DEFAULT_COVERAGE
+from faceage.inference.predict import coverage_arg
+from faceage.inference.vision import FaceFinder, load_image, whole_image_face
+from faceage.training.metrics import mae_by, mae_by_decade, regression_metrics
 
 BATCH_IMAGES = 32
 
 
 def select_split(df: pd.DataFrame, split: str, metadata: dict) -> pd.DataFrame:
     """Rows of ``split`` under the model's own split settings (``all`` keeps every row)."""
-    from faceage.data import assign_split  # torch comes with it: keep `faceage --help` fast
+    from faceage.data.datasets import (
+        assign_split,  # torch comes with it: keep `faceage --help` fast
+    )
 
     if split == "all":
         return df
@@ -103,8 +105,8 @@ def _mae_by_label(ok: pd.DataFrame, column: str, names: dict[int, str]) -> dict[
 def interval_summary(ok: pd.DataFrame) -> dict[str, Any]:
     """``interval``: how often the true age lies in [age_low, age_high] and the mean width,
     overall; ``interval_by_decade``: the same per decade of true age."""
-    from faceage.interval import coverage_report
-    from faceage.metrics import decade_label
+    from faceage.inference.interval import coverage_report
+    from faceage.training.metrics import decade_label
 
     if "age_low" not in ok.columns or ok.empty:
         return {"interval": {}, "interval_by_decade": {}}
@@ -120,7 +122,7 @@ def interval_summary(ok: pd.DataFrame) -> dict[str, Any]:
 
 
 def summarise(preds: pd.DataFrame) -> dict[str, Any]:
-    from faceage.data import UTKFACE_GENDERS, UTKFACE_RACES
+    from faceage.data.datasets import UTKFACE_GENDERS, UTKFACE_RACES
 
     ok = preds[preds["status"] == "ok"]
     return {
@@ -184,9 +186,9 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         raise UserError("give --data (a data folder or CSV) or --config (a training config "
                         "with data.sources)")
     args.data = data_args[0]
-    from faceage.data import read_dataset
-    from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
-    from faceage.plots import prediction_report
+    from faceage.data.datasets import read_dataset
+    from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
+    from faceage.training.plots import prediction_report
 
     model = load_model_file(args.model)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL_PATH
@@ -238,7 +240,7 @@ def track(args: argparse.Namespace, model, files: list[Path], metrics: dict[str,
     """The report and its metrics (``eval_test_tta_mae/aaf``, ...) to the model's MLflow run."""
     if getattr(args, "no_mlflow", False):
         return
-    from faceage.tracking import attach_report
+    from faceage.training.experiment import attach_report
 
     prefix = f"eval_{args.split}{'_tta' if args.tta else ''}_"
     flat = {f"{prefix}{k}{'/' + src if src else ''}": v
@@ -251,7 +253,7 @@ def track(args: argparse.Namespace, model, files: list[Path], metrics: dict[str,
 
 
 def _prefixed(item: str) -> bool:
-    from faceage.sources import SOURCE_FORMATS
+    from faceage.data.sources import SOURCE_FORMATS
 
     fmt, sep, _ = item.partition(":")
     return bool(sep) and fmt in SOURCE_FORMATS
@@ -336,9 +338,9 @@ def format_sources_table(report: dict[str, Any]) -> str:
 def run_evaluate_sources(args: argparse.Namespace, data_args: list[str], out) -> int:
     """``faceage evaluate`` over several sources: each source's rows evaluated (raw AAF/CSV
     photos detected and aligned by the model's crop policy), reported per source and whole."""
-    from faceage.modelfile import DEFAULT_MODEL_PATH, load_model_file
-    from faceage.plots import sources_prediction_report
-    from faceage.sources import read_sources
+    from faceage.data.sources import read_sources
+    from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
+    from faceage.training.plots import sources_prediction_report
 
     model = load_model_file(args.model)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL_PATH

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from faceage.errors import ImageError, UserError
-from faceage.interval import DEFAULT_COVERAGE, check_coverage
-from faceage.vision import DetectorConfig, FacePipeline, face_records, load_image
+from faceage.inference.interval import DEFAULT_COVERAGE, check_coverage
+from faceage.inference.vision import DetectorConfig, FacePipeline, face_records, load_image
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 BATCH_IMAGES = 8
@@ -110,8 +110,8 @@ def _check_output(output: Path | None, n_inputs: int) -> None:
 
 def run_predict(args: argparse.Namespace, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
-    from faceage.annotate import draw_faces
-    from faceage.modelfile import load_model_file
+    from faceage.inference.annotate import draw_faces
+    from faceage.inference.modelfile import load_model_file
 
     if args.video:
         return run_video(args, out, err)
@@ -159,8 +159,8 @@ def run_video(args: argparse.Namespace, out=None, err=None) -> int:
     import av
     from tqdm import tqdm
 
-    from faceage.annotate import draw_faces
-    from faceage.modelfile import load_model_file
+    from faceage.inference.annotate import draw_faces
+    from faceage.inference.modelfile import load_model_file
 
     src = Path(args.video).expanduser()
     if not src.is_file():

@@ -1,7 +1,7 @@
 """What every Ray Train worker runs: ``train_loop_per_worker``, and its checkpoints.
 
-The driver (``faceage.train``) hands the loop the run's config and the data table it read and
-split; the loop builds its loaders, model and schedule, resumes from Ray Train's latest
+The driver (``faceage.training.driver``) hands the loop the run's config and the data table it
+read and split; the loop builds its loaders, model and schedule, resumes from Ray Train's latest
 checkpoint if there is one, and reports one checkpoint per epoch.
 """
 
@@ -15,10 +15,18 @@ import torch
 
 from faceage.compat import quiet_train_report_log
 from faceage.config import Config
-from faceage.data import BatchAugment, PreparedData, eval_transform, make_dataset, open_shipped
+from faceage.data.datasets import (
+    BatchAugment,
+    PreparedData,
+    eval_transform,
+    make_dataset,
+    open_shipped,
+)
+from faceage.data.sources import resolve_sources, source_column, source_val_metrics, train_sampler
 from faceage.errors import UserError
-from faceage.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
-from faceage.loop import (
+from faceage.inference.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
+from faceage.models.network import AgeNet, build_model, head_uncertainty
+from faceage.training.loop import (
     StepContext,
     autocast_dtype,
     build_optimizer,
@@ -31,9 +39,7 @@ from faceage.loop import (
     sum_across,
     train_one_epoch,
 )
-from faceage.models import AgeRegressor, build_model, head_uncertainty
-from faceage.schedule import Stage, UnfreezeSchedule
-from faceage.sources import resolve_sources, source_column, source_val_metrics, train_sampler
+from faceage.training.schedule import Stage, UnfreezeSchedule
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "faceage-checkpoint"
@@ -62,7 +68,7 @@ def load_checkpoint(checkpoint) -> dict:
 # -- the Ray Train loop --------------------------------------------------------------------------
 
 
-def _wrap(model: AgeRegressor, world_size: int):
+def _wrap(model: AgeNet, world_size: int):
     """DDP registers only parameters that require grad, so the loop wraps again at each stage."""
     import ray.train.torch
 

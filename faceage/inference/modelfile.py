@@ -26,14 +26,14 @@ import torch
 
 from faceage import DEFAULT_MODEL_PATH, __version__
 from faceage.errors import UserError
-from faceage.interval import (  # noqa: F401 (AgeEstimates: re-exported, its old home)
+from faceage.inference.interval import (  # noqa: F401 (AgeEstimates: re-exported, its old home)
     DEFAULT_COVERAGE,
     AgeEstimates,
     IntervalCalibration,
     check_coverage,
 )
-from faceage.models import AgeRegressor, head_uncertainty
-from faceage.preprocess import crops_to_batch
+from faceage.inference.preprocess import crops_to_batch
+from faceage.models.network import AgeNet, head_uncertainty
 
 FORMAT = "faceage-model"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:12]
 
 
-def save_model_file(model: AgeRegressor, path: str | Path, metadata: dict[str, Any]) -> Path:
+def save_model_file(model: AgeNet, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write ``model`` and ``metadata`` (JSON-serialisable) to ``path``; returns the path."""
     inner = getattr(model, "module", model)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in inner.state_dict().items()}
@@ -100,7 +100,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
 class AgeModel:
     """A loaded model file: the network in eval mode and its metadata; predicts from face crops."""
 
-    net: AgeRegressor
+    net: AgeNet
     metadata: dict[str, Any]
     device: torch.device
 
@@ -229,7 +229,7 @@ def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeM
             f"the default model {path} is missing; pass --model with a file from `faceage train`"
         )
     meta, state = read_model_file(path)
-    net = AgeRegressor(meta["backbone"], head_hidden=int(meta["head_hidden"]),
+    net = AgeNet(meta["backbone"], head_hidden=int(meta["head_hidden"]),
                        dropout=float(meta.get("dropout", 0.0)),
                        uncertainty=meta.get("uncertainty") or head_uncertainty(state))
     try:

@@ -21,7 +21,7 @@ from torch import nn
 
 from faceage.config import AugmentConfig, DataConfig, SplitConfig
 from faceage.errors import UserError
-from faceage.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from faceage.inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 __all__ = ["eval_transform"]  # re-exported: the validation transform is the inference one
 
@@ -272,7 +272,7 @@ class DecodedCache:
         return [p for p, ok in zip(self.paths, self.valid, strict=True) if not ok]
 
 
-# -- transforms (the eval transform is faceage.preprocess's, recorded in every model file) ------
+# -- transforms (the eval transform is faceage.inference.preprocess's, in every model file) -----
 
 
 def cache_size_for(input_size: int) -> int:
@@ -424,7 +424,7 @@ class PreparedData:
 
 
 def _source_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
-    from faceage.sources import source_counts
+    from faceage.data.sources import source_counts
 
     return source_counts(table)
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from faceage.errors import ImageError, UserError
-from faceage.interval import DEFAULT_COVERAGE, check_coverage
+from faceage.inference.interval import DEFAULT_COVERAGE, check_coverage
 
 # Enough for a 60-megapixel camera; a decoded image costs 3 bytes per pixel.
 DEFAULT_MAX_PIXELS = 64_000_000

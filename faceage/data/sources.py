@@ -6,11 +6,10 @@ combined table carries ``path`` (what is decoded), ``age``, ``gender`` (male/fem
 ``group`` (UTKFace race names; "AAF"; a CSV's group column or ""), ``source`` (its name),
 ``origin`` (the raw file, resolved) and ``split``.
 
-Each source is split by the hash of its raw file names (``faceage.data.assign_split``), so a
-source's split does not depend on which other sources a run uses. Raw AAF and CSV sources go
-through ``faceage prepare`` (MTCNN and the crop policy) once; the crops are cached under a key of
-their files, the crop policy and the crop size, and later runs reuse them.
-"""
+Each source is split by the hash of its raw file names (``assign_split``), so a source's split does
+not depend on which other sources a run uses. Raw AAF and CSV sources go through ``faceage prepare``
+(MTCNN and the crop policy) once; the crops are cached under a key of their files, the crop policy
+and the crop size, and later runs reuse them."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import pandas as pd
 import torch
 
 from faceage.config import DataConfig
-from faceage.data import (
+from faceage.data.datasets import (
     MAX_AGE,
     UTKFACE_RACES,
     LoadReport,
@@ -191,7 +190,7 @@ def read_source(spec: SourceSpec, data: DataConfig) -> tuple[pd.DataFrame, LoadR
         raise UserError(f"{spec.label()}: {exc}\nFix data.sources (its format and path)."
                         ) from None
     if spec.limit is not None and len(df) > spec.limit:
-        # The hash-ordered subset of faceage.data.read_dataset: stable and spread over ages.
+        # The hash-ordered subset of datasets.read_dataset: stable and spread over ages.
         order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
         report.available = len(df)
         df = df.iloc[np.sort(order[: spec.limit])].reset_index(drop=True)
@@ -311,8 +310,8 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
     face (or unreadable) are left out and counted in ``report``."""
     from filelock import FileLock
 
-    from faceage.prepare import DEFAULT_CROP_SIZE, prepare_table
-    from faceage.vision import CropPolicy, DetectorConfig
+    from faceage.data.prepare import DEFAULT_CROP_SIZE, prepare_table
+    from faceage.inference.vision import CropPolicy, DetectorConfig
 
     policy, detector = CropPolicy(), DetectorConfig()
     policy_meta, detector_meta = policy.to_metadata(), detector.model_dump(mode="json")
@@ -391,7 +390,7 @@ def prepared_crop_policy(data: DataConfig) -> dict | None:
     """The crop policy of the run's prepared sources (None: UTKFace chips alone)."""
     for spec in resolve_sources(data):
         if spec.needs_prepare:
-            from faceage.vision import CropPolicy
+            from faceage.inference.vision import CropPolicy
 
             return CropPolicy().to_metadata()
         if spec.prepared or spec.format == "prepared":
@@ -454,7 +453,7 @@ def source_val_metrics(pred, true, sources, names: Sequence[str]) -> dict[str, f
     """Validation metrics: ``val_mae`` is the mean of the per-source MAEs (the model-selection
     metric: with one source, exactly the pooled MAE); ``val_mae_all``, ``val_rmse`` and
     ``val_cs5`` are pooled; ``val_mae/<source>`` etc. per source."""
-    from faceage.metrics import regression_metrics
+    from faceage.training.metrics import regression_metrics
 
     pred, true, sources = np.asarray(pred), np.asarray(true), np.asarray(sources)
     pooled = regression_metrics(pred, true)

@@ -16,11 +16,11 @@ import pandas as pd
 import yaml
 
 from faceage.config import Config
-from faceage.data import LoadReport, PreparedData, decode_table
+from faceage.data.datasets import LoadReport, PreparedData, decode_table
+from faceage.data.sources import SourceSpec, prepare_raw_sources, read_sources
 from faceage.errors import UserError
-from faceage.models import build_model
-from faceage.schedule import UnfreezeSchedule
-from faceage.sources import SourceSpec, prepare_raw_sources, read_sources
+from faceage.models.network import build_model
+from faceage.training.schedule import UnfreezeSchedule
 
 
 def _ray_job_working_dir() -> str | None:
@@ -110,7 +110,7 @@ def check_split_counts(cfg: Config, table: pd.DataFrame) -> None:
 class Preflight:
     """What the driver learnt before starting workers."""
 
-    table: pd.DataFrame  # faceage.sources.TABLE_COLUMNS
+    table: pd.DataFrame  # faceage.data.sources.TABLE_COLUMNS
     report: LoadReport
     group_names: list[str]
     resuming: bool

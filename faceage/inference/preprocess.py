@@ -1,10 +1,9 @@
 """Model input: how a face crop becomes a normalised tensor, and the metadata that records it.
 
-Inference code (``faceage.modelfile``, the Serve replicas, ``faceage predict``) imports this module
-and never the training modules: ``faceage.data`` brings pandas, the decode cache and the
-augmentation. Training uses the same ``eval_transform`` for validation, so the transform lives
-once and every model file records it (``preprocessing_metadata``).
-"""
+Inference code (``faceage.inference.modelfile``, the Serve replicas, ``faceage predict``) imports
+this module and never the training modules: ``faceage.data.datasets`` brings pandas, the decode
+cache and the augmentation. Training uses the same ``eval_transform`` for validation, so the
+transform lives once and every model file records it (``preprocessing_metadata``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The training step in plain PyTorch: precision, one epoch, prediction, and the collectives.
 
-Nothing here imports Ray: ``faceage.worker`` runs these inside Ray Train's workers, and the
+Nothing here imports Ray: ``faceage.training.worker`` runs these inside Ray Train's workers, and the
 benchmarks and tests call them in one process.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceage.data import BatchAugment
-from faceage.models import laplace_nll
-from faceage.schedule import Stage, UnfreezeSchedule
+from faceage.data.datasets import BatchAugment
+from faceage.models.network import laplace_nll
+from faceage.training.schedule import Stage, UnfreezeSchedule
 
 # -- hardware ------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from faceage.config import DataConfig
 from faceage.errors import UserError
-from faceage.vision import CropPolicy, DetectorConfig
+from faceage.inference.vision import CropPolicy, DetectorConfig
 
 INDEX_COLUMNS = ["source_path", "crop_path", "age", "gender", "race", "group", "status", "faces",
                  "score", "x1", "y1", "x2", "y2", "error"]
@@ -50,7 +50,7 @@ class DetectAlignCrops:
                  no_face: str = "skip", threads: int = 1):
         import torch
 
-        from faceage.vision import FaceFinder
+        from faceage.inference.vision import FaceFinder
 
         torch.set_num_threads(threads)
         self.out_dir = Path(out_dir)
@@ -61,7 +61,7 @@ class DetectAlignCrops:
         from PIL import Image
 
         from faceage.errors import ImageError
-        from faceage.vision import load_image
+        from faceage.inference.vision import load_image
 
         rows = []
         for rec in batch.to_dict("records"):
@@ -136,8 +136,8 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
                 local: bool = False) -> dict[str, Any]:
     """Prepare ``data`` into ``out`` with Ray Data (or in this process); returns a summary."""
     # torch comes with these: keep `faceage --help` fast
-    from faceage.data import UTKFACE_RACES, read_dataset
-    from faceage.sources import GENDER_CODES, read_aaf
+    from faceage.data.datasets import UTKFACE_RACES, read_dataset
+    from faceage.data.sources import GENDER_CODES, read_aaf
 
     if fmt in ("aaf", "csv"):
         if fmt == "aaf":
@@ -146,11 +146,11 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
             df["race"] = -1
         else:
             df, load_report = read_dataset(DataConfig(format="manifest", path=data, limit=None))
-            from faceage.sources import gender_name
+            from faceage.data.sources import gender_name
 
             df["gender"] = [GENDER_CODES.get(gender_name(g), -1) for g in df["gender"]]
         if limit is not None and len(df) > limit:
-            from faceage.data import _unit_hash
+            from faceage.data.datasets import _unit_hash
 
             order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
             df = df.iloc[np.sort(order[:limit])].reset_index(drop=True)

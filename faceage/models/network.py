@@ -100,7 +100,7 @@ def backbone_spec(name: str) -> BackboneSpec:
         ) from None
 
 
-class AgeRegressor(nn.Module):
+class AgeNet(nn.Module):
     """A pretrained trunk and a small regression head; ``forward`` returns ages in years, (B,).
 
     ``uncertainty="laplace"``: the head's last Linear has a second output, a log-scale;
@@ -244,8 +244,8 @@ def _pretrained_net(backbone: str, pretrained: str, weights_dir: str | None) -> 
 
 def build_model(backbone: str, pretrained: str = "none", head_hidden: int = 256,
                 dropout: float = 0.3, weights_dir: str | None = None,
-                uncertainty: str = "none") -> AgeRegressor:
-    """Build an ``AgeRegressor``; ``pretrained`` is ``imagenet``, ``none`` or a state_dict path."""
+                uncertainty: str = "none") -> AgeNet:
+    """Build an ``AgeNet``; ``pretrained`` is ``imagenet``, ``none`` or a state_dict path."""
     net = _pretrained_net(backbone, pretrained, weights_dir)
-    return AgeRegressor(backbone, head_hidden=head_hidden, dropout=dropout, net=net,
+    return AgeNet(backbone, head_hidden=head_hidden, dropout=dropout, net=net,
                         uncertainty=uncertainty)

@@ -1,0 +1,1 @@
+"""The network: backbone registry and the age-regression model (``AgeNet``)."""
