@@ -32,7 +32,7 @@ from app.video import VideoError, annotate_video, probe_video, suggested_stride 
 from app.webrtc_guard import disarm_orphan_check  # noqa: E402
 from faceage.errors import ImageError  # noqa: E402
 from faceage.inference.annotate import age_label  # noqa: E402  (Pillow only)
-from faceage.inference.vision import load_image  # noqa: E402  (Pillow/OpenCV only; no torch)
+from faceage.inference.images import load_image  # noqa: E402  (Pillow only; no torch)
 
 PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 VIDEO_TYPES = ["mp4", "mov", "m4v", "webm", "mkv", "avi"]

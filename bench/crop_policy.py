@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wild_faces import framing_error, make_wild  # noqa: E402
 
 from faceage.config import SplitConfig  # noqa: E402
-from faceage.data.datasets import assign_split, read_utkface  # noqa: E402
+from faceage.data.readers import read_utkface  # noqa: E402
+from faceage.data.split import assign_split  # noqa: E402
+from faceage.inference.alignment import CropPolicy, align_face, whole_image_face  # noqa: E402
+from faceage.inference.detection import FaceDetector  # noqa: E402
 from faceage.inference.modelfile import load_model_file  # noqa: E402
-from faceage.inference.vision import CropPolicy, FaceDetector, align_face, whole_image_face  # noqa: E402
 from faceage.training.metrics import regression_metrics  # noqa: E402
 
 POLICIES = {

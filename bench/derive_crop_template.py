@@ -2,7 +2,7 @@
 
 MTCNN runs on padded training-split chips; its five landmarks, in fractions of the chip side,
 are averaged. Aligning a wild photo's landmarks to that mean reproduces the chips' framing.
-The printed tuple is ``faceage.inference.vision.UTKFACE_CHIP_TEMPLATE``.
+The printed tuple is ``faceage.inference.alignment.UTKFACE_CHIP_TEMPLATE``.
 
     nice -n 10 uv run python bench/derive_crop_template.py --limit 3000
 """
@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from faceage.config import SplitConfig
-from faceage.data.datasets import assign_split, read_utkface
-from faceage.inference.vision import LANDMARK_NAMES, DetectorConfig, FaceDetector, load_image
+from faceage.data.readers import read_utkface
+from faceage.data.split import assign_split
+from faceage.inference.detection import LANDMARK_NAMES, DetectorConfig, FaceDetector
+from faceage.inference.images import load_image
 
 
 def main() -> None:

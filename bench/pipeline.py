@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from faceage.inference.alignment import align_face
+from faceage.inference.images import load_image
 from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
-from faceage.inference.vision import FaceFinder, align_face, load_image
+from faceage.inference.pipeline import FaceFinder
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 

@@ -39,6 +39,7 @@ from PIL import Image
 
 from app.client import StreamClient  # the project root is on sys.path (uv's editable install)
 from faceage import DEFAULT_MODEL_PATH
+from faceage.config import add_set_argument, parse_override
 from faceage.runtime import apply_ray_env_defaults
 from serve.local import LocalServe
 
@@ -219,8 +220,9 @@ def serve_rows(model: Path, paths: list[str], frames, levels, seconds, warmup, n
 
 
 def in_process_rows(model: Path, frames, seconds, warmup, profiles: dict) -> list:
+    from faceage.inference.images import load_image
     from faceage.inference.modelfile import load_model_file
-    from faceage.inference.vision import FacePipeline, face_records, load_image
+    from faceage.inference.pipeline import FacePipeline, face_records
 
     loaded = load_model_file(model)
     rows = []
@@ -303,15 +305,13 @@ def main() -> int:
     p.add_argument("--soak", type=float, default=0.0,
                    help="then this many seconds of --soak-clients on /predict, and memory")
     p.add_argument("--soak-clients", type=int, default=16)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="serve/config.yaml override, as for serve.local (repeatable)")
+    add_set_argument(p, help="serve/config.yaml override, as for serve.local (repeatable)")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process rows")
     args = p.parse_args()
     apply_ray_env_defaults()
-    from faceage.config import parse_override
     from serve.app import ServeArgs
 
-    overrides = {".".join(keys): value for keys, value in map(parse_override, args.set)}
+    overrides = {".".join(keys): value for keys, value in map(parse_override, args.overrides)}
     serve_args = ServeArgs()
     profiles = {"photo profile": serve_args.detector,
                 "stream profile": serve_args.stream_detector}

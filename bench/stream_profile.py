@@ -34,7 +34,9 @@ from PIL import Image
 
 from app.tracking import iou  # the project root is on sys.path (uv's editable install)
 from faceage import DEFAULT_MODEL_PATH
-from faceage.inference.vision import DetectorConfig, FaceFinder, face_records
+from faceage.inference.detection import DetectorConfig
+from faceage.inference.pipeline import FaceFinder, face_records
+from faceage.inference.stream import StreamTracker
 
 REPO = Path(__file__).resolve().parents[1]
 AAF = REPO.parent / "shared" / "data" / "aaf"
@@ -46,7 +48,7 @@ def face_photos(count: int) -> list[np.ndarray]:
     photos = [np.asarray(Image.open(REPO / "tests/data/astronaut.jpg").convert("RGB"))]
     if AAF.is_dir() and count > 1:
         from faceage.config import SplitConfig
-        from faceage.data.datasets import assign_split
+        from faceage.data.split import assign_split
 
         names = sorted(p.name for p in AAF.glob("*.jpg"))
         splits = assign_split(names, SplitConfig(val=0.1, test=0.1, seed=0))
@@ -96,22 +98,21 @@ def read_frames(path: Path, limit: int) -> list[np.ndarray]:
 
 def timed(finder: FaceFinder, frames: list[np.ndarray], threads: int,
           track: int = 0) -> tuple[list, float]:
-    """Faces per frame and the median ms per frame. ``track``: as /stream does, search near
-    the previous frame's faces for up to that many frames between whole-frame detections."""
+    """Faces per frame and the median ms per frame. ``track``: as /stream does (its
+    ``StreamTracker``), search near the previous frame's faces for up to that many frames between
+    whole-frame detections."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out, times, boxes, tracked = [], [], [], 0
+        out, times, tracker = [], [], StreamTracker(track)
         for frame in frames:
-            near = boxes if track and boxes and tracked < track else None
             start = time.perf_counter()
-            faces, was_tracked = finder.find_tracked(frame, near)
+            faces, tracked = finder.find_tracked(frame, tracker.near())
             times.append(time.perf_counter() - start)
             out.append(faces)
-            boxes = [f.box.tolist() for f in faces]
-            tracked = tracked + 1 if was_tracked else 0
+            tracker.update(faces, tracked)
     finally:
         torch.set_num_threads(before)
     return out, statistics.median(times) * 1000

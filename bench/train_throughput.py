@@ -47,7 +47,7 @@ def plain_loop(cfg, threads: int) -> dict:
     import torch
 
     from faceage.data.datasets import BatchAugment, make_dataset, prepare_data
-    from faceage.models.network import build_model
+    from faceage.models.network import build_model_from
     from faceage.training.loop import (
         StepContext,
         autocast_dtype,
@@ -62,8 +62,7 @@ def plain_loop(cfg, threads: int) -> dict:
     data = prepare_data(cfg.data, cfg.model.input_size)
     loader = torch.utils.data.DataLoader(make_dataset(data, "train"), shuffle=True,
                                          batch_size=cfg.train.batch_size, drop_last=True)
-    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout,
-                        uncertainty=cfg.model.uncertainty)
+    model = build_model_from(cfg.model)  # make_config sets model.pretrained=none
     model = model.to(memory_format=torch.channels_last)
     steps = min(len(loader), cfg.train.max_steps_per_epoch)
     schedule = UnfreezeSchedule(cfg.schedule, model.group_names(), steps)
@@ -80,10 +79,11 @@ def plain_loop(cfg, threads: int) -> dict:
 
 def ray_loop(cfg) -> dict:
     """The real ``train_loop_per_worker`` under ``TorchTrainer``; metrics of the last epoch."""
-    from faceage.data.datasets import prepare_data
+    from faceage.data.run_data import RunData
     from faceage.training.driver import build_trainer
 
-    result = build_trainer(cfg, prepare_data(cfg.data, cfg.model.input_size)).fit()
+    data = RunData.read(cfg.data).decoded(cfg.data, cfg.model.input_size)
+    result = build_trainer(cfg, data).fit()
     return {"images_per_s": result.metrics["images_per_s"],
             "data_share": result.metrics["data_share"]}
 

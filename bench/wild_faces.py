@@ -84,7 +84,8 @@ def main() -> None:
     from PIL import Image
 
     from faceage.config import SplitConfig
-    from faceage.data.datasets import assign_split, read_utkface
+    from faceage.data.readers import read_utkface
+    from faceage.data.split import assign_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="../shared/data/utkface")

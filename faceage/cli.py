@@ -12,15 +12,15 @@ from faceage.runtime import apply_ray_env_defaults
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from faceage.config import flat_overrides, load_config
+    from faceage.config import load_config
     from faceage.training.driver import run_training
 
-    run_training(load_config(args.config, flat_overrides(args)))
+    run_training(load_config(args.config, args.overrides))
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from faceage.training.tune import run_tune_command
+    from faceage.training.tune.driver import run_tune_command
 
     return run_tune_command(args)
 
@@ -76,7 +76,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                     "ASHA on val MAE); writes a results table, a plot and the "
                                     "best trial's model file.")
     if wanted("tune"):
-        from faceage.training.tune import add_tune_arguments
+        from faceage.training.tune.driver import add_tune_arguments
 
         add_tune_arguments(tu)
     tu.set_defaults(func=_cmd_tune)

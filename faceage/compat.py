@@ -97,13 +97,44 @@ def placement_group_table() -> list[Any]:
     creator fields (``creator_actor_id``, ``creator_actor_dead``, ``creator_job_id``,
     ``is_detached``) that tell an orphaned Train worker group from a live one; the state API
     (``ray.util.state``) has them but fails on a machine with several Ray instances ("Found
-    multiple active Ray instances"). See faceage/tune.py ``orphaned_placement_groups``.
+    multiple active Ray instances"). ``orphaned_placement_groups`` reads them.
     """
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
 
     return [gcs_pb2.PlacementGroupTableData.FromString(raw)
             for raw in state._connect_and_get_accessor().get_placement_group_table()]
+
+
+def orphaned_placement_groups() -> list[Any]:
+    """This job's placement groups whose creating actor died (not detached ones), as
+    ``ray.util.placement_group.PlacementGroup`` handles to remove.
+
+    A Tune trial's Train controller creates its workers' placement group; when ASHA stops the
+    trial, the controller dies and the group lives on until the job ends. Ray Train's own cleaner
+    removes it, but it finds the cluster through the state API, which fails on a machine with
+    several Ray instances ("Found multiple active Ray instances"). Ray has no public API for a
+    placement group's creator, so this reads ``placement_group_table``.
+
+    Ray 2.60: ``gcs_pb2.PlacementGroupTableData``'s ``state`` enum (CREATED, PENDING and
+    RESCHEDULING hold or wait for resources; src/ray/protobuf/gcs.proto), and a driver's groups
+    (Tune's own, one per trial) carry the nil actor id (all 0xff bytes, ``ActorID.nil()``) as
+    their creator and count as "actor dead" from the start.
+    """
+    import ray
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    table = gcs_pb2.PlacementGroupTableData
+    live = (table.CREATED, table.PENDING, table.RESCHEDULING)
+    found = []
+    for pg in placement_group_table():
+        by_actor = pg.creator_actor_id.strip(b"\xff") != b""
+        if (pg.state in live and not pg.is_detached and by_actor and pg.creator_actor_dead
+                and pg.creator_job_id.hex() == job):
+            found.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+    return found
 
 
 # -- Ray Train's logs -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,30 +33,45 @@ class SplitConfig(_Strict):
 class SourceConfig(_Strict):
     """One data source of a run (``data.sources``): where its labelled faces come from.
 
-    ``format``: ``utkface`` (chips named AGE_GENDER_RACE_DATETIME.jpg.chip.jpg), ``aaf``
-    (All-Age-Faces photos named NNNNNAaa.jpg) or ``csv`` (a manifest with ``path,age`` and
-    optional ``gender,group`` columns). ``prepared: true`` says ``path`` is a ``faceage prepare``
-    output folder; raw ``aaf`` and ``csv`` sources are prepared (MTCNN + the crop policy) once
-    and cached, raw ``utkface`` chips are used as they are. ``weight`` multiplies the chance of
-    each of the source's images being drawn relative to other sources' (all equal: every
-    training image once per epoch, as with one source).
+    ``format``: a name in ``faceage.data.readers.FORMATS``, e.g. ``utkface`` (chips named
+    AGE_GENDER_RACE_DATETIME.jpg.chip.jpg), ``aaf`` (All-Age-Faces photos named NNNNNAaa.jpg) or
+    ``csv`` (a manifest with ``path`` and ``age``, or ``age_low,age_high`` for a row labelled by
+    an age range, and optional ``gender,group`` columns). ``prepared:
+    true`` says ``path`` is a ``faceage prepare`` output folder; sources of photos (raw ``aaf``
+    and ``csv``) are prepared (MTCNN + the crop policy) once and cached, ``utkface`` chips are
+    used as they are. ``weight`` multiplies the chance of each of the source's images being
+    drawn relative to other sources' (all equal: every training image once per epoch, as with
+    one source). ``split_by`` names a column of the source (e.g. ``family`` in a CSV) whose rows
+    share a split: relatives and the same person at several ages never straddle train and test.
     """
 
-    format: str  # checked by faceage.data.sources with a message naming the source
+    format: str  # checked by faceage.data.sources against the registry, naming the source
     path: str
     prepared: bool = False
     weight: float = Field(1.0, gt=0.0)
     name: str | None = None
     limit: int | None = Field(None, ge=1, description="at most this many images (default "
                                                       "data.limit)")
+    split_by: str | None = Field(
+        None, description="a column of the source whose rows share a split (e.g. family); "
+                          "default: each file is split by the hash of its name")
+
+
+# The old one-source form (``data.format`` + ``data.path``) and its defaults: the built-in config
+# trains on this one source.
+ONE_SOURCE_DEFAULTS = {"format": "utkface", "path": "../shared/data/utkface"}
 
 
 class DataConfig(_Strict):
-    # One source, as before ``sources`` existed: ``format`` + ``path`` (+ ``limit``).
-    format: Literal["utkface", "manifest", "prepared", "aaf", "csv"] = "utkface"
-    path: str = "../shared/data/utkface"
-    sources: list[SourceConfig] | None = Field(
-        None, description="several data sources (replaces format/path); see SourceConfig")
+    """Where a run's labelled faces come from (``sources``) and how they are split and cached.
+
+    ``format`` + ``path`` (configs/train.yaml) still say one source: they become a one-item
+    ``sources`` as the config is read, so nothing after validation sees them.
+    """
+
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(**ONE_SOURCE_DEFAULTS)],
+        description="the data sources (format + path: one source); see SourceConfig")
     prepared_dir: str | None = Field(
         None, description="where raw aaf/csv sources are prepared once and reused "
                           "(default ~/.cache/faceage/prepared)")
@@ -72,15 +86,22 @@ class DataConfig(_Strict):
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer")
 
-    @model_validator(mode="after")
-    def _one_way(self) -> DataConfig:
-        # Saved configs carry every key, so only values other than the defaults conflict.
-        defaults = {k: DataConfig.model_fields[k].default for k in ("format", "path")}
-        if self.sources is not None and any(getattr(self, k) != v for k, v in defaults.items()):
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source_form(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        one = {k: raw.pop(k) for k in ONE_SOURCE_DEFAULTS if k in raw}
+        if raw.get("sources") is None:
+            raw["sources"] = [{**ONE_SOURCE_DEFAULTS, **one}]
+        # Saved configs of earlier versions carry every key, so only values other than the
+        # defaults conflict.
+        elif any(one.get(k, v) != v for k, v in ONE_SOURCE_DEFAULTS.items()):
             raise ValueError("give either data.sources or data.format/data.path, not both")
-        if self.sources is not None and not self.sources:
+        elif not raw["sources"]:
             raise ValueError("data.sources is empty: list at least one source")
-        return self
+        return raw
 
 
 class ModelConfig(_Strict):
@@ -218,11 +239,9 @@ class Config(_Strict):
 
         out = self.model_copy(deep=True)
         out.storage_path = fix(out.storage_path)
-        if out.data.sources is None:
-            out.data.path = fix(out.data.path)
         out.data.cache_dir = fix(out.data.cache_dir)
         out.data.prepared_dir = fix(out.data.prepared_dir)
-        for src in out.data.sources or []:
+        for src in out.data.sources:
             src.path = fix(src.path)
         out.model.weights_dir = fix(out.model.weights_dir)
         if out.model.pretrained not in ("imagenet", "none"):
@@ -304,16 +323,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def config_json(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)
+def add_set_argument(p: argparse.ArgumentParser,
+                     help: str = "override a setting, e.g. train.batch_size=32") -> None:
+    """The one ``--set`` option: ``--set a=1 b=2`` and ``--set a=1 --set b=2`` alike give
+    ``args.overrides == ["a=1", "b=2"]``, each item read by ``parse_override``."""
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help=help)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """``--config FILE`` and ``--set KEY=VALUE ...`` as ``faceage train`` and ``tune`` take them."""
+    """``--config FILE`` and ``--set KEY=VALUE ...`` as ``faceage train`` takes them."""
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
-                   metavar="KEY=VALUE", help="override a setting, e.g. train.batch_size=32")
-
-
-def flat_overrides(args: argparse.Namespace) -> list[str]:
-    return [item for group in args.overrides for item in group]
+    add_set_argument(p)

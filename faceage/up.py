@@ -2,7 +2,7 @@
 
 Serve runs through ``serve.local`` (serve/config.yaml on a Ray instance of its own, or on the
 cluster ``$RAY_ADDRESS`` names); Streamlit runs ``app/main.py`` pointed at it. Each child leads
-its own process group, so Ctrl-C or SIGTERM here stops all of them and whatever they started.
+its own session, so Ctrl-C or SIGTERM here stops all of them and whatever they started.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from faceage.runtime import (
     REPO_ROOT,
     child_env,
     free_port,
+    http_ok,
     port_is_free,
     process_tree,
     stop_processes,
+    stop_session,
+    wait_until,
 )
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "faceage-default.pt"
@@ -90,42 +93,19 @@ def start_streamlit(port: int, serve_url: str, log_path: Path) -> subprocess.Pop
         log.close()
 
 
-def _wait_streamlit(proc: subprocess.Popen, url: str, log_path: Path) -> None:
-    import requests
-
-    deadline = time.monotonic() + STREAMLIT_START_S
-    session = requests.Session()
-    session.trust_env = False  # loopback: never through an HTTP(S)_PROXY
-    while True:
+def wait_streamlit(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    """Wait until Streamlit at ``url`` answers its health check; UserError if it exits first or
+    does not answer within ``STREAMLIT_START_S``."""
+    def answers() -> bool:
         if proc.poll() is not None:
             raise UserError(f"Streamlit exited with code {proc.returncode}; see {log_path}")
-        try:
-            if session.get(url + "/_stcore/health", timeout=5).ok:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise UserError(f"Streamlit did not answer {url} within {STREAMLIT_START_S} s; "
-                            f"see {log_path}")
-        time.sleep(0.5)
+        return http_ok(url + "/_stcore/health")
 
-
-def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL what is left of it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(10)
+        wait_until(answers, STREAMLIT_START_S, what="Streamlit answering")
+    except TimeoutError:
+        raise UserError(f"Streamlit did not answer {url} within {STREAMLIT_START_S} s; "
+                        f"see {log_path}") from None
 
 
 def _auth_for_cluster() -> str | None:
@@ -217,7 +197,7 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"  Ray address    {service.info['gcs_address']}   (RAY_ADDRESS for "
                   "`ray status` or another `faceage up`)", flush=True)
         if streamlit is not None:
-            _wait_streamlit(streamlit, app_url, log_dir / "streamlit.log")
+            wait_streamlit(streamlit, app_url, log_dir / "streamlit.log")
         for sig in previous:
             signal.signal(sig, on_signal_ready)
         ready = True
@@ -248,7 +228,9 @@ def run_up(args: argparse.Namespace) -> int:
         print("faceage up: stopping ...", flush=True)
         descendants = process_tree(os.getpid())[1:]
         if streamlit is not None:
-            stop_group(streamlit)
+            # Its own session (start_new_session): it and whatever it started.
+            stop_session(streamlit.pid, timeout=20)
+            streamlit.wait(10)
         service.stop()
         stop_processes(descendants)
         for sig, handler in previous.items():

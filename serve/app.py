@@ -5,14 +5,16 @@
 ``app`` is the application builder ``serve/config.yaml`` names (``import_path: serve.app:app``);
 its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and batching come from the
 config. The model deployments (serve/deployments.py) are thin and call the library ``faceage
-predict`` uses: the Detector holds ``faceage.inference.vision.FaceFinder``s (decode, detect,
+predict`` uses: the Detector holds ``faceage.inference.pipeline.FaceFinder``s (decode, detect,
 align; a full ``photo`` profile and a cheaper ``stream`` one for video frames), the AgeRegressor a
 ``faceage.inference.modelfile.AgeModel`` and ages the crops of concurrent requests with
 ``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of several images, and
 ``face_record`` writes the JSON. So /predict returns the CLI's faces for the same photo and model.
-This module is the Ingress: it imports neither torch (serve/deployments.py is imported only by
-the builder, ``app``) nor pandas nor the training modules (Ray Serve itself imports pandas when
-it is installed; see tests/test_inference_imports.py).
+This module is the Ingress (its request and response shapes are in serve/schemas.py, the reading
+of uploads in serve/uploads.py, /stream's tracking in ``faceage.inference.stream``): it imports
+neither torch (serve/deployments.py is imported only by the builder, ``app``) nor pandas nor the
+training modules (Ray Serve itself imports pandas when it is installed; see
+tests/test_inference_imports.py).
 """
 
 import asyncio
@@ -33,25 +35,29 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceage import DEFAULT_MODEL_PATH, __version__
 from faceage.errors import UserError
+from faceage.inference.detection import DetectorConfig, Face
+from faceage.inference.images import DEFAULT_MAX_PIXELS
 from faceage.inference.interval import DEFAULT_COVERAGE, AgeEstimates
-from faceage.inference.vision import DEFAULT_MAX_PIXELS, DetectorConfig, Face, face_records
+from faceage.inference.pipeline import face_records
+from faceage.inference.stream import StreamTracker
+from serve.schemas import (
+    BINARY_BODY,
+    ERROR_RESPONSES,
+    ApiError,
+    ErrorOut,
+    FramesResult,
+    Prediction,
+    error_response,
+)
+from serve.uploads import MULTIPART, RAW_IMAGE_TYPES, media_type, read_body, read_file_parts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 
-# Content types /predict takes as a raw body: the formats faceage.inference.vision decodes.
-# Anything else (text, JSON, SVG, HEIC) is a 415; octet-stream is sniffed like a file.
-RAW_IMAGE_TYPES = frozenset({
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/avif",
-    "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff", "image/x-portable-pixmap",
-    "application/octet-stream",
-})
-MULTIPART = "multipart/form-data"
 # The live-stream profile's defaults: detect on a copy at most 320 px long, and only faces at
 # least a tenth of the frame's shorter side (a webcam user fills much more).
 STREAM_DETECTOR_DEFAULTS = {"max_side": 320, "min_face_fraction": 0.1}
@@ -108,89 +114,9 @@ class ServeArgs(BaseModel):
 # -- the HTTP API ------------------------------------------------------------------------------
 
 
-class FaceOut(BaseModel):
-    box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
-    score: float = Field(description="detection score")
-    age: float = Field(description="estimated age in years")
-    age_interval: list[float] = Field(
-        min_length=2, max_length=2,
-        description="[low, high] in years: the central interval (args.interval_coverage, "
-                    "default 80 %) the true age falls in, calibrated on validation faces")
-    landmarks: list[list[float]] = Field(
-        description="eyes, nose, mouth corners as [x, y] (empty for a whole-image face)")
-
-
-class ImageSize(BaseModel):
-    width: int
-    height: int
-
-
-class ModelRef(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    name: str
-    version: str
-
-
-class Prediction(BaseModel):
-    faces: list[FaceOut]
-    image: ImageSize
-    model: ModelRef
-    timings_ms: dict[str, float] = Field(description="decode, detect, age and total")
-
-
-class FrameResult(BaseModel):
-    """One frame of /predict/frames or /stream: a prediction, or an error with its status."""
-
-    model_config = ConfigDict(protected_namespaces=())
-
-    frame: int
-    faces: list[FaceOut] | None = None
-    image: ImageSize | None = None
-    model: ModelRef | None = None
-    timings_ms: dict[str, float] | None = None
-    detection: Literal["whole frame", "near previous faces"] | None = Field(
-        None, description="/stream: where the Detector searched (near the previous frame's "
-                          "faces, falling back to the whole frame when none is there)")
-    error: str | None = None
-    status: int | None = None
-
-
-class FramesResult(BaseModel):
-    frames: list[FrameResult]
-    timings_ms: dict[str, float]
-
-
-class ErrorOut(BaseModel):
-    error: str
-    status: int
-
-
-class ApiError(Exception):
-    """An HTTP error answered as ``{"error": message, "status": status}``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
-
-def _error_response(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
-
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-_ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in {
-    400: "not an image, corrupt or truncated",
-    413: "body, frame count or pixel count over the limit",
-    415: "unsupported content type",
-    503: "at capacity or a replica is restarting: retry after a moment",
-}.items()}
 
 api = FastAPI(
     title="faceage",
@@ -202,70 +128,17 @@ api = FastAPI(
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error_response(exc.status, exc.message)
+    return error_response(exc.status, exc.message)
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error_response(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, str(exc.detail))
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(400, f"invalid request: {exc.errors()}")
-
-
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            too_big = int(declared) > limit
-        except ValueError:
-            raise ApiError(400, f"invalid Content-Length {declared!r}") from None
-        if too_big:
-            raise ApiError(413, f"the body is {int(declared)} bytes, above the limit of "
-                                f"{limit}; send a smaller image")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the body is over the limit of {limit} bytes; "
-                                "send a smaller image")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_file_parts(request: Request, body: bytes, max_parts: int) -> list[tuple[str, Any]]:
-    """(field name, bytes or text) of a multipart body's parts, in order."""
-    async def replay() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=max_parts,
-                                                         max_fields=max_parts)
-    except StarletteHTTPException as exc:
-        raise ApiError(400, f"malformed multipart body: {exc.detail}") from None
-    except Exception as exc:  # python-multipart's parser errors
-        raise ApiError(400, f"malformed multipart body: {exc}") from None
-    parts: list[tuple[str, Any]] = []
-    try:
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                part_type = _media_type(value.content_type)
-                if part_type and part_type not in RAW_IMAGE_TYPES:
-                    raise ApiError(415, f"part {key!r} is {part_type}; send an image "
-                                        "(JPEG, PNG, WebP, ...)")
-                parts.append((key, await value.read()))
-            else:
-                parts.append((key, value))
-    finally:
-        await form.close()
-    return parts
+    return error_response(400, f"invalid request: {exc.errors()}")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
@@ -342,9 +215,9 @@ class Ingress:
         except ApiError as exc:
             return {"frame": index, "error": exc.message, "status": exc.status}
 
-    @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra={
+    @api.post("/predict", response_model=Prediction, responses=ERROR_RESPONSES, openapi_extra={
         "requestBody": {"required": True, "content": {
-            **{t: _BINARY for t in ("image/jpeg", "image/png", "image/webp",
+            **{t: BINARY_BODY for t in ("image/jpeg", "image/png", "image/webp",
                                     "application/octet-stream")},
             MULTIPART: {"schema": {"type": "object", "required": ["file"],
                                    "properties": {"file": {"type": "string",
@@ -353,7 +226,7 @@ class Ingress:
     async def predict(self, request: Request) -> dict[str, Any]:
         """Ages of the faces in one image: the raw bytes (image/jpeg, image/png, ...) or a
         multipart form with the image in field `file`."""
-        media = _media_type(request.headers.get("content-type"))
+        media = media_type(request.headers.get("content-type"))
         if media != MULTIPART and media not in RAW_IMAGE_TYPES:
             raise ApiError(415, f"unsupported content type {media or '(none)'!r}; send the "
                                 "image bytes as image/jpeg, image/png, ... or a multipart form "
@@ -368,7 +241,7 @@ class Ingress:
         return await self.predict_image(body, "image")
 
     @api.post("/predict/frames", response_model=FramesResult, response_model_exclude_none=True,
-              responses=_ERRORS, openapi_extra={
+              responses=ERROR_RESPONSES, openapi_extra={
         "requestBody": {"required": True, "content": {MULTIPART: {"schema": {
             "type": "object", "required": ["frames"],
             "properties": {"frames": {"type": "array",
@@ -376,7 +249,7 @@ class Ingress:
     async def predict_frames(self, request: Request) -> dict[str, Any]:
         """Several frames (multipart, repeated field `frames`); results in the same order, a
         frame that fails carries its own error and status."""
-        media = _media_type(request.headers.get("content-type"))
+        media = media_type(request.headers.get("content-type"))
         if media != MULTIPART:
             raise ApiError(415, f"unsupported content type {media or '(none)'!r}; send a "
                                 "multipart form with the frames in repeated field 'frames'")
@@ -403,22 +276,17 @@ class Ingress:
         """Send frames as binary messages (JPEG); each gets one JSON message back, in order."""
         await websocket.accept()
         index = 0
-        # Tracking: after a whole-frame detection, the next frames search only around the faces
-        # found (``stream_track_frames`` of them at most, while faces keep being found there).
-        boxes: list[list[float]] = []
-        tracked = 0
+        tracker = StreamTracker(self.settings.stream_track_frames)
         try:
             while True:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
-                near = boxes if boxes and tracked < self.settings.stream_track_frames else None
                 result = await self._frame(index, data if data is not None else
-                                           message.get("text"), near)
+                                           message.get("text"), tracker.near())
                 if "faces" in result:
-                    boxes = [f["box"] for f in result["faces"] if f["landmarks"]]
-                    tracked = tracked + 1 if result["detection"] != "whole frame" else 0
+                    tracker.update(result["faces"], result["detection"] != "whole frame")
                 await websocket.send_json(result)
                 index += 1
         except WebSocketDisconnect:

@@ -4,7 +4,8 @@ Their own module because they load torch, and the Ingress must not: ``serve/app.
 Ingress and the HTTP API) imports this module only inside its application builder, so an Ingress
 replica, which imports ``serve.app`` to find its class, never loads torch (about 0.4 GB of
 private memory per process). What the Ingress gets back from them is torch-free too: ``Face``
-(faceage.inference.vision) and ``AgeEstimates`` (faceage.inference.interval) unpickle without torch.
+(faceage.inference.detection) and ``AgeEstimates`` (faceage.inference.interval) unpickle without
+torch.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from faceage.errors import ImageError
+from faceage.inference.detection import DetectorConfig, FaceDetector
+from faceage.inference.images import load_image
 from faceage.inference.interval import DEFAULT_COVERAGE, AgeEstimates
 from faceage.inference.modelfile import load_model_file, read_model_file
-from faceage.inference.vision import DetectorConfig, FaceDetector, FaceFinder, load_image
+from faceage.inference.pipeline import FaceFinder
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from faceage import compat
-from faceage.config import parse_override
+from faceage.config import add_set_argument, parse_override
 from faceage.errors import UserError
 from faceage.runtime import (
     REPO_ROOT,
@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.local", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--port", type=int, help="HTTP port (0: a free one; default: the config's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override, e.g. args.model_path=m.pt or deployments.Detector."
-                        "num_replicas=1 (VALUE is YAML)")
+    add_set_argument(p, help="override, e.g. args.model_path=m.pt or deployments.Detector."
+                             "num_replicas=1 (VALUE is YAML)")
     p.add_argument("--num-cpus", type=float, default=2)
     p.add_argument("--dashboard-port", type=int,
                    help="start the Ray dashboard on this port (0: a free one)")
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     overrides: dict[str, Any] = {}
     try:
-        for item in args.set:
+        for item in args.overrides:
             parts, value = parse_override(item)
             overrides[".".join(parts)] = value
     except UserError as exc:

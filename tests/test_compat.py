@@ -1,4 +1,4 @@
-"""Canaries for faceage.compat (and the Ray behaviour faceage.runtime.RayHead relies on).
+"""Canaries for faceage.compat (and the Ray behaviour faceage.ray_head.RayHead relies on).
 
 Each fails when the private API a compat function uses changes upstream (Ray 2.60,
 streamlit-webrtc 0.79): renamed, gone, a different signature or value. None starts Ray. When one
@@ -77,6 +77,28 @@ def test_placement_group_table_accessor_and_fields():
         table.PlacementGroupState.values())
 
 
+def test_orphaned_placement_groups_reads_states_creators_and_ids_we_rely_on():
+    """What ``compat.orphaned_placement_groups`` takes from ``gcs_pb2`` and Ray's ids."""
+    import ray
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    source = inspect.getsource(compat.orphaned_placement_groups)
+    assert "gcs_pb2" in source and "placement_group_table()" in source
+    table = gcs_pb2.PlacementGroupTableData
+    states = table.PlacementGroupState
+    assert {states.Name(table.CREATED), states.Name(table.PENDING),
+            states.Name(table.RESCHEDULING)} == {"CREATED", "PENDING", "RESCHEDULING"}
+    # The other states hold no resources: removing, removed.
+    assert set(states.keys()) == {"PENDING", "PREPARED", "CREATED", "REMOVED", "RESCHEDULING"}
+    # A driver's placement groups carry the nil actor id as their creator: all 0xff bytes.
+    nil = ray.ActorID.nil().binary()
+    assert nil and nil.strip(b"\xff") == b""
+    assert params(PlacementGroup.__init__)[:2] == ["self", "id"]
+    pg_id = ray.PlacementGroupID.from_random()
+    assert PlacementGroup(ray.PlacementGroupID(pg_id.binary())).id == pg_id
+
+
 # -- the cluster launcher -------------------------------------------------------------------------
 
 
@@ -87,7 +109,7 @@ def test_ray_up_config_checks():
     assert params(util.validate_config)[0] == "config"
 
 
-# -- `ray start`, as faceage.runtime.RayHead runs it ----------------------------------------------
+# -- `ray start`, as faceage.ray_head.RayHead runs it ---------------------------------------------
 
 
 def test_ray_start_takes_port_zero_and_prints_the_addresses_we_read():

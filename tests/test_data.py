@@ -1,4 +1,5 @@
-"""faceage.data.datasets: UTKFace names, manifests, splits, the decode cache and the transforms."""
+"""The data layer's readers (UTKFace names, manifests, the format registry), the split hash, the
+decode cache and the transforms."""
 
 from __future__ import annotations
 
@@ -15,18 +16,21 @@ from faceage.config import AugmentConfig, DataConfig, SplitConfig
 from faceage.data.datasets import (
     BatchAugment,
     DecodedCache,
-    assign_split,
     cache_size_for,
     eval_transform,
     make_dataset,
     open_shipped,
-    parse_utkface_name,
     prepare_data,
+    shippable,
+)
+from faceage.data.readers import (
+    FORMATS,
+    parse_utkface_name,
     read_dataset,
     read_manifest,
     read_utkface,
-    shippable,
 )
+from faceage.data.split import assign_split
 from faceage.errors import UserError
 
 # Malformed names exactly as they occur in the public UTKFace release.
@@ -157,21 +161,31 @@ def test_manifest_reader(tmp_path, utkface_images):
     rows = [
         {"path": f"imgs/{images[0].name}", "age": 31, "source": "a"},
         {"path": str(images[1]), "age": 45.5, "source": "b"},
-        {"path": f"imgs/{images[2].name}", "age": "unknown", "source": "c"},
         {"path": f"imgs/{images[3].name}", "age": 0, "source": "d"},
-        {"path": f"imgs/{images[4].name}", "age": 130, "source": "e"},
     ]
     csv = tmp_path / "manifest.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     df, report = read_manifest(csv)
-    assert list(df["path"]) == [str(tmp_path / "imgs" / images[0].name), str(images[1])]
-    assert list(df["age"]) == [31.0, 45.5]
-    assert list(df["source"]) == ["a", "b"]  # extra columns are kept
-    assert list(df["gender"]) == [-1, -1] and list(df["race"]) == [-1, -1]
-    assert len(report.skipped["rows without a valid age"]) == 3
-    # Through the config, as training reads it.
-    df2, _ = read_dataset(DataConfig(format="manifest", path=str(csv), limit=None))
-    assert list(df2["path"]) == list(df["path"])
+    assert list(df["path"]) == [str(tmp_path / "imgs" / images[0].name), str(images[1]),
+                                str(tmp_path / "imgs" / images[3].name)]
+    assert list(df["age"]) == [31.0, 45.5, 0.0]  # 0-120, a newborn included
+    assert list(df["age_low"]) == list(df["age_high"]) == list(df["age"])  # exact: own range
+    assert list(df["source"]) == ["a", "b", "d"]  # extra columns are kept
+    assert list(df["gender"]) == [-1] * 3 and list(df["race"]) == [-1] * 3
+    assert report.kept == 3 and not report.skipped  # a bad row is an error: tests/test_age_ranges
+    # By its format name, as training and `faceage prepare` read it: csv and manifest are the
+    # same reader (csv's photos are detected and cropped first, a manifest's used whole).
+    for fmt in ("manifest", "csv"):
+        df2, _ = read_dataset(fmt, csv)
+        assert list(df2["path"]) == list(df["path"])
+    assert FORMATS["csv"].detect and not FORMATS["manifest"].detect
+
+
+def test_unknown_format_lists_the_registry(tmp_path):
+    with pytest.raises(UserError, match="unknown data format 'fer2013'; use one of") as err:
+        read_dataset("fer2013", tmp_path)
+    for name, fmt in FORMATS.items():
+        assert f"  {name}: {fmt.about}" in str(err.value)
 
 
 def test_manifest_errors_name_the_file(tmp_path):
@@ -182,8 +196,8 @@ def test_manifest_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"bad.csv needs columns path and age"):
         read_manifest(bad)
     useless = tmp_path / "useless.csv"
-    useless.write_text("path,age\na.jpg,-1\n")
-    with pytest.raises(UserError, match="no usable rows"):
+    useless.write_text("path,age\n")
+    with pytest.raises(UserError, match="useless.csv lists no rows"):
         read_manifest(useless)
 
 
@@ -206,11 +220,11 @@ def test_split_is_deterministic_and_stable_when_files_are_added():
 
 def test_limit_takes_a_stable_subset(tmp_path, utkface_images):
     utkface_images(tmp_path, 30)
-    df, report = read_dataset(DataConfig(path=str(tmp_path), limit=10))
+    df, report = read_dataset("utkface", tmp_path, limit=10)
     assert len(df) == 10 and report.kept == 10 and report.available == 30
     assert "a stable subset of 30" in report.summary()
     utkface_images(tmp_path, 5, seed=1)
-    df2, _ = read_dataset(DataConfig(path=str(tmp_path), limit=10))
+    df2, _ = read_dataset("utkface", tmp_path, limit=10)
     assert len(set(df["path"]) & set(df2["path"])) >= 5
 
 
@@ -219,9 +233,10 @@ def test_dataset_yields_uint8_and_eval_transform_batches_as_one_by_one(tmp_path,
     cfg = DataConfig(path=str(tmp_path / "faces"), limit=None, cache_dir=str(tmp_path / "cache"))
     data = prepare_data(cfg, input_size=48, progress=False)
     ds = make_dataset(data, "train")
-    img, age = ds[0]
+    img, target = ds[0]
     assert img.dtype == torch.uint8 and img.shape == (3, cache_size_for(48), cache_size_for(48))
-    assert float(age) == float(data.subset("train")["age"].iloc[0])
+    age = float(data.subset("train")["age"].iloc[0])
+    assert target.tolist() == [age, age]  # (age_low, age_high): an exact age is its own range
     batch = torch.stack([ds[i][0] for i in range(4)])
     tf = eval_transform(48)
     one_by_one = torch.stack([tf(x) for x in batch])

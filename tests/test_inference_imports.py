@@ -41,9 +41,12 @@ def test_the_report_sees_training_modules():
     assert loaded_training_modules(code) == ["faceage.data.datasets"]
 
 
-def test_vision_and_modelfile_load_no_training_code():
-    assert loaded_training_modules("import faceage.inference.vision, faceage.inference.modelfile, "
-                                   "faceage.inference.preprocess, faceage.inference.annotate") == []
+def test_the_inference_modules_load_no_training_code():
+    assert loaded_training_modules(
+        "import faceage.inference.images, faceage.inference.detection, "
+        "faceage.inference.alignment, faceage.inference.pipeline, faceage.inference.stream, "
+        "faceage.inference.modelfile, faceage.inference.preprocess, "
+        "faceage.inference.annotate") == []
 
 
 def test_predict_command_imports_no_training_code():
@@ -75,9 +78,10 @@ def test_serve_app_imports_no_training_code():
 def test_the_ingress_module_loads_no_torch():
     """serve/app.py (the Ingress replicas' module) without torch: the model deployments live in
     serve/deployments.py, which only the application builder imports; what the Ingress unpickles
-    from them (Face, AgeEstimates) is torch-free too."""
+    from them (Face, AgeEstimates) is torch-free too, and so is /stream's StreamTracker."""
     code = ("import sys\nimport serve.app\n"
-            "import faceage.inference.interval, faceage.inference.vision\n"
+            "import faceage.inference.interval, faceage.inference.detection\n"
+            "import faceage.inference.stream\n"
             "import json\nprint(json.dumps(sorted(m for m in ('torch', 'torchvision', "
             "'facenet_pytorch', 'faceage.inference.modelfile', 'serve.deployments') "
             "if m in sys.modules)))\n")

@@ -1,4 +1,4 @@
-"""The pieces of a training run that need no Ray: one epoch, prediction, preflight's messages,
+"""The pieces of a training run that need no Ray: one epoch, prediction, the driver's checks,
 the end-of-run table and files (``faceage.training.loop``, ``faceage.training.checks``,
 ``faceage.training.export``)."""
 
@@ -17,7 +17,7 @@ from faceage.config import AugmentConfig, ScheduleConfig, StageConfig, load_conf
 from faceage.data.datasets import BatchAugment, eval_transform
 from faceage.errors import UserError
 from faceage.training.checks import check_job_paths, check_resume_compatible, check_split_counts
-from faceage.training.export import data_crop_policy, summary_table, write_summary
+from faceage.training.export import summary_table, write_summary
 from faceage.training.loop import StepContext, build_optimizer, make_loss, predict, train_one_epoch
 
 
@@ -204,6 +204,21 @@ def test_job_paths_are_only_checked_inside_a_ray_job(tmp_path, monkeypatch):
         check_job_paths(cfg)
 
 
+def test_job_paths_name_each_missing_data_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    (tmp_path / "here").mkdir()
+    one = load_config(None, [f"storage_path={tmp_path}", "data.path=faces"])
+    with pytest.raises(UserError, match=r"data.path 'faces' not found: .*--set data.path=\$PWD"):
+        check_job_paths(one)
+    several = load_config(None, [f"storage_path={tmp_path}", "data.sources=[{format: utkface, "
+                                 "path: here}, {format: aaf, path: gone}]"])
+    with pytest.raises(UserError, match=r"data.sources\[1\].path 'gone' not found: .*absolute "
+                                        "paths in the config file"):
+        check_job_paths(several)
+
+
 def epoch(i: int, mae: float) -> dict:
     return {"epoch": i, "stage": 0, "stage_name": "head", "train_loss": 9.5 - i,
             "val_mae": mae, "val_rmse": mae * 1.3, "val_cs5": 0.25, "images_per_s": 120.0}
@@ -218,7 +233,7 @@ def test_summary_table_marks_the_best_epoch():
     assert lines[2].split()[:2] == ["1", "head"] and "25.0%" in lines[2]
 
 
-def test_write_summary_and_crop_policy(tmp_path):
+def test_write_summary(tmp_path):
     cfg = cfg_for(tmp_path)
     latest = {"history": [epoch(0, 9.0), epoch(1, 7.0)], "resumes": [{"epoch": 1}],
               "data_summary": {"train": 2}}
@@ -229,7 +244,3 @@ def test_write_summary_and_crop_policy(tmp_path):
     assert summary["resumes"] == [{"epoch": 1}] and summary["data"] == {"train": 2}
     assert summary["wall_seconds"] == 12.5 and summary["model"] == str(tmp_path / "model.pt")
 
-    assert data_crop_policy(cfg) == {"name": "utkface-chip"}
-    (tmp_path / "prepare.json").write_text(json.dumps({"crop_policy": {"kind": "aligned"}}))
-    prepared = cfg_for(tmp_path, "data.format=prepared")
-    assert data_crop_policy(prepared) == {"kind": "aligned"}

@@ -156,3 +156,17 @@ def test_laplace_nll_is_the_standardised_laplace_likelihood():
     nll.backward()
     assert ages.grad is None or not ages.grad.any()  # the residual is detached
     assert log_scale.grad.abs().sum() > 0
+
+
+def test_build_model_from_takes_every_model_setting_of_the_config():
+    from faceage.config import ModelConfig
+    from faceage.models.network import build_model_from, head_uncertainty
+
+    settings = ModelConfig(backbone="mobilenet_v2", pretrained="none", head_hidden=12,
+                           dropout=0.25, uncertainty="laplace")
+    model = build_model_from(settings)
+    assert model.backbone_name == "mobilenet_v2" and model.uncertainty == "laplace"
+    assert model.head[0].out_features == 12 and model.head[2].p == 0.25
+    assert head_uncertainty(model.state_dict()) == "laplace"
+    with pytest.raises(UserError, match="unknown backbone 'vgg11'"):
+        build_model_from(settings.model_copy(update={"backbone": "vgg11"}))

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from faceage.cli import main
-from faceage.data.datasets import read_prepared
 from faceage.data.prepare import INDEX_COLUMNS, crop_name, run_prepare
-from faceage.inference.vision import CropPolicy, DetectorConfig
+from faceage.data.readers import read_prepared
+from faceage.inference.alignment import CropPolicy
+from faceage.inference.detection import DetectorConfig
 
 UTKFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
 

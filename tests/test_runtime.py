@@ -1,4 +1,5 @@
-"""faceage.runtime: ports, waits, process-tree stops, child environments, start_ray's retry."""
+"""faceage.runtime: ports, waits, process-tree stops, child environments, start_ray's retry; and
+faceage.ray_head (RayHead, diagnose_ray_logs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import psutil
 import pytest
 
-from faceage import runtime
+from faceage import ray_head, runtime
 
 # A Python child that ignores SIGTERM (only SIGKILL stops it) and says when it is ready.
 STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -218,25 +219,25 @@ def test_start_ray_does_not_retry_joining_a_cluster(fake_ray):
     assert [kw["address"] for kw in fake_ray["init"]] == ["10.0.0.1:6379"]
 
 
-# -- RayHead --------------------------------------------------------------------------------------
+# -- RayHead (faceage.ray_head) -----------------------------------------------------------------
 
 
 def test_diagnose_ray_logs_names_a_port_clash_and_refused_auth(tmp_path):
     logs = tmp_path / "session" / "logs"
     logs.mkdir(parents=True)
     (logs / "runtime_env_agent.log").write_text("OSError: [Errno 98] Address already in use\n")
-    why = runtime.diagnose_ray_logs("Job failed: 403 Invalid authentication token\n",
-                                    session_dir=tmp_path / "session")
+    why = ray_head.diagnose_ray_logs("Job failed: 403 Invalid authentication token\n",
+                                     session_dir=tmp_path / "session")
     assert "a port Ray needed was taken" in why and "runtime_env_agent.log" in why
     assert "token authentication was refused" in why
-    assert runtime.diagnose_ray_logs("all fine\n") == ""
+    assert ray_head.diagnose_ray_logs("all fine\n") == ""
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_ray_head_reads_back_the_ports_ray_picked_and_stops_everything(tmp_path):
-    head = runtime.RayHead(dashboard=True, log_dir=tmp_path)
+    head = ray_head.RayHead(dashboard=True, log_dir=tmp_path)
     with head:
         host, port = head.gcs_address.rsplit(":", 1)  # the node's IP; the GCS listens on all
         assert host and not runtime.port_is_free(int(port))

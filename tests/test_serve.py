@@ -256,8 +256,9 @@ def test_frames_and_stream_use_the_live_stream_profile(serve_url, serve_model_fi
     names; /predict (full detection, test_predict_equals_the_cli) finds the small face too."""
     import torch
 
+    from faceage.inference.images import load_image
     from faceage.inference.modelfile import load_model_file
-    from faceage.inference.vision import FacePipeline, load_image
+    from faceage.inference.pipeline import FacePipeline
 
     photos = [astronaut_path, rocket_path, two_faces_path, small_face_path]
     single = [post_image(serve_url, p.read_bytes()).json()["faces"] for p in photos]

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from faceage.inference.images import load_image
 from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
-from faceage.inference.vision import FacePipeline, load_image
+from faceage.inference.pipeline import FacePipeline
 
 
 def run_coroutine(coro):
@@ -228,7 +229,7 @@ def test_ingress_answers_what_faceage_predict_answers(replicas, model_path, astr
 def test_ingress_turns_bad_images_and_overload_into_status_codes(replicas):
     from ray.serve.exceptions import BackPressureError
 
-    from serve.app import ApiError
+    from serve.schemas import ApiError
 
     ingress = make_ingress(*replicas)
     with pytest.raises(ApiError) as bad:

@@ -14,18 +14,20 @@ import pytest
 from PIL import Image
 
 from faceage.config import DataConfig, SourceConfig, load_config
-from faceage.data.datasets import read_split
-from faceage.data.sources import (
-    SourceWeightedSampler,
+from faceage.data.datasets import SourceWeightedSampler, train_sampler
+from faceage.data.readers import (
+    FORMATS,
+    DataFormat,
+    LoadReport,
     parse_aaf_name,
-    prepare_source,
     read_aaf,
-    read_sources,
-    resolve_sources,
-    source_val_metrics,
-    train_sampler,
+    read_dataset,
+    read_manifest,
 )
+from faceage.data.sources import prepare_source, read_sources, resolve_sources
+from faceage.data.split import assign_split
 from faceage.errors import UserError
+from faceage.training.metrics import source_val_metrics
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -74,7 +76,9 @@ def test_rows_carry_source_age_gender_group(tmp_path, utkface_images):
     table, _, specs = read_sources(sources({"format": "utkface", "path": str(utk)},
                                            {"format": "aaf", "path": str(tmp_path / "aaf")}))
     assert [s.name for s in specs] == ["utkface", "aaf"]
-    assert list(table.columns) == ["path", "age", "gender", "group", "source", "origin", "split"]
+    assert list(table.columns) == ["path", "age", "age_low", "age_high", "gender", "group",
+                                   "source", "origin", "split"]
+    assert (table["age_low"] == table["age"]).all() and (table["age_high"] == table["age"]).all()
     assert set(table["source"]) == {"utkface", "aaf"}
     utk_rows = table[table.source == "utkface"]
     assert set(utk_rows["gender"]) <= {"male", "female"}
@@ -105,18 +109,69 @@ def test_source_names_default_to_the_format_and_stay_unique(tmp_path):
     assert specs[1].weight == 2 and specs[2].limit == 5 and specs[0].limit is None
 
 
-def test_one_source_keys_work_as_before(tmp_path, utkface_images):
+def test_one_source_keys_become_a_one_item_sources_list(tmp_path, utkface_images):
     utkface_images(tmp_path, 30)
     data = DataConfig(path=str(tmp_path), limit=20)
+    assert data.sources == [SourceConfig(format="utkface", path=str(tmp_path))]
+    assert "format" not in data.model_dump() and "path" not in data.model_dump()
     table, report, specs = read_sources(data)
-    before, before_report = read_split(data)
-    assert [s.name for s in specs] == ["utkface"] and specs[0].legacy
+    # The rows, split and report of the format's reader with the limit, as before sources.
+    before, before_report = read_dataset("utkface", tmp_path, 20)
+    assert [s.name for s in specs] == ["utkface"] and specs[0].limit == 20
     assert list(table["path"]) == list(before["path"])
-    assert list(table["split"]) == list(before["split"])
+    assert list(table["split"]) == list(assign_split(before["path"].tolist(), data.split))
     assert report.summary() == before_report.summary()
     # configs/train.yaml is one source, read exactly so.
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
-    assert cfg.data.sources is None and [s.name for s in resolve_sources(cfg.data)] == ["utkface"]
+    assert cfg.data.sources == [SourceConfig(format="utkface", path="../shared/data/utkface")]
+    assert [s.name for s in resolve_sources(cfg.data)] == ["utkface"]
+    # A saved config of an earlier version (every key, the defaults beside sources) still loads.
+    old = cfg.to_dict()
+    old["data"].update(format="utkface", path="../shared/data/utkface", sources=None)
+    assert DataConfig.model_validate(old["data"]) == cfg.data
+    multi = load_config(Path(__file__).resolve().parents[1] / "configs" / "multi.yaml")
+    saved = {**multi.to_dict()["data"], "format": "utkface", "path": "../shared/data/utkface"}
+    assert DataConfig.model_validate(saved) == multi.data
+
+
+def test_old_manifest_and_prepared_formats_keep_their_meaning(tmp_path, utkface_images):
+    paths = utkface_images(tmp_path / "img", 6)
+    csv = tmp_path / "faces.csv"
+    csv.write_text("path,age\n" + "".join(f"img/{p.name},{20 + i}\n" for i, p in enumerate(paths)))
+    manifest = resolve_sources(DataConfig(format="manifest", path=str(csv)))[0]
+    assert (manifest.name, manifest.prepared, manifest.needs_prepare) == ("manifest", False, False)
+    # A prepare index: prepared, used whole, split by its crops' names.
+    out = tmp_path / "prep"
+    (out / "crops").mkdir(parents=True)
+    crops = [f"crops/{p.name}.jpg" for p in paths]
+    pd.DataFrame({"source_path": [str(p) for p in paths], "crop_path": crops,
+                  "age": range(20, 26)}).to_csv(out / "index.csv", index=False)
+    data = DataConfig(format="prepared", path=str(out), limit=None)
+    spec = resolve_sources(data)[0]
+    assert (spec.name, spec.prepared, spec.needs_prepare) == ("prepared", True, False)
+    table, _, _ = read_sources(data)
+    assert list(table["split"]) == list(assign_split(crops, data.split))
+    assert list(table["origin"]) == [os.path.realpath(p) for p in paths]
+
+
+def test_a_new_format_is_a_reader_and_a_registry_entry(tmp_path, monkeypatch, utkface_images):
+    """What a new format needs: its entry in FORMATS; sources, names and splits come with it."""
+    paths = utkface_images(tmp_path / "img", 5)
+    (tmp_path / "ages.txt").write_text("".join(f"{p} {30 + i}\n" for i, p in enumerate(paths)))
+
+    def read_ages_txt(path):
+        rows = [line.split() for line in Path(path).read_text().splitlines()]
+        df = pd.DataFrame({"path": [r[0] for r in rows], "age": [float(r[1]) for r in rows]})
+        return df, LoadReport(kept=len(df))
+
+    monkeypatch.setitem(FORMATS, "agestxt", DataFormat(read_ages_txt, "path age per line",
+                                                       group="txt"))
+    table, _, specs = read_sources(DataConfig(sources=[SourceConfig(
+        format="agestxt", path=str(tmp_path / "ages.txt"))], limit=None))
+    assert specs[0].name == "agestxt" and not specs[0].needs_prepare
+    assert list(table["age"]) == [30.0, 31.0, 32.0, 33.0, 34.0]
+    assert set(table["group"]) == {"txt"} and set(table["gender"]) == {"unknown"}
+    assert read_manifest is FORMATS["csv"].read is FORMATS["manifest"].read
 
 
 def test_split_of_a_source_does_not_depend_on_the_others(tmp_path, utkface_images):
@@ -145,11 +200,12 @@ def test_source_errors_name_the_source_and_the_fix(tmp_path, utkface_images):
     write_aaf_images(tmp_path / "badnames", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
 
     msg = _error(sources({"format": "fer2013", "path": str(utk), "name": "fer"}))
-    assert "data.sources[0] ('fer'): unknown format 'fer2013'; use one of utkface, aaf, csv" in msg
+    assert "data.sources[0] ('fer'): unknown format 'fer2013'; use one of:\n  utkface: " in msg
+    assert all(f"\n  {name}: " in msg for name in FORMATS)
     msg = _error(sources({"format": "utkface", "path": str(utk)},
                          {"format": "aaf", "path": str(tmp_path / "nowhere")}))
     assert f"data source 'aaf' (aaf, {tmp_path / 'nowhere'}): AAF folder not found" in msg
-    assert "Fix data.sources" in msg
+    assert "Fix its format or path in the config" in msg
     msg = _error(sources({"format": "aaf", "path": str(tmp_path / "badnames")}))
     assert "no AAF images found" in msg and "4 images with other names (a.jpg, b.jpg, c.jpg)" in msg
     assert "NNNNNAaa.jpg" in msg
@@ -238,8 +294,6 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     left out and counted; the second time the cached crops are reused without detecting."""
     import shutil
 
-    from faceage.data.datasets import LoadReport
-
     shutil.copy(astronaut_path, tmp_path / "astronaut.jpg")
     shutil.copy(rocket_path, tmp_path / "rocket.jpg")
     (tmp_path / "faces.csv").write_text("path,age,gender\nastronaut.jpg,40,f\nrocket.jpg,30,m\n")
@@ -258,7 +312,7 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     def no_second_prepare(*a, **k):
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr("faceage.data.prepare.prepare_table", no_second_prepare)
+    monkeypatch.setattr("faceage.data.sources.prepare_table", no_second_prepare)
     again = prepare_source(specs[0], table, data, LoadReport(), local=True, say=lines.append)
     assert list(again["path"]) == list(first["path"])
     assert "reusing the prepared crops" in lines[-1]

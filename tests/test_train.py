@@ -26,7 +26,7 @@ from faceage.cli import main as cli_main
 from faceage.config import load_config
 from faceage.errors import TrainingFailed, UserError
 from faceage.inference.modelfile import load_model_file
-from faceage.runtime import RayHead
+from faceage.ray_head import RayHead
 from faceage.training.driver import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,7 +312,7 @@ def ray_head(tmp_path_factory):
 
     Ports picked here and released before `ray start` bound them once let another Ray instance
     of the session take the runtime-env agent's, and the job failed with "403 Invalid
-    authentication token" (faceage.runtime.RayHead)."""
+    authentication token" (faceage.ray_head.RayHead)."""
     with RayHead(dashboard=True, log_dir=tmp_path_factory.mktemp("ray_head")) as head:
         yield {"address": head.dashboard_url, "token": head.token, "env": head.env}
         # Shown with a failed test's output: a port clash or a refused token, in Ray's words.
@@ -331,7 +331,7 @@ def test_ray_job_submit_against_a_local_head(ray_head, tiny_utkface, decode_cach
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
            "--address", ray_head["address"], "--working-dir", str(REPO),
            "--submission-id", submission, "--",
-           "python", "-m", "faceage.training.driver", "--config", "configs/train.yaml", "--set",
+           "python", "-m", "faceage.train", "--config", "configs/train.yaml", "--set",
            *tiny_settings(tiny_utkface, storage, "job", decode_cache),
            "scaling.num_workers=1", "scaling.cpus_per_worker=1", "max_failures=0",
            "train.eval_tta=false", TWO_STAGES % (1, 1)]

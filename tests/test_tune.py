@@ -18,7 +18,8 @@ from PIL import Image
 from faceage.cli import main as cli_main
 from faceage.errors import UserError
 from faceage.inference.modelfile import load_model_file
-from faceage.training.tune import load_tune_settings, plan_search, run_tune
+from faceage.training.tune.driver import run_tune
+from faceage.training.tune.plan import load_tune_settings, plan_search
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
     ({"space": {"uncertainty": {"grid": ["none", "gaussian"]}}},
      "model.uncertainty: Input should be 'none' or 'laplace'"),
     ({"space": {"weight.aaf": [1, 2]}}, "space.weight.aaf: the base training settings have no "
-                                        "data source named 'aaf'; weights need data.sources"),
+                                        "data source named 'aaf' (sources: utkface)"),
 ])
 def test_bad_search_space_stops_before_any_trial(tiny_utkface, tmp_path, change, message):
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
@@ -192,7 +193,7 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
     """A stopped trial's Train controller dies holding its workers' placement group."""
     import ray
 
-    from faceage.training.tune import orphaned_placement_groups
+    from faceage.compat import orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:
@@ -222,7 +223,7 @@ def test_placement_group_of_a_dead_actor_is_found_as_orphaned(ray_local):
 
 def test_space_sets_uncertainty_and_source_weights(tiny_utkface, tmp_path):
     """``uncertainty`` and ``weight.<source>`` reach the trial's training config."""
-    from faceage.training.tune import trial_config
+    from faceage.training.tune.plan import trial_config
 
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
     settings["base"]["data"] = {"sources": [
@@ -241,3 +242,23 @@ def test_space_sets_uncertainty_and_source_weights(tiny_utkface, tmp_path):
         trial_config(plan.base, {"weight.less": 2}, plan.schedules, str(tmp_path), "t")
     with pytest.raises(UserError, match="greater than 0"):
         trial_config(plan.base, {"weight.more": 0}, plan.schedules, str(tmp_path), "t")
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_set_takes_several_items_after_one_flag_or_one_per_flag(command):
+    """``faceage train``, ``faceage tune`` and ``python -m serve.local`` share the one ``--set``
+    (faceage.config.add_set_argument)."""
+    import argparse
+
+    from faceage.cli import build_parser
+    from faceage.config import add_set_argument
+
+    parser = build_parser(command)
+    assert parser.parse_args([command, "--set", "a=1", "b=2"]).overrides == ["a=1", "b=2"]
+    assert parser.parse_args([command, "--set", "a=1", "--set", "b=2", "c=3"]).overrides == [
+        "a=1", "b=2", "c=3"]
+    assert parser.parse_args([command]).overrides == []
+    serve_like = argparse.ArgumentParser()
+    add_set_argument(serve_like)
+    assert serve_like.parse_args(["--set", "x=1", "--set", "y=2"]).overrides == ["x=1", "y=2"]
+    assert serve_like.parse_args([]).overrides == []  # the default list is not shared

@@ -19,7 +19,8 @@ import requests
 
 from faceage import runtime
 from faceage.cli import main as faceage_main
-from faceage.runtime import RayHead, free_ports, port_is_free
+from faceage.ray_head import RayHead
+from faceage.runtime import free_ports, port_is_free
 from faceage.up import READY
 
 REPO = Path(__file__).resolve().parents[1]

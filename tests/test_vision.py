@@ -12,19 +12,15 @@ import pytest
 from PIL import Image
 
 from faceage.errors import ImageError, UserError
-from faceage.inference.vision import (
+from faceage.inference.alignment import (
     UTKFACE_CHIP_TEMPLATE,
     CropPolicy,
-    DetectorConfig,
-    Face,
-    FaceDetector,
-    FaceFinder,
-    FacePipeline,
     align_face,
-    face_record,
-    load_image,
     whole_image_face,
 )
+from faceage.inference.detection import DetectorConfig, Face, FaceDetector
+from faceage.inference.images import load_image
+from faceage.inference.pipeline import FaceFinder, FacePipeline, face_record
 
 # Eileen Collins in astronaut.jpg, read off the picture: face box and eye centres (pixels).
 ASTRONAUT_BOX = (181, 62, 268, 172)

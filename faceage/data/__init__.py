@@ -1,2 +1,4 @@
-"""The data layer, one direction of imports: readers (one per format) -> detect-and-crop
-(prepare) -> sources and their prepared cache -> decode cache, augmentation, samplers, datasets."""
+"""The data layer, one direction of imports: ``split`` (the split hash) and ``readers`` (one
+reader per format and ``FORMATS``, the registry of format names) -> ``prepare`` (detect-and-crop)
+-> ``sources`` (a run's sources, their table and prepared cache) -> ``datasets`` (decode cache,
+augmentation, datasets, samplers)."""

@@ -1,15 +1,14 @@
-"""Data sets: UTKFace names, CSV manifests, prepared indexes; splits, decode cache, transforms."""
+"""The top of the data layer: the decode cache, batch augmentation, the datasets and samplers
+of training, and the decoded table a run trains on (``PreparedData``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,174 +18,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from faceage.config import AugmentConfig, DataConfig, SplitConfig
+from faceage.config import AugmentConfig, DataConfig
+from faceage.data.readers import LoadReport
+from faceage.data.sources import prepare_raw_sources, range_rows, read_sources, source_counts
 from faceage.errors import UserError
 from faceage.inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 __all__ = ["eval_transform"]  # re-exported: the validation transform is the inference one
-
-log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_(\d+)\.jpg\.chip\.jpg$")
-MAX_AGE = 120
-COLUMNS = ["path", "age", "gender", "race"]
-# UTKFace's label codes (-1: unknown, e.g. a manifest without the column).
-UTKFACE_GENDERS = {0: "male", 1: "female"}
-UTKFACE_RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
-
-
-@dataclass
-class LoadReport:
-    """What a reader kept and what it skipped, so a run can say it once."""
-
-    kept: int = 0
-    skipped: dict[str, list[str]] = field(default_factory=dict)
-    available: int | None = None  # images before ``data.limit`` took a subset
-
-    def skip(self, reason: str, item: str) -> None:
-        """Record a skipped ``item`` (a file name or path, shown as given) under ``reason``."""
-        self.skipped.setdefault(reason, []).append(item)
-
-    def summary(self, first: int = 3) -> str:
-        parts = [f"{self.kept} images"]
-        if self.available is not None:
-            parts[0] += f" (a stable subset of {self.available}: data.limit)"
-        for reason, items in self.skipped.items():
-            shown = ", ".join(items[:first])
-            more = ", ..." if len(items) > first else ""
-            parts.append(f"skipped {len(items)} {reason} ({shown}{more})")
-        return "; ".join(parts)
-
-
-def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
-    """Age, gender, race from ``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``; None if malformed."""
-    m = UTKFACE_NAME.match(name)
-    if not m:
-        return None
-    age = int(m.group(1))
-    if not 0 < age <= MAX_AGE:
-        return None
-    return age, int(m.group(2)), int(m.group(3))
-
-
-def _require_dir(path: Path) -> None:
-    if not path.exists():
-        raise UserError(f"data directory not found: {path} (set data.path to the image folder)")
-    if not path.is_dir():
-        raise UserError(f"expected a directory of UTKFace images, got a file: {path}")
-
-
-def scan_labelled_images(root: Path, parse, bad_name: str) -> tuple[list[tuple], LoadReport]:
-    """``(path, *labels)`` of every image file in ``root`` (sorted by name) whose name ``parse``
-    reads (it returns a tuple of labels, or None); the others are counted under ``bad_name``."""
-    report = LoadReport()
-    rows = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not entry.is_file() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        labels = parse(entry.name)
-        if labels is None:
-            report.skip(bad_name, entry.name)
-            continue
-        rows.append((entry.path, *labels))
-    return rows, report
-
-
-def read_utkface(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
-    """Every well-named UTKFace image in ``directory``; malformed names are counted, not fatal."""
-    root = Path(directory).expanduser()
-    _require_dir(root)
-    rows, report = scan_labelled_images(root, parse_utkface_name, "malformed names")
-    if not rows:
-        raise UserError(
-            f"no UTKFace images found in {root} (expected names like "
-            "25_0_1_20170116174525125.jpg.chip.jpg)"
-        )
-    report.kept = len(rows)
-    return pd.DataFrame(rows, columns=COLUMNS), report
-
-
-def read_manifest(csv_path: str | Path) -> tuple[pd.DataFrame, LoadReport]:
-    """A CSV with ``path,age`` (extra columns kept); relative paths are relative to the CSV."""
-    p = Path(csv_path).expanduser()
-    if not p.is_file():
-        raise UserError(f"manifest not found: {p}")
-    try:
-        df = pd.read_csv(p)
-    except Exception as exc:
-        raise UserError(f"{p} is not a readable CSV: {exc}") from None
-    missing = {"path", "age"} - set(df.columns)
-    if missing:
-        raise UserError(f"{p} needs columns path and age; missing {sorted(missing)}")
-    report = LoadReport()
-    ages = pd.to_numeric(df["age"], errors="coerce")
-    bad = ages.isna() | (ages <= 0) | (ages > MAX_AGE)
-    for path in df.loc[bad, "path"].astype(str):
-        report.skip("rows without a valid age", path)
-    df = df.loc[~bad].copy()
-    df["age"] = ages[~bad].astype(float)
-    base = p.parent
-    df["path"] = [str(x) if os.path.isabs(str(x)) else str(base / str(x)) for x in df["path"]]
-    for col in ("gender", "race"):
-        if col not in df.columns:
-            df[col] = -1
-    if df.empty:
-        raise UserError(f"{p} lists no usable rows (path, age)")
-    report.kept = len(df)
-    return df.reset_index(drop=True), report
-
-
-def read_prepared(index_path: str | Path) -> tuple[pd.DataFrame, LoadReport]:
-    """An index written by ``faceage prepare``: rows with a face use their aligned crop."""
-    p = Path(index_path).expanduser()
-    if p.is_dir():
-        p = p / "index.csv"
-    if not p.is_file():
-        raise UserError(f"prepared index not found: {p} (run `faceage prepare` first)")
-    df = pd.read_csv(p)
-    if not {"crop_path", "age"} <= set(df.columns):
-        raise UserError(f"{p} is not a prepare index (needs crop_path and age columns)")
-    report = LoadReport()
-    no_face = df["crop_path"].isna()
-    for src in df.loc[no_face, "source_path" if "source_path" in df.columns else "age"]:
-        report.skip("images without a detected face", str(src))
-    df = df.loc[~no_face].copy()
-    base = p.parent
-    df["path"] = [c if os.path.isabs(c) else str(base / c) for c in df["crop_path"].astype(str)]
-    for col in ("gender", "race"):
-        if col not in df.columns:
-            df[col] = -1
-    report.kept = len(df)
-    if df.empty:
-        raise UserError(f"{p} lists no crops with a face")
-    return df.reset_index(drop=True), report
-
-
-def read_dataset(cfg: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
-    readers = {"utkface": read_utkface, "manifest": read_manifest, "prepared": read_prepared}
-    df, report = readers[cfg.format](cfg.path)
-    if cfg.limit is not None and len(df) > cfg.limit:
-        # A hash-ordered subset is stable and spread over all ages.
-        order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
-        report.available = len(df)
-        df = df.iloc[np.sort(order[: cfg.limit])].reset_index(drop=True)
-        report.kept = len(df)
-    return df, report
-
-
-def _unit_hash(text: str) -> float:
-    digest = hashlib.sha1(text.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def assign_split(paths: Sequence[str], cfg: SplitConfig) -> np.ndarray:
-    """``train``/``val``/``test`` per file from a hash of seed and name: stable as files come."""
-    out = []
-    for p in paths:
-        u = _unit_hash(f"{cfg.seed}:{os.path.basename(p)}")
-        out.append("test" if u < cfg.test else "val" if u < cfg.test + cfg.val else "train")
-    return np.array(out)
 
 
 # -- decoding once -------------------------------------------------------------------------------
@@ -373,17 +211,20 @@ class BatchAugment(nn.Module):
 
 
 class FaceAgeDataset(torch.utils.data.Dataset):
-    """Rows of a cached array with their ages: uint8 CHW images, or through ``transform``.
+    """Rows of a cached array with their age labels: uint8 CHW images (or through
+    ``transform``) and the target ``(age_low, age_high)``, both the age for an exact one.
 
-    Training leaves ``transform`` unset and transforms whole batches (``BatchAugment``,
-    ``eval_transform``), which is much cheaper than one image at a time.
+    ``ages``: (N,) exact ages or (N, 2) ranges. Training leaves ``transform`` unset and
+    transforms whole batches (``BatchAugment``, ``eval_transform``), which is much cheaper than
+    one image at a time.
     """
 
     def __init__(self, cache: DecodedCache, indices: np.ndarray, ages: np.ndarray,
                  transform=None):
         self.cache = cache
         self.indices = np.asarray(indices)
-        self.ages = np.asarray(ages, dtype=np.float32)
+        ages = np.asarray(ages, dtype=np.float32)
+        self.ages = np.stack([ages, ages], axis=1) if ages.ndim == 1 else ages
         self.transform = transform
 
     def __len__(self) -> int:
@@ -400,7 +241,7 @@ class FaceAgeDataset(torch.utils.data.Dataset):
 class PreparedData:
     """The table of images with their split, the decoded cache, and what was skipped."""
 
-    table: pd.DataFrame  # path, age, gender, race, split, cache_index
+    table: pd.DataFrame  # faceage.data.sources.TABLE_COLUMNS and cache_index
     cache: DecodedCache
     report: LoadReport
 
@@ -418,21 +259,11 @@ class PreparedData:
             "train_age_mean": float(train["age"].mean()) if len(train) else None,
             "train_age_std": float(train["age"].std()) if len(train) > 1 else None,
             "skipped": {k: len(v) for k, v in self.report.skipped.items()},
-            **({"sources": _source_counts(self.table)} if "source" in self.table.columns
+            # Images labelled by an age range (their age above is the range's middle).
+            **({"ranges": n} if (n := int(range_rows(self.table).sum())) else {}),
+            **({"sources": source_counts(self.table)} if "source" in self.table.columns
                else {}),
         }
-
-
-def _source_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
-    from faceage.data.sources import source_counts
-
-    return source_counts(table)
-
-
-def read_split(cfg: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
-    """Read a data set and give every image its split (``train``/``val``/``test``)."""
-    df, report = read_dataset(cfg)
-    return df.assign(split=assign_split(df["path"].tolist(), cfg.split)), report
 
 
 def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_size: int,
@@ -447,7 +278,7 @@ def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_si
         report.skip("unreadable or truncated files", path)
     df = df[cache.valid].reset_index(drop=True)
     report.kept = len(df)
-    where = cfg.path if cfg.sources is None else "data.sources"
+    where = cfg.sources[0].path if len(cfg.sources) == 1 else "data.sources"
     if df.empty:
         raise UserError(f"none of the images in {where} could be read")
     if (df["split"] == "train").sum() == 0:
@@ -456,9 +287,11 @@ def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_si
 
 
 def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> PreparedData:
-    """Read, split and decode-cache a data set; unreadable images are dropped and reported."""
-    df, report = read_split(cfg)
-    return decode_table(df, report, cfg, input_size, progress)
+    """Read, split, prepare (sources of photos) and decode-cache a run's sources, as the driver
+    does; faceless and unreadable images are dropped and reported."""
+    table, report, _ = read_sources(cfg)
+    table = prepare_raw_sources(table, cfg, report)
+    return decode_table(table, report, cfg, input_size, progress)
 
 
 def shippable(data: PreparedData) -> dict:
@@ -479,11 +312,50 @@ def open_shipped(shipped: dict, progress: bool = False) -> PreparedData:
     if lost:
         raise UserError(f"{len(lost)} images that the driver read cannot be read on this "
                         f"worker's node ({', '.join(lost[:3])}); check that every node sees "
-                        "the same data.path")
+                        "the data at the same paths")
     return PreparedData(table, cache, LoadReport(kept=len(table)))
 
 
 def make_dataset(data: PreparedData, split: str, transform=None) -> FaceAgeDataset:
+    """The images of ``split`` with their age ranges (exact ages: low == high) as targets."""
     rows = data.subset(split)
-    return FaceAgeDataset(data.cache, rows["cache_index"].to_numpy(), rows["age"].to_numpy(),
+    ranges = rows[["age_low", "age_high"]] if "age_low" in rows.columns else rows[["age", "age"]]
+    return FaceAgeDataset(data.cache, rows["cache_index"].to_numpy(), ranges.to_numpy(),
                           transform)
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+class SourceWeightedSampler(torch.utils.data.Sampler):
+    """Draws training images with replacement, each with probability proportional to its
+    source's weight; ``len(sources)`` draws per epoch in all, seeded by (seed, epoch) and dealt
+    to the workers round-robin (every worker draws the same sequence and takes its share)."""
+
+    def __init__(self, sources: Sequence[str], weights: dict[str, float], num_replicas: int = 1,
+                 rank: int = 0, seed: int = 0):
+        p = np.array([weights[s] for s in sources], dtype=np.float64)
+        self.p = p / p.sum()
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = len(sources) // num_replicas  # as DistributedSampler's drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        draws = rng.choice(len(self.p), size=self.num_samples * self.num_replicas, p=self.p)
+        return iter(draws[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def train_sampler(dataset, sources: Sequence[str], weights: dict[str, float], num_replicas: int,
+                  rank: int, seed: int):
+    """Equal weights: every training image once per epoch, shuffled (``DistributedSampler``,
+    as with one source). Otherwise ``SourceWeightedSampler``."""
+    if len({weights[s] for s in set(sources)}) <= 1:
+        return torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                                   shuffle=True, seed=seed, drop_last=True)
+    return SourceWeightedSampler(sources, weights, num_replicas, rank, seed)

@@ -1,7 +1,8 @@
 """``faceage prepare``: detect and align every face of a labelled data set in parallel (Ray Data).
 
 Writes ``OUT/crops/...`` (one aligned crop per image: its largest face), ``OUT/index.csv`` (one row
-per source image, faceless and unreadable ones included with an empty ``crop_path``) and
+per source image, faceless and unreadable ones included with an empty ``crop_path``; a CSV's
+other columns, such as a ``family`` to split by, after ``INDEX_COLUMNS``) and
 ``OUT/prepare.json`` (the crop policy and detector settings, which training copies into the
 model file). Train on it with ``faceage train --set data.format=prepared data.path=OUT``.
 """
@@ -20,12 +21,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from faceage.config import DataConfig
+from faceage.data.readers import (
+    FORMATS,
+    GENDER_CODES,
+    UTKFACE_RACES,
+    LoadReport,
+    gender_name,
+    read_dataset,
+)
 from faceage.errors import UserError
-from faceage.inference.vision import CropPolicy, DetectorConfig
+from faceage.inference.alignment import CropPolicy
+from faceage.inference.detection import DetectorConfig
 
-INDEX_COLUMNS = ["source_path", "crop_path", "age", "gender", "race", "group", "status", "faces",
-                 "score", "x1", "y1", "x2", "y2", "error"]
+INDEX_COLUMNS = ["source_path", "crop_path", "age", "age_low", "age_high", "gender", "race",
+                 "group", "status", "faces", "score", "x1", "y1", "x2", "y2", "error"]
+# What each index row copies from its source row (``group``: "" when it has none).
+LABEL_COLUMNS = ("source_path", "age", "age_low", "age_high", "gender", "race")
 DEFAULT_CROP_SIZE = 200  # the UTKFace chip size; training resizes from here
 
 
@@ -47,25 +58,26 @@ class DetectAlignCrops:
     """A Ray Data actor: decodes, detects, aligns and writes the crop of each row's image."""
 
     def __init__(self, out_dir: str, root: str, policy: dict, size: int, detector: dict,
-                 no_face: str = "skip", threads: int = 1):
+                 no_face: str = "skip", threads: int = 1, extra_columns: tuple[str, ...] = ()):
         import torch
 
-        from faceage.inference.vision import FaceFinder
+        from faceage.inference.pipeline import FaceFinder
 
         torch.set_num_threads(threads)
         self.out_dir = Path(out_dir)
         self.root = Path(root)
         self.finder = FaceFinder(policy, size, detector, no_face)
+        self.extra_columns = list(extra_columns)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from PIL import Image
 
         from faceage.errors import ImageError
-        from faceage.inference.vision import load_image
+        from faceage.inference.images import load_image
 
         rows = []
         for rec in batch.to_dict("records"):
-            row: dict[str, Any] = {c: rec.get(c) for c in ("source_path", "age", "gender", "race")}
+            row: dict[str, Any] = {c: rec.get(c) for c in (*LABEL_COLUMNS, *self.extra_columns)}
             row["group"] = rec.get("group") or ""
             # Empty strings, not None: every block then has the same Arrow schema.
             row.update(crop_path="", status="ok", faces=0, score=np.nan, x1=np.nan,
@@ -91,7 +103,7 @@ class DetectAlignCrops:
             row.update(crop_path=f"crops/{name}", score=float(face.score), x1=x1, y1=y1, x2=x2,
                        y2=y2)
             rows.append(row)
-        return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+        return pd.DataFrame(rows, columns=INDEX_COLUMNS + self.extra_columns)
 
 
 def _prepare_on_ray(table: pd.DataFrame, actor_kwargs: dict, batch_size: int,
@@ -135,36 +147,23 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
                 no_face: str = "skip", batch_size: int = 16,
                 local: bool = False) -> dict[str, Any]:
     """Prepare ``data`` into ``out`` with Ray Data (or in this process); returns a summary."""
-    # torch comes with these: keep `faceage --help` fast
-    from faceage.data.datasets import UTKFACE_RACES, read_dataset
-    from faceage.data.sources import GENDER_CODES, read_aaf
-
-    if fmt in ("aaf", "csv"):
-        if fmt == "aaf":
-            df, load_report = read_aaf(data)
-            df["gender"] = [GENDER_CODES.get(g, -1) for g in df["gender"]]
-            df["race"] = -1
-        else:
-            df, load_report = read_dataset(DataConfig(format="manifest", path=data, limit=None))
-            from faceage.data.sources import gender_name
-
-            df["gender"] = [GENDER_CODES.get(gender_name(g), -1) for g in df["gender"]]
-        if limit is not None and len(df) > limit:
-            from faceage.data.datasets import _unit_hash
-
-            order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
-            df = df.iloc[np.sort(order[:limit])].reset_index(drop=True)
-    else:
-        df, load_report = read_dataset(DataConfig(format=fmt, path=data, limit=limit))
+    df, load_report = read_dataset(fmt, data, limit)
+    # Codes in the index (0 male, 1 female, -1 unknown), whatever words the source uses.
+    df["gender"] = [GENDER_CODES.get(gender_name(g), -1) for g in df["gender"]]
+    if "race" not in df.columns:
+        df["race"] = -1
     if "group" not in df.columns:
         races = pd.to_numeric(df["race"], errors="coerce").fillna(-1).astype(int)
         df["group"] = [UTKFACE_RACES.get(r, "") for r in races]
     df["group"] = df["group"].fillna("").astype(str)
     root = Path(data).expanduser().resolve()
     root = root if root.is_dir() else root.parent
-    table = df.rename(columns={"path": "source_path"})[["source_path", "age", "gender", "race",
-                                                          "group"]]
+    table = df.rename(columns={"path": "source_path"})[[*LABEL_COLUMNS, "group"]]
     table["source_path"] = [str(Path(p).resolve()) for p in table["source_path"]]
+    # A CSV's other columns (a family to split by, notes) go into the index as text, so a
+    # prepared source keeps them.
+    for col in (c for c in df.columns if c not in INDEX_COLUMNS and c != "path"):
+        table[col] = df[col].where(df[col].notna(), "").astype(str)
     source = {"path": str(Path(data).expanduser().resolve()), "format": fmt, "limit": limit}
     return prepare_table(table, root, out, source=source, size=size, policy=policy,
                          detector=detector, workers=workers, no_face=no_face,
@@ -175,18 +174,20 @@ def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: d
                   size: int = DEFAULT_CROP_SIZE, policy: CropPolicy | None = None,
                   detector: DetectorConfig | None = None, workers: int | None = None,
                   no_face: str = "skip", batch_size: int = 16, local: bool = False,
-                  load_report=None) -> dict[str, Any]:
-    """Prepare the rows of ``table`` (``source_path, age, gender, race, group``) into ``out``:
-    the one prepare path of ``faceage prepare`` and of training's raw AAF/CSV sources."""
+                  load_report: LoadReport | None = None) -> dict[str, Any]:
+    """Prepare the rows of ``table`` (``LABEL_COLUMNS`` and ``group``, then any other columns,
+    which the index keeps after ``INDEX_COLUMNS``) into ``out``: the one prepare path of
+    ``faceage prepare`` and of training's raw AAF/CSV sources."""
     policy = policy or CropPolicy()
     detector = detector or DetectorConfig()
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = {k: len(v) for k, v in load_report.skipped.items()} if load_report else {}
+    extras = [c for c in table.columns if c not in INDEX_COLUMNS]
 
     actor_kwargs = {"out_dir": str(out_dir), "root": str(root), "policy": policy.to_metadata(),
                     "size": size, "detector": detector.model_dump(mode="json"),
-                    "no_face": no_face}
+                    "no_face": no_face, "extra_columns": tuple(extras)}
     started = time.perf_counter()
     if local:
         index, workers = _prepare_here(table, actor_kwargs, batch_size), 1
@@ -194,7 +195,7 @@ def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: d
         index, workers = _prepare_on_ray(table, actor_kwargs, batch_size, workers)
     index = index.sort_values("source_path").reset_index(drop=True)
     seconds = time.perf_counter() - started
-    index = index[INDEX_COLUMNS]
+    index = index[INDEX_COLUMNS + extras]
     index.to_csv(out_dir / "index.csv", index=False)
     counts = index["status"].value_counts().to_dict()
     summary = {
@@ -241,9 +242,10 @@ def run_prepare_command(args: argparse.Namespace, out=None) -> int:
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
-                   help="UTKFace or AAF folder, or CSV manifest (path,age[,gender,group])")
-    p.add_argument("--format", choices=("utkface", "aaf", "csv", "manifest"), default="utkface",
-                   help="csv and manifest are the same CSV reader")
+                   help="UTKFace or AAF folder, or CSV manifest (path,age[,gender,group]; "
+                        "age_low,age_high for a row labelled by an age range)")
+    p.add_argument("--format", choices=[n for n, f in FORMATS.items() if not f.prepared],
+                   default="utkface", help="csv and manifest are the same CSV reader")
     p.add_argument("--out", required=True, help="output folder for crops/, index.csv, "
                                                 "prepare.json")
     p.add_argument("--limit", type=int, help="prepare a stable subset of this many images")

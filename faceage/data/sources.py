@@ -1,15 +1,18 @@
-"""Several data sources in one run: reading, checking, preparing once, sampling, scoring.
+"""The sources of a run: resolving them, reading them into one table, preparing raw ones once.
 
-``data.sources`` lists UTKFace folders, All-Age-Faces (AAF) folders and CSV manifests, raw or
-already prepared; the old ``data.format``/``data.path`` keys mean one source. Every row of the
-combined table carries ``path`` (what is decoded), ``age``, ``gender`` (male/female/unknown),
-``group`` (UTKFace race names; "AAF"; a CSV's group column or ""), ``source`` (its name),
-``origin`` (the raw file, resolved) and ``split``.
+``data.sources`` lists data sets of any format in ``faceage.data.readers.FORMATS`` (the old
+``data.format``/``data.path`` keys are a one-item list by then, see ``DataConfig``). Every row of
+the combined table carries ``path`` (what is decoded), ``age``, ``age_low`` and ``age_high`` (the
+row's age range: both equal ``age`` for an exact age; for a range ``age`` is its middle, used
+only where one number is unavoidable, such as the training ages' mean), ``gender``
+(male/female/unknown), ``group`` (UTKFace race names; "AAF"; a CSV's group column or ""),
+``source`` (its name), ``origin`` (the raw file, resolved) and ``split``.
 
-Each source is split by the hash of its raw file names (``assign_split``), so a source's split does
-not depend on which other sources a run uses. Raw AAF and CSV sources go through ``faceage prepare``
-(MTCNN and the crop policy) once; the crops are cached under a key of their files, the crop policy
-and the crop size, and later runs reuse them."""
+Each source is split by the hash of its raw file names (``assign_split``), or of the values of the
+column its ``split_by`` names (rows sharing a family share a split), so a source's split does
+not depend on which other sources a run uses. Sources of photos (AAF, CSV) go through ``faceage
+prepare``'s code (MTCNN and the crop policy) once; the crops are cached under a key of their
+files, the crop policy and the crop size, and later runs reuse them."""
 
 from __future__ import annotations
 
@@ -17,41 +20,40 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
+from filelock import FileLock
 
 from faceage.config import DataConfig
-from faceage.data.datasets import (
-    MAX_AGE,
+from faceage.data.prepare import DEFAULT_CROP_SIZE, prepare_table
+from faceage.data.readers import (
+    FORMATS,
+    GENDER_CODES,
     UTKFACE_RACES,
     LoadReport,
-    _unit_hash,
-    assign_split,
-    read_manifest,
+    formats_help,
+    gender_name,
     read_prepared,
-    read_utkface,
-    scan_labelled_images,
+    take_limit,
+    with_age_range,
 )
+from faceage.data.split import split_by_key
 from faceage.errors import UserError
+from faceage.inference.alignment import CropPolicy
+from faceage.inference.detection import DetectorConfig
 
-SOURCE_FORMATS = ("utkface", "aaf", "csv")
-LEGACY_FORMATS = ("manifest", "prepared")  # data.format only: used as they are, never prepared
-AAF_NAME = re.compile(r"^(\d{5})A(\d{2})\.jpg$", re.IGNORECASE)
-AAF_FIRST_MALE = 7381  # AAF serials below this are female, the rest male
-TABLE_COLUMNS = ["path", "age", "gender", "group", "source", "origin", "split"]
+TABLE_COLUMNS = ["path", "age", "age_low", "age_high", "gender", "group", "source", "origin",
+                 "split"]
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-GENDER_CODES = {"male": 0, "female": 1}
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One source after defaults: its unique name, format, path and how it is used."""
+    """One source after defaults: its unique name, format, path and how it is used
+    (``prepared``: ``path`` is a ``faceage prepare`` output)."""
 
     name: str
     format: str
@@ -59,36 +61,33 @@ class SourceSpec:
     prepared: bool = False
     weight: float = 1.0
     limit: int | None = None
-    legacy: bool = False  # from data.format/data.path: messages as before sources existed
+    split_by: str | None = None  # a column whose rows share a split (None: by file name)
 
     @property
     def needs_prepare(self) -> bool:
-        """Raw AAF photos and raw CSV images are not chips: detect and crop them first."""
-        return not self.prepared and self.format in ("aaf", "csv")
+        """Photos (raw AAF, CSV) are not framed as chips: detect and crop their faces first."""
+        return not self.prepared and FORMATS[self.format].detect
 
     def label(self) -> str:
         return f"data source {self.name!r} ({self.format}, {self.path})"
 
     def describe(self) -> dict:
         return {"name": self.name, "format": self.format, "path": self.path,
-                "prepared": self.prepared, "weight": self.weight, "limit": self.limit}
+                "prepared": self.prepared, "weight": self.weight, "limit": self.limit,
+                "split_by": self.split_by}
 
 
 def resolve_sources(data: DataConfig) -> list[SourceSpec]:
     """The run's sources with names and limits filled in; unknown formats and clashing names
     end in one message naming the source."""
-    if data.sources is None:
-        return [SourceSpec(name=data.format, format=data.format, path=data.path,
-                           prepared=data.format == "prepared", limit=data.limit, legacy=True)]
     specs: list[SourceSpec] = []
     taken: set[str] = set()
     explicit = {s.name for s in data.sources if s.name}
     for i, s in enumerate(data.sources):
         where = f"data.sources[{i}]" + (f" ({s.name!r})" if s.name else "")
-        if s.format not in SOURCE_FORMATS:
-            raise UserError(f"{where}: unknown format {s.format!r}; use one of "
-                            f"{', '.join(SOURCE_FORMATS)} (csv: a manifest with path,age and "
-                            "optional gender,group columns)")
+        if s.format not in FORMATS:
+            raise UserError(f"{where}: unknown format {s.format!r}; use one of:\n"
+                            f"{formats_help()}")
         name = s.name
         if name is None:  # the format, numbered when it repeats: utkface, utkface-2, ...
             name, k = s.format, 2
@@ -101,56 +100,18 @@ def resolve_sources(data: DataConfig) -> list[SourceSpec]:
             raise UserError(f"{where}: name {name!r} may hold only letters, digits, '_', '-' "
                             "and '.' (it becomes a metric name: val_mae/<name>)")
         taken.add(name)
-        specs.append(SourceSpec(name=name, format=s.format, path=s.path, prepared=s.prepared,
+        specs.append(SourceSpec(name=name, format=s.format, path=s.path,
+                                prepared=s.prepared or FORMATS[s.format].prepared,
                                 weight=s.weight,
-                                limit=s.limit if s.limit is not None else data.limit))
+                                limit=s.limit if s.limit is not None else data.limit,
+                                split_by=s.split_by))
     return specs
 
 
 # -- reading one source --------------------------------------------------------------------------
 
 
-def parse_aaf_name(name: str) -> tuple[int, str] | None:
-    """Age and gender from an AAF name ``NNNNNAaa.jpg`` (serial below 07381: female)."""
-    m = AAF_NAME.match(name)
-    if not m:
-        return None
-    age = int(m.group(2))
-    if not 0 < age <= MAX_AGE:
-        return None
-    return age, "female" if int(m.group(1)) < AAF_FIRST_MALE else "male"
-
-
-def read_aaf(directory: str | Path) -> tuple[pd.DataFrame, LoadReport]:
-    """Every AAF photo in ``directory`` with its age and gender; other names are counted."""
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise UserError(f"AAF folder not found: {root}" if not root.exists()
-                        else f"expected a folder of AAF photos, got a file: {root}")
-    rows, report = scan_labelled_images(root, parse_aaf_name, "names not like NNNNNAaa.jpg")
-    if not rows:
-        bad = report.skipped.get("names not like NNNNNAaa.jpg", [])
-        seen = f": {len(bad)} images with other names ({', '.join(bad[:3])})" if bad else ""
-        raise UserError(f"no AAF images found in {root}{seen}; AAF names are NNNNNAaa.jpg, "
-                        "e.g. 00012A25.jpg (serial, 'A', age)")
-    report.kept = len(rows)
-    df = pd.DataFrame(rows, columns=["path", "age", "gender"]).astype({"age": float})
-    return df.assign(group="AAF"), report
-
-
-def gender_name(value) -> str:
-    """male/female/unknown from a UTKFace code (0/1) or a word (m, male, F, woman, ...)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "unknown"
-    text = str(value).strip().lower()
-    if text in ("0", "0.0", "m", "male", "man", "boy"):
-        return "male"
-    if text in ("1", "1.0", "f", "female", "woman", "girl"):
-        return "female"
-    return "unknown"
-
-
-def _group_names(df: pd.DataFrame, fmt: str) -> list[str]:
+def _group_names(df: pd.DataFrame, spec: SourceSpec) -> list[str]:
     if "group" in df.columns:
         groups = ["" if pd.isna(g) else str(g) for g in df["group"]]
     else:
@@ -159,25 +120,45 @@ def _group_names(df: pd.DataFrame, fmt: str) -> list[str]:
         races = pd.to_numeric(df["race"], errors="coerce")
         groups = [g or UTKFACE_RACES.get(int(r), "") if pd.notna(r) else g
                   for g, r in zip(groups, races, strict=True)]
-    if fmt == "aaf":
-        groups = [g or "AAF" for g in groups]
-    return groups
+    default = FORMATS[spec.format].group
+    return [g or default for g in groups] if default else groups
 
 
 def _read_raw(spec: SourceSpec) -> tuple[pd.DataFrame, LoadReport]:
-    if spec.prepared or spec.format == "prepared":
+    """The source's rows with ``origin`` (the raw file) and ``split_key`` (what is hashed)."""
+    fmt = FORMATS[spec.format]
+    if not (spec.prepared or fmt.prepared):
+        df, report = fmt.read(spec.path)
+        df = df.assign(origin=df["path"], split_key=[os.path.basename(p) for p in df["path"]])
+    else:
         df, report = read_prepared(spec.path)
         origin = df["source_path"] if "source_path" in df.columns else df["path"]
-        # A legacy prepared index was split by its crop names, as before sources existed.
-        key = df["path"] if spec.format == "prepared" else origin
-        return df.assign(origin=origin.astype(str), split_key=key.astype(str)), report
-    if spec.format == "utkface":
-        df, report = read_utkface(spec.path)
-    elif spec.format == "aaf":
-        df, report = read_aaf(spec.path)
-    else:  # csv, manifest
-        df, report = read_manifest(spec.path)
-    return df.assign(origin=df["path"], split_key=df["path"]), report
+        # A prepared index named by its own format (data.format: prepared) is split by its
+        # crops' names, as it always was; a prepared source of another format by its raw files'.
+        key = df["path"] if fmt.prepared else origin
+        df = df.assign(origin=origin.astype(str),
+                       split_key=[os.path.basename(p) for p in key.astype(str)])
+    if spec.split_by is not None:
+        df = df.assign(split_key=_split_by_keys(df, spec))
+    return with_age_range(df), report
+
+
+def _split_by_keys(df: pd.DataFrame, spec: SourceSpec) -> list[str]:
+    """The values of the source's ``split_by`` column, as text; a missing column or an empty
+    value ends in a message naming the source."""
+    col = spec.split_by
+    if col not in df.columns:
+        have = [c for c in df.columns if c not in ("origin", "split_key")]
+        raise UserError(f"{spec.label()}: split_by: {col!r} is not one of its columns "
+                        f"({', '.join(have)}); name a column of the source, or leave split_by "
+                        "out to split by file name")
+    values = df[col]
+    empty = values.isna() | values.astype(str).str.strip().eq("")
+    if empty.any():
+        files = ", ".join(os.path.basename(str(p)) for p in df.loc[empty, "path"][:3])
+        raise UserError(f"{spec.label()}: {int(empty.sum())} rows have no {col!r} value to "
+                        f"split by (e.g. {files}); give every row one")
+    return [str(v).strip() for v in values]
 
 
 def read_source(spec: SourceSpec, data: DataConfig) -> tuple[pd.DataFrame, LoadReport]:
@@ -185,27 +166,22 @@ def read_source(spec: SourceSpec, data: DataConfig) -> tuple[pd.DataFrame, LoadR
     try:
         df, report = _read_raw(spec)
     except UserError as exc:
-        if spec.legacy:
-            raise
-        raise UserError(f"{spec.label()}: {exc}\nFix data.sources (its format and path)."
-                        ) from None
-    if spec.limit is not None and len(df) > spec.limit:
-        # The hash-ordered subset of datasets.read_dataset: stable and spread over ages.
-        order = np.argsort([_unit_hash(f"limit:{os.path.basename(p)}") for p in df["path"]])
-        report.available = len(df)
-        df = df.iloc[np.sort(order[: spec.limit])].reset_index(drop=True)
-        report.kept = len(df)
+        raise UserError(f"{spec.label()}: {exc}\nFix its format or path in the config "
+                        "(data.sources, or data.format and data.path).") from None
+    df = take_limit(df, spec.limit, report)
     if df.empty:
         raise UserError(f"{spec.label()} has no images; check its path and format")
     gender = df["gender"] if "gender" in df.columns else [None] * len(df)
     table = pd.DataFrame({
         "path": df["path"].astype(str).to_numpy(),
         "age": df["age"].astype(float).to_numpy(),
+        "age_low": df["age_low"].to_numpy(),
+        "age_high": df["age_high"].to_numpy(),
         "gender": [gender_name(g) for g in gender],
-        "group": _group_names(df, spec.format),
+        "group": _group_names(df, spec),
         "source": spec.name,
         "origin": [os.path.realpath(p) for p in df["origin"]],
-        "split": assign_split(df["split_key"].tolist(), data.split),
+        "split": split_by_key(df["split_key"].tolist(), data.split),
     })
     return table, report
 
@@ -244,13 +220,24 @@ def read_sources(data: DataConfig) -> tuple[pd.DataFrame, LoadReport, list[Sourc
     return table, merged, specs
 
 
+def range_rows(table: pd.DataFrame) -> pd.Series:
+    """Which rows are labelled by an age range (not one exact age)."""
+    if "age_low" not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table["age_low"] != table["age_high"]
+
+
 def source_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Images per split of each source."""
+    """Images per split of each source (and ``ranges``: how many are labelled by an age range,
+    for a source that has any)."""
     out = {}
+    ranges = range_rows(table)
     for name, rows in table.groupby("source", sort=False):
         counts = rows["split"].value_counts()
         out[str(name)] = {"images": int(len(rows)),
                           **{s: int(counts.get(s, 0)) for s in ("train", "val", "test")}}
+        if n := int(ranges[rows.index].sum()):
+            out[str(name)]["ranges"] = n
     return out
 
 
@@ -305,14 +292,14 @@ def find_covering_prepare(root: Path, fmt: str, origins: Sequence[str], policy: 
 def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
                    report: LoadReport, *, local: bool | None = None,
                    say=print) -> pd.DataFrame:
-    """``rows`` of a raw AAF/CSV source with ``path`` pointing at their aligned crops, prepared
+    """``rows`` of a source of photos with ``path`` pointing at their aligned crops, prepared
     with ``faceage prepare``'s Ray Data code the first time and reused after; images without a
-    face (or unreadable) are left out and counted in ``report``."""
-    from filelock import FileLock
+    face (or unreadable) are left out and counted in ``report``.
 
-    from faceage.data.prepare import DEFAULT_CROP_SIZE, prepare_table
-    from faceage.inference.vision import CropPolicy, DetectorConfig
-
+    Only the crops come from the cache: every label (age, age range, gender, group) and the
+    split stay ``rows``' own, read from the source now. So the key holds the image files and the
+    crop settings but no labels, and a cache written before a label changed, or before age
+    ranges existed (its index has no age_low/age_high), is reused with today's labels."""
     policy, detector = CropPolicy(), DetectorConfig()
     policy_meta, detector_meta = policy.to_metadata(), detector.model_dump(mode="json")
     origins = rows["origin"].tolist()
@@ -341,6 +328,7 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
                 f"policy {policy.name}) into {out}")
             table = pd.DataFrame({
                 "source_path": origins, "age": rows["age"].to_numpy(),
+                "age_low": rows["age_low"].to_numpy(), "age_high": rows["age_high"].to_numpy(),
                 "gender": [GENDER_CODES.get(g, -1) for g in rows["gender"]],
                 "race": -1, "group": rows["group"].to_numpy()})
             src_dir = Path(spec.path).expanduser().resolve()
@@ -363,7 +351,7 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
         if crop is None:
             why = {"no-face": "images without a detected face",
                    "unreadable": "unreadable images"}.get(status, status)
-            report.skip(f"{spec.name}: {why}" if not spec.legacy else why, origin)
+            report.skip(f"{spec.name}: {why}", origin)
         paths.append(crop)
         keep.append(crop is not None)
     prepared = rows.assign(path=paths)[keep]
@@ -375,7 +363,7 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
 
 def prepare_raw_sources(table: pd.DataFrame, data: DataConfig, report: LoadReport,
                         say=print) -> pd.DataFrame:
-    """The table with every raw AAF/CSV source's rows on their (cached) aligned crops."""
+    """The table with the rows of every source of photos on their (cached) aligned crops."""
     parts = []
     for spec in resolve_sources(data):
         rows = table[table["source"] == spec.name]
@@ -390,84 +378,11 @@ def prepared_crop_policy(data: DataConfig) -> dict | None:
     """The crop policy of the run's prepared sources (None: UTKFace chips alone)."""
     for spec in resolve_sources(data):
         if spec.needs_prepare:
-            from faceage.inference.vision import CropPolicy
-
             return CropPolicy().to_metadata()
-        if spec.prepared or spec.format == "prepared":
+        if spec.prepared:
             idx = Path(spec.path)
             meta_path = (idx if idx.is_dir() else idx.parent) / "prepare.json"
             if meta_path.is_file():
                 return json.loads(meta_path.read_text())["crop_policy"]
     return None
 
-
-def source_column(rows: pd.DataFrame, data: DataConfig) -> np.ndarray:
-    """The rows' source names (a table read without sources, e.g. by ``prepare_data``, is the
-    one source of ``data``)."""
-    if "source" in rows.columns:
-        return rows["source"].to_numpy()
-    return np.full(len(rows), resolve_sources(data)[0].name, dtype=object)
-
-
-# -- sampling ------------------------------------------------------------------------------------
-
-
-class SourceWeightedSampler(torch.utils.data.Sampler):
-    """Draws training images with replacement, each with probability proportional to its
-    source's weight; ``len(sources)`` draws per epoch in all, seeded by (seed, epoch) and dealt
-    to the workers round-robin (every worker draws the same sequence and takes its share)."""
-
-    def __init__(self, sources: Sequence[str], weights: dict[str, float], num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0):
-        p = np.array([weights[s] for s in sources], dtype=np.float64)
-        self.p = p / p.sum()
-        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-        self.num_samples = len(sources) // num_replicas  # as DistributedSampler's drop_last
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        draws = rng.choice(len(self.p), size=self.num_samples * self.num_replicas, p=self.p)
-        return iter(draws[self.rank::self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def train_sampler(dataset, sources: Sequence[str], weights: dict[str, float], num_replicas: int,
-                  rank: int, seed: int):
-    """Equal weights: every training image once per epoch, shuffled (``DistributedSampler``,
-    as with one source). Otherwise ``SourceWeightedSampler``."""
-    if len({weights[s] for s in set(sources)}) <= 1:
-        return torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
-                                                   shuffle=True, seed=seed, drop_last=True)
-    return SourceWeightedSampler(sources, weights, num_replicas, rank, seed)
-
-
-# -- scoring -------------------------------------------------------------------------------------
-
-
-def source_val_metrics(pred, true, sources, names: Sequence[str]) -> dict[str, float]:
-    """Validation metrics: ``val_mae`` is the mean of the per-source MAEs (the model-selection
-    metric: with one source, exactly the pooled MAE); ``val_mae_all``, ``val_rmse`` and
-    ``val_cs5`` are pooled; ``val_mae/<source>`` etc. per source."""
-    from faceage.training.metrics import regression_metrics
-
-    pred, true, sources = np.asarray(pred), np.asarray(true), np.asarray(sources)
-    pooled = regression_metrics(pred, true)
-    out: dict[str, float] = {"val_mae_all": pooled["mae"], "val_rmse": pooled["rmse"],
-                             "val_cs5": pooled["cs5"], "val_images": pooled["n"]}
-    maes = []
-    for name in names:
-        m = regression_metrics(pred[sources == name], true[sources == name])
-        out[f"val_mae/{name}"], out[f"val_rmse/{name}"] = m["mae"], m["rmse"]
-        out[f"val_cs5/{name}"], out[f"val_images/{name}"] = m["cs5"], m["n"]
-        maes.append(m["mae"])
-    out["val_mae"] = float(np.mean(maes)) if len(names) > 1 else pooled["mae"]
-    return out
-
-
-def say_stderr(message: str) -> None:
-    print(message, file=sys.stderr)

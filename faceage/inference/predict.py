@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 
 from faceage.errors import ImageError, UserError
+from faceage.inference.detection import DetectorConfig
+from faceage.inference.images import load_image
 from faceage.inference.interval import DEFAULT_COVERAGE, check_coverage
-from faceage.inference.vision import DetectorConfig, FacePipeline, face_records, load_image
+from faceage.inference.pipeline import FacePipeline, face_records
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 BATCH_IMAGES = 8

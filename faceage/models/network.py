@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from faceage.config import ModelConfig
 from faceage.errors import UserError
 
 HEAD = "head"
@@ -177,6 +178,33 @@ def laplace_nll(ages: torch.Tensor, log_scale: torch.Tensor, true: torch.Tensor,
     return (r * torch.exp(-log_scale) + log_scale).mean()
 
 
+def laplace_range_nll(ages: torch.Tensor, log_scale: torch.Tensor, low: torch.Tensor,
+                      high: torch.Tensor, age_std: torch.Tensor) -> torch.Tensor:
+    """``laplace_nll`` for rows labelled by an age range: the censored likelihood.
+
+    A range row's term is -log P(low <= age <= high) under Laplace(age, scale), in the same
+    standardised units; an exact row's (low == high) is ``laplace_nll``'s point term, exactly.
+    Worked in log space, so an age far outside its range gives a large finite term (not the log
+    of an underflowed 0); the age is detached, as in ``laplace_nll``.
+    """
+    mu, log_scale = ages.detach().float(), log_scale.float()
+    inv_b = torch.exp(-log_scale)
+    lo = (low.float() - mu) / age_std * inv_b  # the range's ends in units of the scale
+    hi = (high.float() - mu) / age_std * inv_b
+    # log(1 - e^-w) of the range's width w; clamped so exact rows (w = 0) stay finite here,
+    # where torch.where would otherwise turn their unused inf into a NaN gradient.
+    log_gap = torch.log(-torch.expm1(-(hi - lo).clamp(min=1e-6)))
+    log_half = -0.6931471805599453
+    below = log_half + hi + log_gap  # the whole range below the age: F = e^u / 2 there
+    above = log_half - lo + log_gap  # the whole range above it: 1 - F = e^-u / 2
+    tails = 0.5 * (torch.exp(lo.clamp(max=0.0)) + torch.exp(-hi.clamp(min=0.0)))
+    around = torch.log1p(-tails.clamp(max=1.0 - 1e-6))  # the age inside the range
+    log_p = torch.where(hi <= 0, below, torch.where(lo >= 0, above, around))
+    r = (high.float() - mu).abs() / age_std  # exact rows: high == low == the age
+    point = r * torch.exp(-log_scale) + log_scale
+    return torch.where(low == high, point, -log_p).mean()
+
+
 def head_uncertainty(state: dict[str, torch.Tensor]) -> str:
     """``laplace`` when a state_dict's head has two outputs, else ``none``."""
     weight = state.get("head.3.weight")
@@ -248,4 +276,14 @@ def build_model(backbone: str, pretrained: str = "none", head_hidden: int = 256,
     """Build an ``AgeNet``; ``pretrained`` is ``imagenet``, ``none`` or a state_dict path."""
     net = _pretrained_net(backbone, pretrained, weights_dir)
     return AgeNet(backbone, head_hidden=head_hidden, dropout=dropout, net=net,
-                        uncertainty=uncertainty)
+                  uncertainty=uncertainty)
+
+
+def build_model_from(model: ModelConfig) -> AgeNet:
+    """The ``AgeNet`` a run's ``model`` settings describe, with its pretrained trunk.
+
+    Callers that need another variant pass a copy, e.g. ``model.model_copy(update=
+    {"pretrained": "none"})``.
+    """
+    return build_model(model.backbone, model.pretrained, model.head_hidden, model.dropout,
+                       model.weights_dir, model.uncertainty)

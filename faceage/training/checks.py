@@ -1,7 +1,8 @@
 """Checks on the driver before any worker starts, so mistakes end in one clear message.
 
-``preflight`` checks the backbone, stage groups, data, weights, batch size and an earlier run
-of the same name; ``load_data`` then decodes the split table once for the whole run.
+Paths inside a Ray job, the storage path, the backbone, its weights and the schedule's groups,
+the split's counts against the batch size, an earlier run of the same name, and whether the
+local machine can hold the workers. Reading the data is ``faceage.data.run_data.RunData``'s job.
 """
 
 from __future__ import annotations
@@ -9,17 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from faceage.config import Config
-from faceage.data.datasets import LoadReport, PreparedData, decode_table
-from faceage.data.sources import SourceSpec, prepare_raw_sources, read_sources
 from faceage.errors import UserError
-from faceage.models.network import build_model
+from faceage.models.network import build_model_from
 from faceage.training.schedule import UnfreezeSchedule
 
 
@@ -48,19 +46,28 @@ def check_job_paths(cfg: Config) -> None:
     def relative(p: str | None) -> bool:
         return bool(p) and "://" not in p and not os.path.isabs(os.path.expanduser(p))
 
-    hint = ("this Ray job runs in an uploaded copy of --working-dir ({}); relative paths point "
-            "into that copy. Pass an absolute path, e.g. --set {}=$PWD/{}")
+    copy = (f"this Ray job runs in an uploaded copy of --working-dir ({job_dir}); relative "
+            "paths point into that copy.")
+
+    def hint(key: str, value: str) -> str:
+        if key.startswith("data.sources["):  # not a --set key: the config file lists them
+            return f"{copy} Give the sources absolute paths in the config file"
+        return f"{copy} Pass an absolute path, e.g. --set {key}=$PWD/{value}"
+
     if relative(cfg.storage_path):
         raise UserError(f"storage_path {cfg.storage_path!r} is relative: the run would be written "
                         "into the job's temporary copy and lost. "
-                        + hint.format(job_dir, "storage_path", cfg.storage_path))
-    for key, value in (("data.path", cfg.data.path), ("data.cache_dir", cfg.data.cache_dir),
+                        + hint("storage_path", cfg.storage_path))
+    sources = cfg.data.sources
+    # One source is what data.path sets; several are listed in the config file.
+    paths = ([("data.path", sources[0].path)] if len(sources) == 1 else
+             [(f"data.sources[{i}].path", s.path) for i, s in enumerate(sources)])
+    for key, value in (*paths, ("data.cache_dir", cfg.data.cache_dir),
                        ("model.pretrained", cfg.model.pretrained)):
         if key == "model.pretrained" and value in ("imagenet", "none"):
             continue
         if relative(value) and not os.path.exists(value):
-            raise UserError(f"{key} {value!r} not found: "
-                            + hint.format(job_dir, key, value))
+            raise UserError(f"{key} {value!r} not found: " + hint(key, value))
     if relative(cfg.model.weights_dir) and not os.path.isdir(cfg.model.weights_dir):
         print(f"[faceage] note: model.weights_dir {cfg.model.weights_dir!r} is not in the job's "
               "copy of the working dir; pass an absolute path if the weights are there",
@@ -88,7 +95,8 @@ def check_split_counts(cfg: Config, table: pd.DataFrame) -> None:
     counts = table["split"].value_counts()
     n_train, n_val = int(counts.get("train", 0)), int(counts.get("val", 0))
     per_step = cfg.train.batch_size * cfg.scaling.num_workers
-    where = cfg.data.path if cfg.data.sources is None else "data.sources"
+    sources = cfg.data.sources
+    where = sources[0].path if len(sources) == 1 else "data.sources"
     if n_train < per_step:
         raise UserError(
             f"{where}: {n_train} training images are fewer than one step needs "
@@ -97,7 +105,7 @@ def check_split_counts(cfg: Config, table: pd.DataFrame) -> None:
     if n_val == 0:
         raise UserError(f"{where}: no images fell into the validation split "
                         f"(data.split.val={cfg.data.split.val}); raise it or add data")
-    if "source" in table.columns and cfg.data.sources is not None:
+    if "source" in table.columns:
         # Every source is scored on its own validation images (val_mae averages them).
         for name, rows in table.groupby("source", sort=False):
             if not (rows["split"] == "val").any():
@@ -106,49 +114,27 @@ def check_split_counts(cfg: Config, table: pd.DataFrame) -> None:
                                 f"{cfg.data.split.val}); raise its limit or data.split.val")
 
 
-@dataclass
-class Preflight:
-    """What the driver learnt before starting workers."""
-
-    table: pd.DataFrame  # faceage.data.sources.TABLE_COLUMNS
-    report: LoadReport
-    group_names: list[str]
-    resuming: bool
-    sources: list[SourceSpec] | None = None
-
-
-def preflight(cfg: Config) -> Preflight:
-    """Check the inputs of a run on the driver, so mistakes end in one clear message.
-
-    Unknown backbone, bad stage groups, missing or empty data, unavailable pretrained weights,
-    too little data for the batch size, an incompatible earlier run of the same name. Reads and
-    splits the data but decodes nothing (``load_data`` does that).
-    """
+def check_storage_path(cfg: Config) -> None:
     if "://" in cfg.storage_path:
         raise UserError(f"storage_path {cfg.storage_path!r}: object storage is not supported "
                         "yet; use a local or shared file system path")
-    model = build_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden,
-                        cfg.model.dropout, cfg.model.weights_dir)
+
+
+def check_model_and_schedule(cfg: Config) -> None:
+    """The backbone exists, its pretrained weights load and the schedule's stages name its layer
+    groups."""
+    model = build_model_from(cfg.model)
     UnfreezeSchedule(cfg.schedule, model.group_names(), steps_per_epoch=1)
-    df, report, sources = read_sources(cfg.data)
-    check_split_counts(cfg, df)
+
+
+def check_run_folder(cfg: Config) -> bool:
+    """Create the run folder; True when it holds an earlier run of this name to resume."""
     run_dir = cfg.run_dir()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the run folder {run_dir}: {exc}") from None
-    resuming = check_resume_compatible(cfg, run_dir)
-    return Preflight(df, report, model.group_names(), resuming, sources)
-
-
-def load_data(cfg: Config, checked: Preflight, progress: bool = True) -> PreparedData:
-    """Prepare raw AAF/CSV sources (once, cached) and decode the checked table once (the cache
-    is shared per node); faceless and unreadable images are dropped, so the table that comes
-    back is exactly what trains."""
-    table = prepare_raw_sources(checked.table, cfg.data, checked.report)
-    data = decode_table(table, checked.report, cfg.data, cfg.model.input_size, progress)
-    check_split_counts(cfg, data.table)
-    return data
+    return check_resume_compatible(cfg, run_dir)
 
 
 def check_cluster_fits(cfg: Config) -> None:

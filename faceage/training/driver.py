@@ -1,5 +1,9 @@
 """Training on Ray Train, the driver: check, read and split the data once, fit, export.
 
+The run's data is one ``RunData`` (``faceage.data.run_data``): read and split before Ray starts
+(``check_and_read``), prepared and decoded once Ray is up, shipped to the workers and handed to
+the export.
+
 Run locally with ``faceage train --config configs/train.yaml`` or on a cluster with
 ``ray job submit --working-dir . -- python -m faceage.train --config configs/train.yaml``.
 The same loop (``faceage.training.worker``) runs on one CPU or many GPUs: only ``scaling`` in the
@@ -19,18 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceage.config import Config, save_config
-from faceage.data.datasets import PreparedData, shippable
+from faceage.data.run_data import RunData
 from faceage.errors import TrainingFailed, UserError
-from faceage.training.checks import check_cluster_fits, check_job_paths, load_data, preflight
+from faceage.training.checks import (
+    check_cluster_fits,
+    check_job_paths,
+    check_model_and_schedule,
+    check_run_folder,
+    check_split_counts,
+    check_storage_path,
+)
 from faceage.training.export import export_best, summary_table, write_summary
 from faceage.training.worker import METRIC, train_loop_per_worker
 
 # -- the driver ----------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: Config, data: PreparedData, extra_callbacks: list | None = None):
-    """A ``TorchTrainer`` for ``cfg`` on ``data``: scaling, checkpoints and failure handling from
-    the config. Needs Ray up: the data table goes to the workers through the object store."""
+def build_trainer(cfg: Config, data: RunData, extra_callbacks: list | None = None):
+    """A ``TorchTrainer`` for ``cfg`` on ``data`` (decoded): scaling, checkpoints and failure
+    handling from the config. Needs Ray up: the data goes to the workers through the object
+    store."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -43,7 +55,7 @@ def build_trainer(cfg: Config, data: PreparedData, extra_callbacks: list | None 
     return TorchTrainer(
         train_loop_per_worker,
         # An object ref, not the table itself: the loop config is also shown on the dashboard.
-        train_loop_config={"config": cfg.to_dict(), "data": ray.put(shippable(data))},
+        train_loop_config={"config": cfg.to_dict(), "data": ray.put(data.ship())},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
@@ -118,14 +130,28 @@ def ray_for_run(cfg: Config):
         ray.shutdown()
 
 
+def check_and_read(cfg: Config) -> tuple[RunData, bool]:
+    """The checks before Ray starts, and the run's data read and split once (not decoded yet).
+
+    Unknown backbone, bad stage groups, missing or empty data, unavailable pretrained weights,
+    too little data for the batch size and an incompatible earlier run of the same name all end
+    here with one message. Returns the data and whether an earlier run is resumed.
+    """
+    check_storage_path(cfg)
+    check_model_and_schedule(cfg)
+    data = RunData.read(cfg.data)
+    check_split_counts(cfg, data.table)
+    return data, check_run_folder(cfg)
+
+
 def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     """Train with Ray Train, export the best checkpoint, write curves and a summary; with
     ``tracking.mlflow`` the run is an MLflow run too (``faceage.training.experiment``)."""
     check_job_paths(cfg)
     cfg = cfg.with_absolute_paths()
-    checked = preflight(cfg)
+    data, resuming = check_and_read(cfg)
     run_dir = cfg.run_dir()
-    if checked.resuming:
+    if resuming:
         print(f"[faceage] {run_dir} has checkpoints of an earlier run: resuming it "
               "(choose another name or delete the folder to start over)")
     save_config(cfg, run_dir / "config.yaml")
@@ -138,7 +164,7 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
         print(f"[faceage] MLflow: run {tracked.run_id} in experiment "
               f"{cfg.tracking.experiment!r} at {tracked.uri}")
     try:
-        outcome = _train(cfg, checked, callbacks)
+        outcome = _train(cfg, data, callbacks)
     except BaseException as exc:
         if tracked is not None:  # Ctrl-C (or a stop from Tune) is KILLED, an error FAILED
             tracked.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
@@ -150,30 +176,35 @@ def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     return outcome
 
 
-def _train(cfg: Config, checked, callbacks: list | None) -> TrainOutcome:
+def decode_for_training(cfg: Config, data: RunData) -> RunData:
+    """Photo sources prepared (Ray Data, the first time) and every image decoded, once, here;
+    ``split.csv`` is the table the workers train on."""
+    data = data.decoded(cfg.data, cfg.model.input_size)
+    check_split_counts(cfg, data.table)
+    data.split_table().to_csv(cfg.run_dir() / "split.csv", index=False)
+    counts = data.summary()
+    print(f"[faceage] data: {data.report.summary()}")
+    print(f"[faceage] split: train {counts['train']}, val {counts['val']}, "
+          f"test {counts['test']} (seed {cfg.data.split.seed})")
+    if len(counts.get("sources", {})) > 1:
+        print("[faceage] sources: " + "; ".join(
+            f"{name} train {c['train']}, val {c['val']}, test {c['test']}"
+            for name, c in counts["sources"].items()))
+    return data
+
+
+def _train(cfg: Config, data: RunData, callbacks: list | None) -> TrainOutcome:
     from ray.train import TrainingFailedError
 
     run_dir = cfg.run_dir()
     started = time.time()
     with ray_for_run(cfg):
-        # Read, split, prepared and decoded once, here (raw AAF/CSV sources go through Ray
-        # Data's prepare the first time): split.csv is the table the workers train on.
-        data = load_data(cfg, checked)
-        data.table[["path", "age", "split", "source", "gender", "group"]].to_csv(
-            run_dir / "split.csv", index=False)
-        counts = data.summary()
-        print(f"[faceage] data: {data.report.summary()}")
-        print(f"[faceage] split: train {counts['train']}, val {counts['val']}, "
-              f"test {counts['test']} (seed {cfg.data.split.seed})")
-        if len(counts.get("sources", {})) > 1:
-            print("[faceage] sources: " + "; ".join(
-                f"{name} train {c['train']}, val {c['val']}, test {c['test']}"
-                for name, c in counts["sources"].items()))
+        data = decode_for_training(cfg, data)
         try:
             result = build_trainer(cfg, data, callbacks).fit()
         except TrainingFailedError as exc:
             raise explain_failure(exc, cfg) from None
-        model_path, best, latest = export_best(result, cfg, run_dir)
+        model_path, best, latest = export_best(result, cfg, run_dir, data)
     history, resumes = latest["history"], latest.get("resumes", [])
     wall = time.time() - started
     curves = write_summary(cfg, run_dir, model_path, best, latest, wall)

@@ -8,37 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-from faceage.config import Config
+from faceage.config import Config, SplitConfig
+from faceage.data.run_data import RunData
 from faceage.errors import TrainingFailed
 from faceage.inference.preprocess import preprocessing_metadata
-from faceage.models.network import build_model, head_uncertainty
+from faceage.models.network import build_model_from, head_uncertainty
 from faceage.training.worker import METRIC, load_checkpoint
 
 
-def data_crop_policy(cfg: Config) -> dict:
-    """How the training images were framed; inference crops faces the same way."""
-    if cfg.data.sources is not None:
-        from faceage.data.sources import prepared_crop_policy
-
-        return prepared_crop_policy(cfg.data) or {"name": "utkface-chip"}
-    if cfg.data.format == "prepared":
-        idx = Path(cfg.data.path)
-        meta_path = (idx if idx.is_dir() else idx.parent) / "prepare.json"
-        if meta_path.is_file():
-            return json.loads(meta_path.read_text())["crop_policy"]
-    return {"name": "utkface-chip"}
-
-
-def data_metadata(cfg: Config, summary: dict) -> dict:
+def data_metadata(run_data: RunData, split: SplitConfig, summary: dict) -> dict:
     """The model file's ``data``: the summary, plus each source (name, format, path, counts)."""
-    from faceage.data.sources import resolve_sources
-
-    counts = summary.get("sources", {})
-    sources = [{**s.describe(), **counts.get(s.name, {})} for s in resolve_sources(cfg.data)]
+    sources = run_data.describe_sources(summary.get("sources", {}))
     first = sources[0]
     return {"format": first["format"] if len(sources) == 1 else "sources",
             "path": first["path"] if len(sources) == 1 else None,
-            "split": cfg.data.split.model_dump(), **summary, "sources": sources}
+            "split": split.model_dump(), **summary, "sources": sources}
 
 
 INTERVAL_METRICS = ("val_interval_coverage", "val_interval_width")
@@ -58,8 +42,10 @@ def interval_metadata(best_state: dict, best_metrics: dict, uncertainty: str) ->
     return out
 
 
-def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
-    """Export the best checkpoint (lowest val MAE) of ``result`` as a model file.
+def export_best(result, cfg: Config, run_dir: Path,
+                run_data: RunData) -> tuple[Path, dict, dict]:
+    """Export the best checkpoint (lowest val MAE) of ``result`` as a model file; ``run_data``
+    (the run's sources and crop policy) goes into its metadata.
 
     Returns the model path, the best epoch's metrics and the latest checkpoint's state (history,
     resumes, data summary).
@@ -76,14 +62,14 @@ def export_best(result, cfg: Config, run_dir: Path) -> tuple[Path, dict, dict]:
     # The head kind is read off the weights: checkpoints from before model.uncertainty have one
     # output whatever the config now says.
     uncertainty = head_uncertainty(best_state["model"])
-    model = build_model(cfg.model.backbone, "none", cfg.model.head_hidden, cfg.model.dropout,
-                        uncertainty=uncertainty)
+    model = build_model_from(cfg.model.model_copy(
+        update={"pretrained": "none", "uncertainty": uncertainty}))
     model.load_state_dict(best_state["model"])
     metadata = {
         "name": f"faceage-{cfg.model.backbone}",
         "preprocessing": preprocessing_metadata(cfg.model.input_size),
-        "crop_policy": data_crop_policy(cfg),
-        "data": data_metadata(cfg, latest.get("data_summary", {})),
+        "crop_policy": run_data.crop_policy,
+        "data": data_metadata(run_data, cfg.data.split, latest.get("data_summary", {})),
         "metrics": {k: v for k, v in best_metrics.items()
                     if k in ("val_mae", "val_rmse", "val_cs5", "epoch", "val_mae_all")
                     or k.startswith("val_mae/")},

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from faceage.data.datasets import BatchAugment
-from faceage.models.network import laplace_nll
+from faceage.models.network import laplace_range_nll
 from faceage.training.schedule import Stage, UnfreezeSchedule
 
 # -- hardware ------------------------------------------------------------------------------------
@@ -48,6 +48,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def make_loss(name: str) -> nn.Module:
     return {"l1": nn.L1Loss(), "smooth_l1": nn.SmoothL1Loss(beta=2.0), "mse": nn.MSELoss()}[name]
+
+
+def age_bounds(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` of a batch's targets: (B, 2) age ranges, or (B,) exact ages (each its
+    own range)."""
+    if targets.dim() == 2:
+        return targets[:, 0], targets[:, 1]
+    return targets, targets
+
+
+def nearest_in_range(pred: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The age in [low, high] nearest each (detached) prediction: the age itself for an exact
+    label, the prediction inside a range, the nearer end outside it."""
+    return torch.minimum(torch.maximum(pred.detach(), low), high)
+
+
+def range_loss(loss_fn, pred: torch.Tensor, low: torch.Tensor,
+               high: torch.Tensor) -> torch.Tensor:
+    """The configured loss pulling each prediction into its label's range: zero inside, the loss
+    to the nearer end outside; for exact labels (low == high) exactly ``loss_fn(pred, age)``."""
+    return loss_fn(pred, nearest_in_range(pred, low, high))
 
 
 def build_optimizer(model, schedule: UnfreezeSchedule, stage: Stage, weight_decay: float):
@@ -91,22 +112,23 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
     seen = 0
     data_seconds = 0.0
     start = tick = time.perf_counter()
-    for step, (images, ages) in enumerate(loader):
+    for step, (images, targets) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
         schedule.set_lrs(optimizer, epoch, step)
         x = ctx.memory_format(augment(ctx.to_device(images)))
-        y = ctx.to_device(ages)
+        low, high = age_bounds(ctx.to_device(targets))
         data_seconds += time.perf_counter() - tick
         with ctx.autocast():
             if laplace:
                 pred, log_scale = model(x, with_log_scale=True)
             else:
                 pred = model(x)
-        loss = loss_fn(pred.float(), y)
+        loss = range_loss(loss_fn, pred.float(), low, high)
         if laplace:
-            # The age's loss is the configured one; the scale adds a term on the detached error.
-            loss = loss + laplace_nll(pred, log_scale, y, inner.age_std)
+            # The age's loss is the configured one; the scale adds a term on the detached error
+            # (for a range row, the censored likelihood of the range).
+            loss = loss + laplace_range_nll(pred, log_scale, low, high, inner.age_std)
         optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
             ctx.scaler.scale(loss).backward()
@@ -115,10 +137,12 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
         else:
             loss.backward()
             optimizer.step()
-        n = y.shape[0]
+        n = low.shape[0]
         seen += n
         total_loss += float(loss.detach()) * n
-        total_abs += float((pred.detach().float() - y).abs().sum())
+        # The distance to the label's range: the absolute error for an exact age.
+        total_abs += float((pred.detach().float() - nearest_in_range(pred.float(), low, high))
+                           .abs().sum())
         tick = time.perf_counter()
     return {
         "loss_sum": total_loss,

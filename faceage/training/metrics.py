@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -21,6 +23,38 @@ def regression_metrics(pred, true, cs_years: float = 5.0) -> dict[str, float]:
         "signed": float(np.mean(pred - true)),  # mean signed error: above 0 reads older
         "n": int(pred.size),
     }
+
+
+def source_val_metrics(pred, true, sources, names: Sequence[str]) -> dict[str, float]:
+    """Validation metrics: ``val_mae`` is the mean of the per-source MAEs (the model-selection
+    metric: with one source, exactly the pooled MAE); ``val_mae_all``, ``val_rmse`` and
+    ``val_cs5`` are pooled; ``val_mae/<source>`` etc. per source."""
+    pred, true, sources = np.asarray(pred), np.asarray(true), np.asarray(sources)
+    pooled = regression_metrics(pred, true)
+    out: dict[str, float] = {"val_mae_all": pooled["mae"], "val_rmse": pooled["rmse"],
+                             "val_cs5": pooled["cs5"], "val_images": pooled["n"]}
+    maes = []
+    for name in names:
+        m = regression_metrics(pred[sources == name], true[sources == name])
+        out[f"val_mae/{name}"], out[f"val_rmse/{name}"] = m["mae"], m["rmse"]
+        out[f"val_cs5/{name}"], out[f"val_images/{name}"] = m["cs5"], m["n"]
+        maes.append(m["mae"])
+    out["val_mae"] = float(np.mean(maes)) if len(names) > 1 else pooled["mae"]
+    return out
+
+
+def range_val_metrics(pred, low, high, sources, names: Sequence[str]) -> dict[str, float]:
+    """``val_range_acc/<source>``: the share of predictions inside their label's age range, for
+    each source with range labels (its ``val_mae`` is the mean distance to the range)."""
+    pred, low, high = np.asarray(pred, float), np.asarray(low, float), np.asarray(high, float)
+    sources = np.asarray(sources)
+    out: dict[str, float] = {}
+    for name in names:
+        own = sources == name
+        if (low[own] != high[own]).any():
+            inside = (pred[own] >= low[own]) & (pred[own] <= high[own])
+            out[f"val_range_acc/{name}"] = float(inside.mean())
+    return out
 
 
 def decade_label(age: float) -> str:

@@ -55,14 +55,21 @@ def learning_curves(history: Sequence[dict], path: str | Path, title: str = "") 
     return _save(fig, path)
 
 
-def prediction_report(pred, true, by_decade: dict, path: str | Path, title: str = "") -> Path:
-    """Predicted vs true scatter and MAE by age decade."""
-    return sources_prediction_report({"": (pred, true, by_decade)}, path, title)
+def _decade_start(label: str) -> int:
+    """``"20-29"`` -> 20, for sorting decade labels (anything else last)."""
+    start = label.split("-")[0]
+    return int(start) if start.isdigit() else 999
 
 
-def sources_prediction_report(parts: dict[str, tuple], path: str | Path, title: str = "") -> Path:
-    """``prediction_report`` for several sources, ``{name: (pred, true, by_decade)}``: one
-    scatter colour and one bar per source in each decade (a single unnamed part: no legend)."""
+def _decade_slots(labels: Sequence[str], by_decade: dict) -> list[tuple[int, str]]:
+    """(position among ``labels``, label) of each decade one source has a MAE for."""
+    return [(i, k) for i, k in enumerate(labels) if k in by_decade]
+
+
+def prediction_report(parts: dict[str, tuple], path: str | Path, title: str = "") -> Path:
+    """Predicted vs true scatter and MAE by age decade of each source, ``{name: (pred, true,
+    by_decade)}``: one scatter colour and one bar per source in each decade (a single unnamed
+    part: no legend)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     hi = 1.0
     for name, (pred, true, _) in parts.items():
@@ -76,15 +83,14 @@ def sources_prediction_report(parts: dict[str, tuple], path: str | Path, title: 
     ax1.set_xlabel("true age")
     ax1.set_ylabel("predicted age")
     ax1.grid(alpha=0.3)
-    labels = sorted({k for *_, by_decade in parts.values() for k in by_decade},
-                    key=lambda k: int(k.split("-")[0]) if k.split("-")[0].isdigit() else 999)
+    labels = sorted({k for *_, by_decade in parts.values() for k in by_decade}, key=_decade_start)
     width = 0.8 / len(parts)
     for j, (name, (*_, by_decade)) in enumerate(parts.items()):
-        xs = [i - 0.4 + width * (j + 0.5) for i, k in enumerate(labels) if k in by_decade]
-        maes = [by_decade[k]["mae"] for k in labels if k in by_decade]
-        ax2.bar(xs, maes, width, label=name or None,
+        slots = _decade_slots(labels, by_decade)
+        xs = [i - 0.4 + width * (j + 0.5) for i, _ in slots]
+        ax2.bar(xs, [by_decade[k]["mae"] for _, k in slots], width, label=name or None,
                 color="tab:orange" if len(parts) == 1 else None)
-        for x, k in zip(xs, [k for k in labels if k in by_decade], strict=True):
+        for x, (_, k) in zip(xs, slots, strict=True):
             ax2.text(x, by_decade[k]["mae"], f"n={by_decade[k]['n']}", ha="center",
                      va="bottom", fontsize=7 if len(parts) == 1 else 5)
     ax2.set_xticks(range(len(labels)), labels)

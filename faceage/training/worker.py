@@ -1,31 +1,31 @@
 """What every Ray Train worker runs: ``train_loop_per_worker``, and its checkpoints.
 
-The driver (``faceage.training.driver``) hands the loop the run's config and the data table it
-read and split; the loop builds its loaders, model and schedule, resumes from Ray Train's latest
-checkpoint if there is one, and reports one checkpoint per epoch.
+The driver (``faceage.training.driver``) hands the loop the run's config and its ``RunData``
+(read, split and decoded once, on the driver). The loop's steps, as in torchvision's reference
+``train.py``: ``setup`` (device, loaders, model, schedule), ``resume`` from Ray Train's latest
+checkpoint if there is one, then ``train_epochs``: each epoch trains, ``validate``s (metrics and
+the interval calibration), prints its ``epoch_line`` and ``report_epoch``s a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from faceage.compat import quiet_train_report_log
 from faceage.config import Config
-from faceage.data.datasets import (
-    BatchAugment,
-    PreparedData,
-    eval_transform,
-    make_dataset,
-    open_shipped,
-)
-from faceage.data.sources import resolve_sources, source_column, source_val_metrics, train_sampler
+from faceage.data.datasets import BatchAugment, make_dataset, train_sampler
+from faceage.data.run_data import RunData
 from faceage.errors import UserError
 from faceage.inference.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
-from faceage.models.network import AgeNet, build_model, head_uncertainty
+from faceage.inference.preprocess import eval_transform
+from faceage.models.network import AgeNet, build_model_from, head_uncertainty
 from faceage.training.loop import (
     StepContext,
     autocast_dtype,
@@ -39,6 +39,7 @@ from faceage.training.loop import (
     sum_across,
     train_one_epoch,
 )
+from faceage.training.metrics import range_val_metrics, source_val_metrics
 from faceage.training.schedule import Stage, UnfreezeSchedule
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -65,35 +66,65 @@ def load_checkpoint(checkpoint) -> dict:
     return state
 
 
-# -- the Ray Train loop --------------------------------------------------------------------------
+# -- setup ---------------------------------------------------------------------------------------
 
 
-def _wrap(model: AgeNet, world_size: int):
-    """DDP registers only parameters that require grad, so the loop wraps again at each stage."""
-    import ray.train.torch
+@dataclass
+class WorkerRun:
+    """What one worker's training steps share, built once by ``setup``."""
 
-    if world_size == 1:
-        return model
-    return ray.train.torch.prepare_model(model, move_to_device=False)
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    data: RunData
+    summary: dict  # the data summary the driver printed: counts, training ages, skipped files
+    sampler: torch.utils.data.Sampler
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader  # this worker's shard of the validation split
+    val_true: np.ndarray  # every worker's validation ages, gathered in rank order
+    val_sources: np.ndarray  # and their sources
+    val_range: np.ndarray  # and their age ranges (N, 2): low == high == the age for an exact one
+    steps: int  # per epoch
+    augment: BatchAugment
+    val_transform: Callable
+    model: AgeNet
+    schedule: UnfreezeSchedule
+    ctx: StepContext
+    out: Callable[[str], None]  # say() on rank 0, silent elsewhere
+
+    @property
+    def total_epochs(self) -> int:
+        return self.schedule.total_epochs
 
 
-def _resume_line(state: dict, stage: Stage, total: int, optimizer_restored: bool) -> str:
-    epoch = state["epoch"] + 1
-    how = ("optimizer state restored" if optimizer_restored
-           else "fresh optimizer: a new stage starts")
-    return (f"[faceage] resumed from the checkpoint after epoch {epoch}/{total} "
-            f"(stage {state['stage_name']}): continuing at epoch {epoch + 1} in stage "
-            f"{stage.name}, {how}")
+@dataclass
+class Progress:
+    """Where the run stands: the next epoch, the epochs trained and the resumes so far."""
+
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)
+    opt_state: dict | None = None  # the checkpoint's optimizer state, for the stage it resumes
 
 
-def _loaders(data: PreparedData, cfg: Config, rank: int, world: int, device: torch.device):
+def _configure_process(cfg: Config, device: torch.device) -> None:
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # the same initial head on every worker
+    # The run config's LoggingConfig leaves the "ray" logger's console handler alone, so a line
+    # per report and checkpoint would still reach the job log from every worker.
+    logging.getLogger("ray.train").setLevel(cfg.train.ray_log_level)
+    quiet_train_report_log(cfg.train.ray_log_level)
+
+
+def _loaders(data: RunData, cfg: Config, rank: int, world: int, device: torch.device):
     """This worker's train loader (a distributed sampler) and validation shard loader."""
-    train_ds = make_dataset(data, "train")
-    val_ds = make_dataset(data, "val")
+    train_ds = make_dataset(data.images, "train")
+    val_ds = make_dataset(data.images, "val")
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
     # Equal source weights: DistributedSampler, every image once per epoch; else weighted draws.
-    weights = {s.name: s.weight for s in resolve_sources(cfg.data)}
-    sampler = train_sampler(train_ds, source_column(data.subset("train"), cfg.data), weights,
+    sampler = train_sampler(train_ds, data.source_column("train"), data.source_weights,
                             world, rank, cfg.seed)
     loader_args = dict(num_workers=cfg.data.loader_workers,
                        persistent_workers=cfg.data.loader_workers > 0,
@@ -109,7 +140,8 @@ def _loaders(data: PreparedData, cfg: Config, rank: int, world: int, device: tor
     return sampler, loader, val_loader
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def setup(loop_config: dict) -> WorkerRun:
+    """The worker's device, its share of the driver's data, the model and the schedule."""
     import ray
     import ray.train
     import ray.train.torch
@@ -118,110 +150,137 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # the same initial head on every worker
-    out = say if rank == 0 else (lambda *a, **k: None)
-    # The run config's LoggingConfig leaves the "ray" logger's console handler alone, so a line
-    # per report and checkpoint would still reach the job log from every worker.
-    logging.getLogger("ray.train").setLevel(cfg.train.ray_log_level)
-    quiet_train_report_log(cfg.train.ray_log_level)
+    _configure_process(cfg, device)
 
     # The driver read, split and decoded the data; this is its table, not a second reading.
-    shipped = ray.get(loop_config["data"])
-    data = open_shipped(shipped, progress=rank == 0)
-    summary = shipped["summary"]
+    data = RunData.from_shipped(ray.get(loop_config["data"]), progress=rank == 0)
+    summary = data.summary()
     sampler, loader, val_loader = _loaders(data, cfg, rank, world, device)
     val_true = gather(data.subset("val")["age"].to_numpy()[rank::world], world)
-    val_sources = gather(source_column(data.subset("val"), cfg.data)[rank::world], world)
-    source_names = [s.name for s in resolve_sources(cfg.data)]
+    val_sources = gather(data.source_column("val")[rank::world], world)
+    val_range = gather(data.subset("val")[["age_low", "age_high"]].to_numpy()[rank::world], world)
     steps = len(loader)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     augment = BatchAugment(cfg.model.input_size, cfg.train.augment).to(device)
     val_transform = eval_transform(cfg.model.input_size)
 
-    model = build_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.head_hidden,
-                        cfg.model.dropout, cfg.model.weights_dir, cfg.model.uncertainty)
+    model = build_model_from(cfg.model)
     model.set_target_stats(summary["train_age_mean"], summary["train_age_std"] or 1.0)
     schedule = UnfreezeSchedule(cfg.schedule, model.group_names(), steps)
-    total = schedule.total_epochs
     dtype = autocast_dtype(cfg.train.precision, device)
     use_scaler = device.type == "cuda" and dtype == torch.float16
     ctx = StepContext(device, dtype, cfg.train.channels_last,
                       torch.amp.GradScaler("cuda") if use_scaler else None)
+    out = say if rank == 0 else (lambda *a, **k: None)
+    return WorkerRun(cfg, rank, world, device, data, summary, sampler, loader, val_loader,
+                     val_true, val_sources, val_range, steps, augment, val_transform, model,
+                     schedule, ctx, out)
 
-    start_epoch, history, resumes, opt_state = 0, [], [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = load_checkpoint(checkpoint)
-        kind = head_uncertainty(state["model"])
-        if kind != cfg.model.uncertainty:
-            raise UserError(f"run {cfg.name!r} was trained with model.uncertainty={kind}: its "
-                            f"checkpoints cannot be resumed with {cfg.model.uncertainty}; "
-                            f"pass --set model.uncertainty={kind}")
-        model.load_state_dict(state["model"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch = state["epoch"] + 1
-        history = [h for h in state["history"] if h["epoch"] < start_epoch]
-        resumes = list(state.get("resumes", []))
-        if start_epoch < total:
-            stage = schedule.stage_at(start_epoch)
-            # Mid-stage the optimizer continues; a new stage builds a fresh one, as in a full run.
-            if stage.index == state["stage"]:
-                opt_state = state["optimizer"]
-            if ctx.scaler is not None and state.get("scaler"):
-                ctx.scaler.load_state_dict(state["scaler"])
-            resumes.append({"epoch": start_epoch, "stage": stage.index,
-                            "optimizer_restored": opt_state is not None, "workers": world})
-            out(_resume_line(state, stage, total, opt_state is not None))
-        else:
-            out(f"[faceage] all {total} epochs were trained already; nothing left to do")
-    model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if start_epoch == 0:
-        out(f"[faceage] {cfg.model.backbone} @ {cfg.model.input_size}px, {total} epochs x "
-            f"{steps} steps of {cfg.train.batch_size} x {world} worker(s) on {device.type}, "
-            f"precision {str(dtype or torch.float32).replace('torch.', '')}\n"
-            + schedule.describe())
 
-    loss_fn = make_loss(cfg.train.loss)
-    wrapped, optimizer, stage_index = model, None, None
-    for epoch in range(start_epoch, total):
-        stage = schedule.stage_at(epoch)
+def start_line(run: WorkerRun) -> str:
+    """What a fresh run trains, and how."""
+    cfg, dtype = run.cfg, run.ctx.dtype
+    return (f"[faceage] {cfg.model.backbone} @ {cfg.model.input_size}px, {run.total_epochs} "
+            f"epochs x {run.steps} steps of {cfg.train.batch_size} x {run.world} worker(s) on "
+            f"{run.device.type}, precision {str(dtype or torch.float32).replace('torch.', '')}\n"
+            + run.schedule.describe())
+
+
+# -- resuming ------------------------------------------------------------------------------------
+
+
+def _resume_line(state: dict, stage: Stage, total: int, optimizer_restored: bool) -> str:
+    epoch = state["epoch"] + 1
+    how = ("optimizer state restored" if optimizer_restored
+           else "fresh optimizer: a new stage starts")
+    return (f"[faceage] resumed from the checkpoint after epoch {epoch}/{total} "
+            f"(stage {state['stage_name']}): continuing at epoch {epoch + 1} in stage "
+            f"{stage.name}, {how}")
+
+
+def resume(run: WorkerRun, checkpoint) -> Progress:
+    """Continue from Ray Train's latest checkpoint (None: a fresh start): the weights, the
+    schedule and the history; the optimizer and loss scaler only mid-stage."""
+    if not checkpoint:
+        return Progress()
+    cfg, schedule = run.cfg, run.schedule
+    state = load_checkpoint(checkpoint)
+    kind = head_uncertainty(state["model"])
+    if kind != cfg.model.uncertainty:
+        raise UserError(f"run {cfg.name!r} was trained with model.uncertainty={kind}: its "
+                        f"checkpoints cannot be resumed with {cfg.model.uncertainty}; "
+                        f"pass --set model.uncertainty={kind}")
+    run.model.load_state_dict(state["model"])
+    schedule.load_state_dict(state["schedule"])
+    start = state["epoch"] + 1
+    progress = Progress(start, [h for h in state["history"] if h["epoch"] < start],
+                        list(state.get("resumes", [])))
+    if start >= run.total_epochs:
+        run.out(f"[faceage] all {run.total_epochs} epochs were trained already; "
+                "nothing left to do")
+        return progress
+    stage = schedule.stage_at(start)
+    # Mid-stage the optimizer continues; a new stage builds a fresh one, as in a full run.
+    if stage.index == state["stage"]:
+        progress.opt_state = state["optimizer"]
+    if run.ctx.scaler is not None and state.get("scaler"):
+        run.ctx.scaler.load_state_dict(state["scaler"])
+    progress.resumes.append({"epoch": start, "stage": stage.index,
+                             "optimizer_restored": progress.opt_state is not None,
+                             "workers": run.world})
+    run.out(_resume_line(state, stage, run.total_epochs, progress.opt_state is not None))
+    return progress
+
+
+# -- the epochs ----------------------------------------------------------------------------------
+
+
+def _wrap(model: AgeNet, world_size: int):
+    """DDP registers only parameters that require grad, so the loop wraps again at each stage."""
+    import ray.train.torch
+
+    if world_size == 1:
+        return model
+    return ray.train.torch.prepare_model(model, move_to_device=False)
+
+
+def stage_optimizer(run: WorkerRun, stage: Stage, progress: Progress):
+    """The stage's optimizer, with the checkpoint's state when the run resumes inside it."""
+    optimizer = build_optimizer(run.model, run.schedule, stage, run.cfg.train.weight_decay)
+    if progress.opt_state is not None:
+        try:
+            optimizer.load_state_dict(
+                run.schedule.split_old_state(run.model, stage, progress.opt_state))
+        except ValueError as exc:  # the stages (or the parameter groups) changed
+            run.out(f"[faceage] optimizer state does not fit this stage ({exc}); "
+                    "starting it afresh")
+            progress.resumes[-1]["optimizer_restored"] = False
+        progress.opt_state = None
+    return optimizer
+
+
+def train_epochs(run: WorkerRun, progress: Progress) -> None:
+    """From ``progress.start_epoch`` to the end: train, validate, report a checkpoint."""
+    loss_fn = make_loss(run.cfg.train.loss)
+    wrapped, optimizer, stage_index = run.model, None, None
+    for epoch in range(progress.start_epoch, run.total_epochs):
+        stage = run.schedule.stage_at(epoch)
         if stage.index != stage_index:
             # Let the previous stage's wrapper and optimizer state go before building new ones.
             wrapped = optimizer = None
-            optimizer = build_optimizer(model, schedule, stage, cfg.train.weight_decay)
-            if opt_state is not None:
-                try:
-                    optimizer.load_state_dict(schedule.split_old_state(model, stage, opt_state))
-                except ValueError as exc:  # the stages (or the parameter groups) changed
-                    out(f"[faceage] optimizer state does not fit this stage ({exc}); "
-                        "starting it afresh")
-                    resumes[-1]["optimizer_restored"] = False
-                opt_state = None
-            wrapped = _wrap(model, world)
+            optimizer = stage_optimizer(run, stage, progress)
+            wrapped = _wrap(run.model, run.world)
             stage_index = stage.index
-        sampler.set_epoch(epoch)
+        run.sampler.set_epoch(epoch)
         # Seeded per epoch and worker: a resumed epoch draws the augmentations it would have.
-        torch.manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + rank)
-        stats = train_one_epoch(wrapped, loader, optimizer, schedule, epoch, loss_fn, ctx,
-                                augment, steps)
+        torch.manual_seed((run.cfg.seed * 100_003 + epoch) * 1_009 + run.rank)
+        stats = train_one_epoch(wrapped, run.loader, optimizer, run.schedule, epoch, loss_fn,
+                                run.ctx, run.augment, run.steps)
         loss_sum, abs_sum, images = sum_across(
-            [stats["loss_sum"], stats["abs_sum"], stats["images"]], world)
-        check_replicas_agree(model, world)
-        share_buffers(model, world)
-        preds, scales = predict(model, val_loader, ctx, val_transform, cfg.train.eval_tta)
-        preds = gather(preds, world)
-        scales = None if scales is None else gather(scales, world)
-        # The interval is calibrated on this epoch's validation predictions (the ones that
-        # rank the checkpoint); export stores the best epoch's in the model file.
-        calibration = IntervalCalibration.fit(preds, val_true, scales)
-        band = coverage_report(*calibration.interval(preds, scales, DEFAULT_COVERAGE), val_true)
-        val = source_val_metrics(preds, val_true, val_sources, source_names)
-        schedule.end_epoch(epoch, val["val_mae"])
+            [stats["loss_sum"], stats["abs_sum"], stats["images"]], run.world)
+        val, calibration, band = validate(run)
+        run.schedule.end_epoch(epoch, val["val_mae"])
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
         metrics = {
             "epoch": epoch, "stage": stage.index, "stage_name": stage.name,
@@ -232,25 +291,87 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "data_share": stats["data_seconds"] / max(stats["seconds"], 1e-9), **lrs,
             "val_interval_coverage": band["coverage"], "val_interval_width": band["mean_width"],
         }
-        history.append(metrics)
-        out(f"[faceage] epoch {epoch + 1}/{total} [{stage.name}] "
-            f"loss {metrics['train_loss']:.3f}  val MAE {val['val_mae']:.2f}"
-            + ("".join(f" [{n} {val[f'val_mae/{n}']:.2f}]" for n in source_names)
-               + f" all {val['val_mae_all']:.2f}" if len(source_names) > 1 else "")
-            + f"  RMSE {val['val_rmse']:.2f}"
-            f"  CS@5 {val['val_cs5']:.1%}  | {metrics['images_per_s']:.0f} img/s, "
-            f"data {metrics['data_share']:.0%}, {stats['seconds']:.0f}s  "
-            f"lr {max(lrs.values()):.1e}")
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(tmp, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-                    "schedule": schedule.state_dict(), "epoch": epoch, "stage": stage.index,
-                    "stage_name": stage.name, "history": history, "resumes": resumes,
-                    "data_summary": summary, "config": cfg.to_dict(),
-                    "interval_calibration": calibration.to_metadata(),
-                })
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        progress.history.append(metrics)
+        run.out(epoch_line(run, stage, metrics))
+        report_epoch(run, progress, optimizer, calibration)
+
+
+def validate(run: WorkerRun) -> tuple[dict, IntervalCalibration, dict]:
+    """Every worker's validation shard predicted and gathered: the metrics (per source too),
+    the interval calibration fitted on them, and how that interval covers them."""
+    check_replicas_agree(run.model, run.world)
+    share_buffers(run.model, run.world)
+    preds, scales = predict(run.model, run.val_loader, run.ctx, run.val_transform,
+                            run.cfg.train.eval_tta)
+    preds = gather(preds, run.world)
+    scales = None if scales is None else gather(scales, run.world)
+    low, high = run.val_range[:, 0], run.val_range[:, 1]
+    # The interval is calibrated on this epoch's validation predictions (the ones that rank the
+    # checkpoint); export stores the best epoch's in the model file. Its residuals need exact
+    # ages: range labels count only when there are no exact ones (then to the range's middle).
+    exact = low == high
+    fit = exact if exact.any() else np.ones_like(exact)
+    fit_scales = None if scales is None else scales[fit]
+    calibration = IntervalCalibration.fit(preds[fit], run.val_true[fit], fit_scales)
+    band = coverage_report(*calibration.interval(preds[fit], fit_scales, DEFAULT_COVERAGE),
+                           run.val_true[fit])
+    # The nearest age in each label's range (the age itself for an exact label): the MAE to it
+    # is the mean distance to the range.
+    nearest = np.clip(preds, low, high)
+    names = run.data.source_names
+    val = source_val_metrics(preds, nearest, run.val_sources, names)
+    val.update(range_val_metrics(preds, low, high, run.val_sources, names))
+    return val, calibration, band
+
+
+def epoch_line(run: WorkerRun, stage: Stage, m: dict) -> str:
+    """One epoch on screen: loss, val MAE (per source when there are several), speed, lr."""
+    names = run.data.source_names
+    lr = max(v for k, v in m.items() if k.startswith("lr_"))
+    return (f"[faceage] epoch {m['epoch'] + 1}/{run.total_epochs} [{stage.name}] "
+            f"loss {m['train_loss']:.3f}  val MAE {m['val_mae']:.2f}"
+            + ("".join(f" [{n} {m[f'val_mae/{n}']:.2f}]" for n in names)
+               + f" all {m['val_mae_all']:.2f}" if len(names) > 1 else "")
+            + f"  RMSE {m['val_rmse']:.2f}"
+            f"  CS@5 {m['val_cs5']:.1%}  | {m['images_per_s']:.0f} img/s, "
+            f"data {m['data_share']:.0%}, {m['epoch_seconds']:.0f}s  lr {lr:.1e}")
+
+
+def report_epoch(run: WorkerRun, progress: Progress, optimizer,
+                 calibration: IntervalCalibration) -> None:
+    """Report the last epoch's metrics to Ray Train, with rank 0's checkpoint of the run."""
+    import ray.train
+
+    metrics = progress.history[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if run.rank == 0:
+            save_checkpoint(tmp, {
+                "model": run.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": run.ctx.scaler.state_dict() if run.ctx.scaler is not None else None,
+                "schedule": run.schedule.state_dict(), "epoch": metrics["epoch"],
+                "stage": metrics["stage"], "stage_name": metrics["stage_name"],
+                "history": progress.history, "resumes": progress.resumes,
+                "data_summary": run.summary, "config": run.cfg.to_dict(),
+                "interval_calibration": calibration.to_metadata(),
+            })
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's loop on every worker: ``loop_config`` holds the run's config (a dict) and an
+    object ref to the driver's shipped ``RunData``."""
+    import ray.train
+
+    run = setup(loop_config)
+    progress = resume(run, ray.train.get_checkpoint())
+    run.model.to(run.device)
+    if run.cfg.train.channels_last:
+        run.model.to(memory_format=torch.channels_last)
+    if progress.start_epoch == 0:
+        run.out(start_line(run))
+    train_epochs(run, progress)

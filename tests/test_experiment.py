@@ -1,6 +1,6 @@
-"""MLflow tracking (issue 13): a training run is an MLflow run with its config as parameters,
-one value per epoch of each metric, and the model as an artifact; a bad tracking URI stops the
-run before Ray starts; ``tracking.mlflow=false`` creates no store."""
+"""faceage.training.experiment, MLflow tracking (issue 13): a training run is an MLflow run with
+its config as parameters, one value per epoch of each metric, and the model as an artifact; a bad
+tracking URI stops the run before Ray starts; ``tracking.mlflow=false`` creates no store."""
 
 from __future__ import annotations
 

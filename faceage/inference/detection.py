@@ -1,0 +1,221 @@
+"""Face detection: MTCNN (facenet-pytorch) settings, the detected ``Face`` and ``FaceDetector``.
+
+Torch loads only when a detector is built, so the Serve Ingress can import ``Face`` and
+``DetectorConfig`` (what it unpickles and validates) without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from faceage.inference.images import check_image_array
+
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+
+class DetectorConfig(BaseModel):
+    """MTCNN settings; the Serve config and the CLI pass these through unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_face_size: int = Field(20, ge=8, description="smallest face searched for, in pixels of "
+                                                     "the original image")
+    min_face_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="also skip faces smaller than this share of the "
+        "image's shorter side (0: off); bounds the detection pyramid for video, where faces "
+        "are large")
+    thresholds: tuple[float, float, float] = Field(
+        (0.6, 0.7, 0.7), description="P-, R- and O-net score thresholds")
+    min_score: float = Field(0.9, ge=0.0, le=1.0, description="faces scoring below are dropped")
+    factor: float = Field(0.709, gt=0.1, lt=1.0, description="image pyramid scale step")
+    max_side: int = Field(1280, ge=64, description="larger images are detected on a copy "
+                                                   "downscaled to this longer side")
+    pad: Literal["auto", "always", "never"] = Field(
+        "auto", description="pad the frame before detecting; auto: only when a face (nearly) "
+                            "fills it or none is found, where MTCNN otherwise misses or misframes")
+    pad_fraction: float = Field(0.3, ge=0.0, le=1.0, description="padding per side, as a "
+                                                                 "fraction of the longer side")
+    max_faces: int = Field(100, ge=1, description="keep at most this many faces (largest first)")
+
+
+@dataclass
+class Face:
+    """One detected face in image pixel coordinates, with its aligned crop once aligned."""
+
+    box: np.ndarray  # (4,) x1, y1, x2, y2, clipped to the image
+    score: float
+    landmarks: np.ndarray  # (5, 2) in LANDMARK_NAMES order; (0, 2) for a whole-image face
+    crop: np.ndarray | None = field(default=None, repr=False)  # size x size x 3 uint8 RGB
+
+    @property
+    def area(self) -> float:
+        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
+
+
+# One MTCNN per process: its three small nets load from the package in ~50 ms but are shared.
+_MTCNN_NETS: Any = None
+
+
+def _mtcnn_nets():
+    global _MTCNN_NETS
+    if _MTCNN_NETS is None:
+        from facenet_pytorch import MTCNN
+
+        _MTCNN_NETS = MTCNN(keep_all=True, device="cpu").eval()
+    return _MTCNN_NETS
+
+
+class FaceDetector:
+    """MTCNN (facenet-pytorch, weights in the package): every face's box, score and landmarks."""
+
+    def __init__(self, config: DetectorConfig | dict | None = None, device: str = "cpu"):
+        if isinstance(config, dict):
+            config = DetectorConfig(**config)
+        self.config = config or DetectorConfig()
+        self.device = device
+        nets = _mtcnn_nets()
+        if device != "cpu":
+            from facenet_pytorch import MTCNN
+
+            nets = MTCNN(keep_all=True, device=device).eval()
+        self._nets = nets
+
+    def _run_mtcnn(self, image: np.ndarray, min_face: float) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        h, w = image.shape[:2]
+        min_face = max(12.0, float(min_face))
+        if min(h, w) < min_face:
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        n = self._nets
+        try:
+            with torch.no_grad():
+                boxes, points = detect_face(image, min_face, n.pnet, n.rnet, n.onet,
+                                            list(self.config.thresholds), self.config.factor,
+                                            torch.device(self.device))
+        except RuntimeError as exc:
+            # facenet-pytorch concatenates an empty candidate list when every candidate box
+            # is degenerate; that is "no face", not a failure.
+            if "non-empty" in str(exc):
+                return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+            raise
+        b = np.asarray(boxes[0], dtype=np.float32).reshape(-1, 5)
+        p = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
+        return b, p
+
+    def min_face(self, height: int, width: int) -> float:
+        """The smallest face searched for in an image of this size, in its pixels."""
+        cfg = self.config
+        return max(float(cfg.min_face_size), cfg.min_face_fraction * min(height, width))
+
+    def detect_raw(self, image: np.ndarray, pad: bool, min_face: float | None = None,
+                   scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """MTCNN's unfiltered, unclipped boxes+scores (N, 5) and landmarks (N, 5, 2), for faces
+        of at least ``min_face`` pixels (default: ``min_face(h, w)``), detected on a copy
+        resized by ``scale`` (default: down to ``max_side``)."""
+        cfg = self.config
+        h, w = image.shape[:2]
+        if scale is None:
+            scale = min(1.0, cfg.max_side / max(h, w))
+        small = image
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        offset = 0
+        if pad:
+            offset = int(round(cfg.pad_fraction * max(small.shape[:2])))
+            # A flat mean-coloured border: reflection would mirror half-faces into the frame.
+            fill = [int(v) for v in small.reshape(-1, 3).mean(axis=0)]
+            small = cv2.copyMakeBorder(small, offset, offset, offset, offset,
+                                       cv2.BORDER_CONSTANT, value=fill)
+        if min_face is None:
+            min_face = self.min_face(h, w)
+        boxes, points = self._run_mtcnn(small, min_face * scale)
+        boxes = boxes.copy()
+        boxes[:, :4] = (boxes[:, :4] - offset) / scale
+        points = (points - offset) / scale
+        return boxes, points
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """All faces in an HxWx3 uint8 RGB image, largest first."""
+        image = check_image_array(image)
+        return self._detect(image, self.min_face(*image.shape[:2]), None)
+
+    def _detect(self, image: np.ndarray, min_face: float, scale: float | None) -> list[Face]:
+        cfg = self.config
+        h, w = image.shape[:2]
+        boxes, points = self.detect_raw(image, cfg.pad == "always", min_face, scale)
+        if cfg.pad == "auto":
+            sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            if len(boxes) == 0:
+                boxes, points = self.detect_raw(image, True, min_face, scale)
+            elif sides.max() >= 0.6 * min(h, w):
+                boxes, points = self._redetect_large(image, boxes, points, sides, min_face,
+                                                     scale)
+        faces = []
+        for b, p in zip(boxes, points, strict=True):
+            score = float(b[4])
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            # A face found in the padding (centre outside the frame) is an artefact.
+            if score < cfg.min_score or not (0 <= cx < w and 0 <= cy < h):
+                continue
+            # MTCNN's box regression can shrink a box below the pyramid's smallest face.
+            if max(b[2] - b[0], b[3] - b[1]) < min_face:
+                continue
+            box = np.array([np.clip(b[0], 0, w), np.clip(b[1], 0, h),
+                            np.clip(b[2], 0, w), np.clip(b[3], 0, h)], dtype=np.float32)
+            faces.append(Face(box=box, score=score, landmarks=p.astype(np.float32)))
+        faces.sort(key=lambda f: -f.area)
+        return faces[: cfg.max_faces]
+
+    def detect_near(self, image: np.ndarray, boxes: Sequence[Sequence[float]],
+                    margin: float = 0.5) -> list[Face]:
+        """Faces in the region around ``boxes`` (``[x1, y1, x2, y2]``: where faces were in the
+        previous frame of a video), each box widened by ``margin`` x its longer side on every
+        side; [] when none is found there. Detected at the scale a whole-frame detection would
+        use (so faces are framed alike) and for faces at least half the smallest given one:
+        a fraction of a whole-frame detection's cost."""
+        image = check_image_array(image)
+        h, w = image.shape[:2]
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+        min_face = max(self.min_face(h, w), 0.5 * float(side.min(initial=0.0)))
+        scale = min(1.0, self.config.max_side / max(h, w))
+        x1 = int(np.clip(np.floor((b[:, 0] - margin * side).min()), 0, w))
+        y1 = int(np.clip(np.floor((b[:, 1] - margin * side).min()), 0, h))
+        x2 = int(np.clip(np.ceil((b[:, 2] + margin * side).max()), 0, w))
+        y2 = int(np.clip(np.ceil((b[:, 3] + margin * side).max()), 0, h))
+        if x2 - x1 < 12 or y2 - y1 < 12:
+            return []
+        faces = self._detect(image[y1:y2, x1:x2], min_face, scale)
+        shift = np.array([x1, y1], np.float32)
+        for f in faces:
+            f.box = f.box + np.tile(shift, 2)
+            f.landmarks = f.landmarks + shift
+        return faces
+
+    def _redetect_large(self, image: np.ndarray, boxes: np.ndarray, points: np.ndarray,
+                        sides: np.ndarray, min_face: float,
+                        scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """Re-find the faces that (nearly) fill the frame on a padded copy, where MTCNN frames
+        them better, with a pyramid bounded below at half the largest face: the padded pass only
+        has to find faces that large, at a fraction of a full pass's cost. Smaller faces of the
+        first pass that overlap none of the new ones are kept as they were."""
+        big = max(min_face, 0.5 * float(sides.max()))
+        padded_boxes, padded_points = self.detect_raw(image, True, big, scale)
+        keep = [i for i in np.flatnonzero(sides < big)
+                if not any(_overlaps(boxes[i], b) for b in padded_boxes)]
+        return (np.concatenate([padded_boxes, boxes[keep]]),
+                np.concatenate([padded_points, points[keep]]))
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether boxes ``[x1, y1, x2, y2, ...]`` ``a`` and ``b`` intersect."""
+    return bool(min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]))

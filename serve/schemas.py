@@ -1,0 +1,90 @@
+"""The HTTP API's shapes: the response models (what /docs shows) and the one error form,
+``{"error": message, "status": status}``, with ``ApiError`` to raise it."""
+
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FaceOut(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
+    score: float = Field(description="detection score")
+    age: float = Field(description="estimated age in years")
+    age_interval: list[float] = Field(
+        min_length=2, max_length=2,
+        description="[low, high] in years: the central interval (args.interval_coverage, "
+                    "default 80 %) the true age falls in, calibrated on validation faces")
+    landmarks: list[list[float]] = Field(
+        description="eyes, nose, mouth corners as [x, y] (empty for a whole-image face)")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    faces: list[FaceOut]
+    image: ImageSize
+    model: ModelRef
+    timings_ms: dict[str, float] = Field(description="decode, detect, age and total")
+
+
+class FrameResult(BaseModel):
+    """One frame of /predict/frames or /stream: a prediction, or an error with its status."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    frame: int
+    faces: list[FaceOut] | None = None
+    image: ImageSize | None = None
+    model: ModelRef | None = None
+    timings_ms: dict[str, float] | None = None
+    detection: Literal["whole frame", "near previous faces"] | None = Field(
+        None, description="/stream: where the Detector searched (near the previous frame's "
+                          "faces, falling back to the whole frame when none is there)")
+    error: str | None = None
+    status: int | None = None
+
+
+class FramesResult(BaseModel):
+    frames: list[FrameResult]
+    timings_ms: dict[str, float]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    status: int
+
+
+class ApiError(Exception):
+    """An HTTP error answered as ``{"error": message, "status": status}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """The JSON answer for an error; a 503 tells the client to retry after a second."""
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+# OpenAPI for the routes: a binary request body, and the errors they answer with.
+BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
+ERROR_RESPONSES = {code: {"model": ErrorOut, "description": text} for code, text in {
+    400: "not an image, corrupt or truncated",
+    413: "body, frame count or pixel count over the limit",
+    415: "unsupported content type",
+    503: "at capacity or a replica is restarting: retry after a moment",
+}.items()}
