@@ -46,7 +46,8 @@ def plain_loop(cfg, threads: int) -> dict:
     """The training loop without Ray: one process, ``threads`` torch threads."""
     import torch
 
-    from faceage.data.datasets import BatchAugment, make_dataset, prepare_data
+    from faceage.data.augment import BatchAugment
+    from faceage.data.datasets import make_dataset, prepare_data
     from faceage.models.network import build_model_from
     from faceage.training.loop import (
         StepContext,

@@ -62,6 +62,33 @@ class SourceConfig(_Strict):
 ONE_SOURCE_DEFAULTS = {"format": "utkface", "path": "../shared/data/utkface"}
 
 
+# Life-stage age bands (lower edges, years): the KFAD ranges' edges, so a range label falls in one
+# band; also the bands that balance, per-band calibration and the reports use.
+AGE_BANDS = (0.0, 7.0, 13.0, 20.0, 31.0, 46.0, 56.0, 67.0)
+
+
+class BalanceConfig(_Strict):
+    """Age-band balance of the training draws (``faceage.data.sampling``).
+
+    ``by: band``: each age band gets a share of every epoch proportional to
+    ``images ** (1 - strength)`` (strength 1: every band the same share; 0: as the data is);
+    ``source_band``: the same within each source, whose own share stays as without balance.
+    """
+
+    by: Literal["none", "band", "source_band"] = "none"
+    bands: list[float] = Field(default_factory=lambda: list(AGE_BANDS),
+                               description="lower edges of the age bands, increasing")
+    strength: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("bands")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:], strict=False)) or v[0] < 0:
+            raise ValueError("balance.bands needs at least two increasing ages from 0 up, "
+                             "e.g. [0, 7, 13, 20, 31, 46, 56, 67]")
+        return v
+
+
 class DataConfig(_Strict):
     """Where a run's labelled faces come from (``sources``) and how they are split and cached.
 
@@ -85,6 +112,7 @@ class DataConfig(_Strict):
         None, description="where decoded images are cached (default ~/.cache/faceage/decoded)"
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per trainer")
+    balance: BalanceConfig = BalanceConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -123,11 +151,35 @@ class ModelConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
+    """Training augmentation (``faceage.data.augment.BatchAugment``). ``grayscale``, ``blur``,
+    ``downscale`` and ``jpeg`` are the share of images that get each; they imitate real photos
+    (old grey prints, soft focus, small faces, compressed uploads), which read otherwise
+    younger or older than the clean chips the model trains on."""
+
     flip: bool = True
     scale: tuple[float, float] = (0.75, 1.0)
     rotate: float = Field(10.0, ge=0.0, le=45.0)
     color_jitter: float = Field(0.2, ge=0.0, le=1.0)
-    grayscale: float = Field(0.05, ge=0.0, le=1.0)
+    grayscale: float = Field(0.15, ge=0.0, le=1.0)
+    blur: float = Field(0.1, ge=0.0, le=1.0)
+    blur_sigma: tuple[float, float] = Field((0.4, 1.5), description="Gaussian sigma, pixels "
+                                                                     "of the input")
+    downscale: float = Field(0.15, ge=0.0, le=1.0)
+    downscale_to: tuple[float, float] = Field((0.3, 0.7), description="side as a share of the "
+                                                                      "input, then back up")
+    jpeg: float = Field(0.2, ge=0.0, le=1.0)
+    jpeg_quality: tuple[int, int] = (30, 90)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for name in ("scale", "blur_sigma", "downscale_to", "jpeg_quality"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"train.augment.{name} must be (low, high) with 0 < low <= high")
+        if self.scale[1] > 1 or self.downscale_to[1] > 1 or self.jpeg_quality[1] > 100:
+            raise ValueError("train.augment: scale and downscale_to go up to 1, jpeg_quality to "
+                             "100")
+        return self
 
 
 class StageConfig(_Strict):

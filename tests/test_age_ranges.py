@@ -295,7 +295,7 @@ def test_censored_laplace_nll_stays_finite_far_from_the_range():
 def test_an_epoch_on_exact_ranges_is_an_epoch_on_ages_bit_for_bit():
     """The dataset's (low, high) targets of exact ages train exactly as plain ages did."""
     from faceage.config import AugmentConfig, ScheduleConfig, StageConfig
-    from faceage.data.datasets import BatchAugment
+    from faceage.data.augment import BatchAugment
     from faceage.models.network import build_model
     from faceage.training.loop import StepContext, build_optimizer, train_one_epoch
     from faceage.training.schedule import UnfreezeSchedule
@@ -326,7 +326,7 @@ def test_an_epoch_on_exact_ranges_is_an_epoch_on_ages_bit_for_bit():
 
 def test_an_epoch_trains_on_range_targets():
     from faceage.config import AugmentConfig, ScheduleConfig, StageConfig
-    from faceage.data.datasets import BatchAugment
+    from faceage.data.augment import BatchAugment
     from faceage.models.network import build_model
     from faceage.training.loop import StepContext, build_optimizer, train_one_epoch
     from faceage.training.schedule import UnfreezeSchedule
@@ -442,8 +442,14 @@ def test_a_tiny_run_trains_on_ranges_and_evaluate_reports_them(ray_local, utkfac
         "model.pretrained=none", "model.input_size=32", "model.head_hidden=16",
         "train.batch_size=8", "train.max_steps_per_epoch=4", "train.eval_tta=false",
         "scaling.num_workers=1", "scaling.cpus_per_worker=1",
-        "schedule.stages=[{name: head, train: 0, epochs: 2}]"])
+        "schedule.stages=[{name: head, train: 0, epochs: 2}]",
+        "data.balance.by=source_band", "data.balance.strength=1.0"])
     outcome = run_training(cfg)
+    # Balanced draws: every age band of the source gets the same share of each epoch.
+    printed = capsys.readouterr().out
+    line = next(ln for ln in printed.splitlines() if "draws per epoch" in ln)
+    shares = [float(v.rstrip("%")) for v in line.split("kin ", 1)[1].split()[1::2]]
+    assert max(shares) - min(shares) <= 1, line
 
     split = pd.read_csv(outcome.run_dir / "split.csv")
     assert list(split.columns) == [*SPLIT_COLUMNS, "age_low", "age_high"]
@@ -453,7 +459,13 @@ def test_a_tiny_run_trains_on_ranges_and_evaluate_reports_them(ray_local, utkfac
     for epoch in outcome.history:
         assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_mae"])
         assert 0 <= epoch["val_range_acc/kin"] <= 1
-    meta = load_model_file(outcome.model_path).metadata
+        assert np.isfinite(epoch["val_band_mae"])
+        assert any(k.startswith("val_signed/") for k in epoch)
+    model = load_model_file(outcome.model_path)
+    meta = model.metadata
+    # The interval is calibrated per band of predicted age.
+    assert model.calibration.bands and len(model.calibration.band_quantiles) == len(
+        model.calibration.bands)
     ranged = int((split["age_low"] != split["age_high"]).sum())
     assert meta["data"]["ranges"] == ranged and meta["data"]["sources"][0]["ranges"] == ranged
     assert meta["data"]["sources"][0]["split_by"] == "family"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from faceage.config import AugmentConfig, DataConfig, SplitConfig
+from faceage.data.augment import BatchAugment
 from faceage.data.datasets import (
-    BatchAugment,
     DecodedCache,
     cache_size_for,
     eval_transform,
@@ -272,5 +272,46 @@ def test_batch_augment_without_randomness_matches_the_eval_view():
     images = torch.zeros(4, 3, 40, 40, dtype=torch.uint8)
     for i, c in enumerate([(10, 200, 30), (250, 250, 250), (0, 0, 0), (90, 60, 180)]):
         images[i] = torch.tensor(c, dtype=torch.uint8).view(3, 1, 1)
-    aug = BatchAugment(32, AugmentConfig(color_jitter=0.0, grayscale=0.0))
+    aug = BatchAugment(32, AugmentConfig(color_jitter=0.0, grayscale=0.0, jpeg=0.0))
     assert torch.allclose(aug(images), eval_transform(32)(images), atol=1e-5)
+
+
+def _faults(**shares) -> BatchAugment:
+    off = {"color_jitter": 0.0, "grayscale": 0.0, "blur": 0.0, "downscale": 0.0, "jpeg": 0.0}
+    return BatchAugment(32, AugmentConfig(**{**off, **shares}))
+
+
+def test_real_photo_faults_change_only_the_images_they_pick():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32, generator=gen)
+    for name, fault in (("blur", "blur"), ("downscale", "downscale"), ("jpeg", "jpeg")):
+        aug = _faults(**{name: 0.5})
+        out = getattr(aug, fault)(x.clone(), torch.Generator().manual_seed(3))
+        changed = (out - x).abs().flatten(1).amax(1) > 1e-4
+        assert 16 < changed.sum() < 48, name  # about half the batch
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 + 1e-6
+        # Each fault removes fine detail: the changed images lose high frequencies.
+        def detail(t):
+            return (t[..., 1:] - t[..., :-1]).abs().mean()
+        assert detail(out[changed]) < detail(x[changed]), name
+        none = getattr(_faults(), fault)(x.clone(), torch.Generator().manual_seed(3))
+        assert torch.equal(none, x), name
+
+
+def test_blur_keeps_flat_images_and_grey_stays_grey_through_the_faults():
+    flat = torch.full((4, 3, 32, 32), 0.4)
+    assert torch.allclose(_faults(blur=1.0).blur(flat.clone()), flat, atol=1e-6)
+    assert torch.allclose(_faults(downscale=1.0).downscale(flat.clone()), flat, atol=1e-6)
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    grey = _faults(grayscale=1.0, blur=1.0, downscale=1.0)(images, torch.Generator()
+                                                           .manual_seed(0))
+    pixels = grey * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor(
+        [0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5)
+
+
+def test_augment_settings_are_checked():
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        AugmentConfig(jpeg_quality=(0, 50))
+    with pytest.raises(ValueError, match="downscale_to"):
+        AugmentConfig(downscale_to=(0.5, 1.5))

@@ -91,3 +91,67 @@ def test_metadata_is_plain_python_so_checkpoints_load_with_weights_only(tmp_path
     torch.save({"interval_calibration": meta.to_metadata()}, tmp_path / "ckpt.pt")
     back = torch.load(tmp_path / "ckpt.pt", weights_only=True)["interval_calibration"]
     assert IntervalCalibration.from_metadata(back) == meta
+
+
+def _children_misjudged(n: int, seed: int):
+    """The scale head is right for adults but says children are as sure as adults while they
+    are three times as far off: one pooled calibration cannot cover both."""
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(1, 80, n)
+    scale = np.full(n, 3.0)
+    spread = np.where(true < 13, 9.0, 3.0)
+    return true + rng.laplace(0, spread), true, scale
+
+
+def test_per_band_calibration_holds_for_each_band():
+    bands = (0.0, 13.0, 40.0)
+    ages, true, scale = _children_misjudged(6000, 0)
+    pooled = IntervalCalibration.fit(ages, true, scale)
+    banded = IntervalCalibration.fit(ages, true, scale, bands=bands)
+    new_ages, new_true, new_scale = _children_misjudged(6000, 1)
+    children = new_ages < 13
+    for cal, ok in ((pooled, False), (banded, True)):
+        low, high = cal.interval(new_ages, new_scale)
+        kids = coverage_report(low[children], high[children], new_true[children])["coverage"]
+        adults = coverage_report(low[~children], high[~children],
+                                 new_true[~children])["coverage"]
+        if ok:
+            assert abs(kids - 0.8) < 0.05 and abs(adults - 0.8) < 0.04, (kids, adults)
+        else:
+            assert kids < 0.7 and adults > 0.83, (kids, adults)  # the average hides both
+    # The band's interval is honest: wider for faces the model reads badly.
+    (klo, khi), (alo, ahi) = banded.bounds(band=0), banded.bounds(band=2)
+    assert khi - klo > 1.5 * (ahi - alo)
+
+
+def test_every_source_weighs_the_same_in_the_calibration():
+    rng = np.random.default_rng(4)
+    big = rng.laplace(0, 2.0, 5000)  # a big, easy source and a small, hard one
+    small = rng.laplace(0, 6.0, 500)
+    residual = np.concatenate([big, small])
+    true = np.full(residual.size, 30.0)
+    names = ["big"] * 5000 + ["small"] * 500
+    plain = IntervalCalibration.fit(true - residual, true)
+    even = IntervalCalibration.fit(true - residual, true, sources=names)
+    assert even.bounds()[1] > plain.bounds()[1]  # the small source's errors count more
+    masks = (np.arange(5500) < 5000, np.arange(5500) >= 5000)
+
+    def cover(cal):
+        low, high = cal.interval(true - residual)
+        return [coverage_report(low[m], high[m], true[m])["coverage"] for m in masks]
+
+    # Evenly weighted, the two sources average the coverage asked for; pooled, the big source
+    # sets it and the small one is left far below.
+    assert abs(np.mean(cover(even)) - 0.8) < 0.03
+    assert cover(even)[1] > cover(plain)[1] + 0.1, (cover(even), cover(plain))
+
+
+def test_a_band_with_few_faces_leans_on_the_pooled_quantiles():
+    ages, true, scale = _children_misjudged(3000, 2)
+    bands = (0.0, 13.0, 150.0)  # nobody is predicted 150+: that band is the pooled one
+    cal = IntervalCalibration.fit(ages, true, scale, bands=bands)
+    assert cal.band_quantiles[2] == pytest.approx(cal.quantiles)
+    back = IntervalCalibration.from_metadata(json.loads(json.dumps(cal.to_metadata())))
+    assert back == cal and back.bands == bands
+    with pytest.raises(ValueError, match="one set of band_quantiles per band"):
+        IntervalCalibration.from_metadata({**cal.to_metadata(), "band_quantiles": []})

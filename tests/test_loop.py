@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from faceage.config import AugmentConfig, ScheduleConfig, StageConfig, load_config
-from faceage.data.datasets import BatchAugment, eval_transform
+from faceage.data.augment import BatchAugment
+from faceage.data.datasets import eval_transform
 from faceage.errors import UserError
 from faceage.training.checks import check_job_paths, check_resume_compatible, check_split_counts
 from faceage.training.export import summary_table, write_summary

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from faceage.config import DataConfig, SourceConfig, load_config
-from faceage.data.datasets import SourceWeightedSampler, train_sampler
+from faceage.config import BalanceConfig, DataConfig, SourceConfig, load_config
 from faceage.data.readers import (
     FORMATS,
     DataFormat,
@@ -23,6 +22,14 @@ from faceage.data.readers import (
     read_aaf,
     read_dataset,
     read_manifest,
+)
+from faceage.data.sampling import (
+    WeightedDrawSampler,
+    age_band,
+    band_labels,
+    draw_probabilities,
+    draw_shares,
+    train_sampler,
 )
 from faceage.data.sources import prepare_source, read_sources, resolve_sources
 from faceage.data.split import assign_split
@@ -250,7 +257,7 @@ def test_equal_weights_draw_every_image_once_per_epoch():
 def test_weights_scale_each_images_draw_probability():
     names = ["a"] * 1000 + ["b"] * 1000
     sampler = train_sampler(list(range(2000)), names, {"a": 1.0, "b": 3.0}, 1, 0, seed=0)
-    assert isinstance(sampler, SourceWeightedSampler) and len(sampler) == 2000
+    assert isinstance(sampler, WeightedDrawSampler) and len(sampler) == 2000
     counts = np.zeros(2)
     for epoch in range(5):
         sampler.set_epoch(epoch)
@@ -268,13 +275,63 @@ def test_weights_scale_each_images_draw_probability():
 def test_weighted_draws_are_sharded_across_workers():
     names = ["a"] * 50 + ["b"] * 51
     weights = {"a": 1.0, "b": 0.5}
-    full = SourceWeightedSampler(names, weights, 1, 0, seed=4)
-    shards = [SourceWeightedSampler(names, weights, 2, r, seed=4) for r in (0, 1)]
+    p = draw_probabilities(names, np.zeros(len(names)), weights, BalanceConfig())
+    full = WeightedDrawSampler(p, 1, 0, seed=4)
+    shards = [WeightedDrawSampler(p, 2, r, seed=4) for r in (0, 1)]
     for s in (full, *shards):
         s.set_epoch(7)
     assert len(shards[0]) == len(shards[1]) == 50  # as DistributedSampler with drop_last
     dealt = [i for pair in zip(list(shards[0]), list(shards[1]), strict=True) for i in pair]
     assert dealt == list(full)[:100]
+
+
+def test_age_bands_and_their_names():
+    edges = [0, 7, 13, 20, 31, 46, 56, 67]
+    assert age_band([0, 6.9, 7, 12.5, 19, 20, 45.5, 66, 67, 95], edges).tolist() == [
+        0, 0, 1, 1, 2, 3, 4, 6, 7, 7]
+    assert band_labels(edges) == ["0-6", "7-12", "13-19", "20-30", "31-45", "46-55", "56-66",
+                                  "67+"]
+    with pytest.raises(ValueError, match="increasing"):
+        BalanceConfig(bands=[0, 20, 10])
+
+
+def test_band_balance_gives_each_band_its_share():
+    # 900 adults, 100 children: full strength gives both bands half of the draws.
+    ages = np.array([30.0] * 900 + [5.0] * 100)
+    names = ["a"] * 1000
+    edges = [0, 13, 20]
+    full = draw_probabilities(names, ages, {"a": 1.0}, BalanceConfig(by="band", bands=edges,
+                                                                      strength=1.0))
+    assert full[ages < 13].sum() == pytest.approx(0.5) and full.sum() == pytest.approx(1.0)
+    half = draw_probabilities(names, ages, {"a": 1.0}, BalanceConfig(by="band", bands=edges,
+                                                                      strength=0.5))
+    assert half[ages < 13].sum() == pytest.approx(10 / (10 + 30))  # sqrt(100) : sqrt(900)
+    none = draw_probabilities(names, ages, {"a": 1.0}, BalanceConfig(by="band", bands=edges,
+                                                                      strength=0.0))
+    assert none == pytest.approx(np.full(1000, 1e-3))
+    sampler = train_sampler(list(range(1000)), names, {"a": 1.0}, 1, 0, seed=0, ages=ages,
+                            balance=BalanceConfig(by="band", bands=edges, strength=1.0))
+    assert isinstance(sampler, WeightedDrawSampler)
+    drawn = np.array(list(sampler))
+    assert 0.45 < (drawn >= 900).mean() < 0.55
+
+
+def test_source_band_balance_keeps_each_sources_share():
+    # Source a: 600 adults; source b: 300 children and 100 adults. Within b the bands even out;
+    # a keeps 600/1000 of the draws (weight 1), b 400/1000.
+    names = ["a"] * 600 + ["b"] * 400
+    ages = np.array([40.0] * 600 + [3.0] * 300 + [40.0] * 100)
+    edges = [0, 13]
+    p = draw_probabilities(names, ages, {"a": 1.0, "b": 1.0},
+                           BalanceConfig(by="source_band", bands=edges, strength=1.0))
+    assert p[:600].sum() == pytest.approx(0.6) and p[600:].sum() == pytest.approx(0.4)
+    assert p[600:900].sum() == pytest.approx(0.2) and p[900:].sum() == pytest.approx(0.2)
+    shares = draw_shares(p, names, ages, edges)
+    assert shares == {"a": {"13+": 0.6}, "b": {"0-12": 0.2, "13+": 0.2}}
+    # Source weights still scale a source's share: b drawn twice as often per image.
+    p2 = draw_probabilities(names, ages, {"a": 1.0, "b": 2.0},
+                            BalanceConfig(by="source_band", bands=edges, strength=1.0))
+    assert p2[600:].sum() == pytest.approx(800 / 1400)
 
 
 def test_val_mae_is_the_mean_over_sources_and_equals_pooled_for_one():
@@ -369,3 +426,16 @@ def test_utkface_and_aaf_train_together_with_per_source_metrics(ray_local, tmp_p
     assert [s["name"] for s in meta["data"]["sources"]] == ["utkface", "aaf"]
     assert meta["data"]["sources"][1]["train"] == summary["data"]["sources"]["aaf"]["train"]
     assert "val_mae/aaf" in meta["metrics"]
+
+
+def test_band_metrics_weigh_every_age_band_the_same():
+    from faceage.training.metrics import band_val_metrics
+
+    # Nine adults read exactly, one child read 6 years too old; a range label scores 0 inside.
+    pred = np.array([30.0] * 9 + [10.0, 50.0])
+    low = np.array([30.0] * 9 + [4.0, 46.0])
+    high = np.array([30.0] * 9 + [4.0, 55.0])
+    m = band_val_metrics(pred, low, high, [0, 13, 46])
+    assert m["val_signed/0-12"] == pytest.approx(6.0) and m["val_signed/13-45"] == 0.0
+    assert m["val_signed/46+"] == 0.0
+    assert m["val_band_mae"] == pytest.approx(2.0)  # (6 + 0 + 0) / 3, not 6 / 11

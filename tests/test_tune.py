@@ -133,6 +133,10 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
      "model.uncertainty: Input should be 'none' or 'laplace'"),
     ({"space": {"weight.aaf": [1, 2]}}, "space.weight.aaf: the base training settings have no "
                                         "data source named 'aaf' (sources: utkface)"),
+    ({"space": {"data.balance.by": ["band", "age"]}}, "data.balance.by: Input should be 'none'"),
+    ({"space": {"data.nothing.by": ["x"]}}, "space.data.nothing.by: the training config has no "
+                                            "section 'data.nothing'"),
+    ({"space": {"optimizer.lr": [1]}}, "space.optimizer.lr: unknown search key"),
 ])
 def test_bad_search_space_stops_before_any_trial(tiny_utkface, tmp_path, change, message):
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
@@ -242,6 +246,22 @@ def test_space_sets_uncertainty_and_source_weights(tiny_utkface, tmp_path):
         trial_config(plan.base, {"weight.less": 2}, plan.schedules, str(tmp_path), "t")
     with pytest.raises(UserError, match="greater than 0"):
         trial_config(plan.base, {"weight.more": 0}, plan.schedules, str(tmp_path), "t")
+
+
+def test_space_sets_any_training_setting_by_its_dotted_key(tiny_utkface, tmp_path):
+    """Band balance and augmentation (any ``--set`` key of a training run) can be searched."""
+    from faceage.training.tune.plan import trial_config
+
+    settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
+    settings["space"] = {"data.balance.by": {"grid": ["none", "source_band"]},
+                         "data.balance.strength": {"uniform": [0.3, 0.9]},
+                         "train.augment.jpeg": [0.0, 0.3]}
+    plan = plan_search(load_tune_settings(write_yaml(tmp_path / "tune.yaml", settings)))
+    assert plan.trial_count == 2 * settings["search"].get("num_samples", 1)
+    cfg = trial_config(plan.base, {"data.balance.by": "source_band", "data.balance.strength": 0.7,
+                                   "train.augment.jpeg": 0.3}, plan.schedules, str(tmp_path), "t")
+    assert cfg.data.balance.by == "source_band" and cfg.data.balance.strength == 0.7
+    assert cfg.train.augment.jpeg == 0.3
 
 
 @pytest.mark.parametrize("command", ["train", "tune"])

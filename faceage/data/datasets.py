@@ -1,5 +1,6 @@
-"""The top of the data layer: the decode cache, batch augmentation, the datasets and samplers
-of training, and the decoded table a run trains on (``PreparedData``)."""
+"""The top of the data layer: the decode cache, the datasets of training, and the decoded table a
+run trains on (``PreparedData``). Augmentation: ``faceage.data.augment``; which images an epoch
+draws: ``faceage.data.sampling``."""
 
 from __future__ import annotations
 
@@ -14,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from faceage.config import AugmentConfig, DataConfig
+from faceage.config import DataConfig
 from faceage.data.readers import LoadReport
 from faceage.data.sources import prepare_raw_sources, range_rows, read_sources, source_counts
 from faceage.errors import UserError
-from faceage.inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from faceage.inference.preprocess import eval_transform
 
 __all__ = ["eval_transform"]  # re-exported: the validation transform is the inference one
 
@@ -116,98 +115,6 @@ class DecodedCache:
 def cache_size_for(input_size: int) -> int:
     """Images are cached a little larger than the input, so random crops keep detail."""
     return int(round(input_size * 1.25))
-
-
-LUMA = (0.299, 0.587, 0.114)
-# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, one 3x3 matrix per image.
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-
-
-class BatchAugment(nn.Module):
-    """Training augmentation for a whole uint8 batch (B, 3, S, S) → normalised (B, 3, N, N).
-
-    One affine warp per image does the random resized crop, rotation and mirror; brightness,
-    contrast, saturation, hue and grayscale are per-image colour maps. Working on the batch, on
-    whatever device it lives on, costs a few milliseconds where per-image torchvision transforms
-    (rotation, hue) cost more than the model step on a CPU.
-    """
-
-    def __init__(self, input_size: int, aug: AugmentConfig, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD):
-        super().__init__()
-        self.input_size = input_size
-        self.aug = aug
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
-        yiq = torch.tensor(_RGB_TO_YIQ)
-        self.register_buffer("rgb_to_yiq", yiq, persistent=False)
-        self.register_buffer("yiq_to_rgb", torch.linalg.inv(yiq), persistent=False)
-
-    def _uniform(self, n: int, lo: float, hi: float, gen) -> torch.Tensor:
-        return torch.rand(n, generator=gen, device=self.mean.device) * (hi - lo) + lo
-
-    def affine(self, n: int, gen: torch.Generator | None = None) -> torch.Tensor:
-        """Per-image 2x3 maps from output to input coordinates (``F.affine_grid``'s theta)."""
-        a = self.aug
-        area = self._uniform(n, a.scale[0], a.scale[1], gen)
-        log_ratio = self._uniform(n, float(np.log(0.9)), float(np.log(1.1)), gen)
-        w = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
-        h = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
-        cx = (1 - w) * self._uniform(n, -1.0, 1.0, gen)
-        cy = (1 - h) * self._uniform(n, -1.0, 1.0, gen)
-        angle = torch.deg2rad(self._uniform(n, -a.rotate, a.rotate, gen))
-        if a.flip:
-            flip = torch.rand(n, generator=gen, device=w.device) < 0.5
-            w = torch.where(flip, -w, w)
-        cos, sin = angle.cos(), angle.sin()
-        return torch.stack([
-            torch.stack([w * cos, -h * sin, cx], dim=1),
-            torch.stack([w * sin, h * cos, cy], dim=1),
-        ], dim=1)
-
-    def colour(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        """Brightness, contrast, saturation, hue jitter and random grayscale of x in [0, 1].
-
-        Each of them is linear in RGB, so they compose into one 3x3 matrix and offset per image
-        and cost a single batched matmul.
-        """
-        n, j, dev = x.shape[0], self.aug.color_jitter, x.device
-        eye = torch.eye(3, device=dev).expand(n, 3, 3)
-        to_gray = self.luma.view(1, 1, 3).expand(n, 3, 3)  # every output channel = luma
-        m, offset = eye, torch.zeros(n, 3, 1, device=dev)
-        if j:
-            def factor() -> torch.Tensor:
-                return self._uniform(n, max(0.0, 1 - j), 1 + j, gen).view(n, 1, 1)
-
-            brightness, contrast, saturation = factor(), factor(), factor()
-            mean_luma = (x * self.luma).sum(1).mean((1, 2)).view(n, 1, 1)
-            m = brightness * contrast * eye
-            offset = ((1 - contrast) * brightness * mean_luma).expand(n, 3, 1)
-            m_sat = saturation * eye + (1 - saturation) * to_gray
-            hue = min(j / 4, 0.5) * 2 * np.pi
-            theta = self._uniform(n, -hue, hue, gen)
-            rot = torch.zeros(n, 3, 3, device=dev)
-            rot[:, 0, 0] = 1
-            rot[:, 1, 1], rot[:, 1, 2] = theta.cos(), -theta.sin()
-            rot[:, 2, 1], rot[:, 2, 2] = theta.sin(), theta.cos()
-            m_hue = self.yiq_to_rgb @ rot @ self.rgb_to_yiq
-            m, offset = m_hue @ m_sat @ m, m_hue @ m_sat @ offset
-        if self.aug.grayscale:
-            pick = (torch.rand(n, generator=gen, device=dev) < self.aug.grayscale).view(n, 1, 1)
-            m, offset = torch.where(pick, to_gray @ m, m), torch.where(pick, to_gray @ offset,
-                                                                       offset)
-        h, w = x.shape[2:]
-        out = torch.baddbmm(offset, m, x.reshape(n, 3, h * w)).view(n, 3, h, w)
-        return out.clamp_(0, 1)
-
-    def forward(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = batch.float() / 255.0
-        n, size = x.shape[0], self.input_size
-        grid = F.affine_grid(self.affine(n, gen), [n, 3, size, size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                          align_corners=False)
-        return self.colour(x, gen).sub_(self.mean).div_(self.std)
 
 
 class FaceAgeDataset(torch.utils.data.Dataset):
@@ -322,40 +229,3 @@ def make_dataset(data: PreparedData, split: str, transform=None) -> FaceAgeDatas
     ranges = rows[["age_low", "age_high"]] if "age_low" in rows.columns else rows[["age", "age"]]
     return FaceAgeDataset(data.cache, rows["cache_index"].to_numpy(), ranges.to_numpy(),
                           transform)
-
-
-# -- sampling ------------------------------------------------------------------------------------
-
-
-class SourceWeightedSampler(torch.utils.data.Sampler):
-    """Draws training images with replacement, each with probability proportional to its
-    source's weight; ``len(sources)`` draws per epoch in all, seeded by (seed, epoch) and dealt
-    to the workers round-robin (every worker draws the same sequence and takes its share)."""
-
-    def __init__(self, sources: Sequence[str], weights: dict[str, float], num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0):
-        p = np.array([weights[s] for s in sources], dtype=np.float64)
-        self.p = p / p.sum()
-        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-        self.num_samples = len(sources) // num_replicas  # as DistributedSampler's drop_last
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        draws = rng.choice(len(self.p), size=self.num_samples * self.num_replicas, p=self.p)
-        return iter(draws[self.rank::self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def train_sampler(dataset, sources: Sequence[str], weights: dict[str, float], num_replicas: int,
-                  rank: int, seed: int):
-    """Equal weights: every training image once per epoch, shuffled (``DistributedSampler``,
-    as with one source). Otherwise ``SourceWeightedSampler``."""
-    if len({weights[s] for s in set(sources)}) <= 1:
-        return torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
-                                                   shuffle=True, seed=seed, drop_last=True)
-    return SourceWeightedSampler(sources, weights, num_replicas, rank, seed)

@@ -27,6 +27,32 @@ LEVELS = tuple(round(float(x), 4) for x in np.linspace(0.005, 0.995, 199))
 METHODS = ("scaled-residual", "residual", "laplace-from-val-mae")
 
 
+# A band with n validation faces keeps n / (n + SHRINK_FACES) of its own quantiles, the rest from
+# the pooled ones: 30 faces, half and half; 300, 91 % its own.
+SHRINK_FACES = 30
+
+
+def band_index(ages: Sequence[float] | np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Band k of each age: ``edges[k] <= age < edges[k + 1]`` (below the first edge: band 0)."""
+    return np.maximum(np.searchsorted(np.asarray(edges, np.float64),
+                                      np.asarray(ages, np.float64), side="right") - 1, 0)
+
+
+def _weighted_quantiles(z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Quantiles of ``z`` at LEVELS, each value weighing ``w`` (all equal: numpy's linear
+    quantiles)."""
+    order = np.argsort(z, kind="stable")
+    z, w = z[order], w[order]
+    if np.allclose(w, w[0]):
+        return np.quantile(z, LEVELS, method="linear")
+    cum = np.cumsum(w) - w / 2  # each value at the middle of its weight
+    return np.interp(LEVELS, cum / w.sum(), z)
+
+
+def _monotone(q: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.maximum.accumulate(np.asarray(q, np.float64)))
+
+
 def check_coverage(coverage: float) -> float:
     """``coverage`` as a float in (0, 0.99]; ValueError with the accepted range otherwise."""
     c = float(coverage)
@@ -43,11 +69,21 @@ class IntervalCalibration:
     quantiles: tuple[float, ...]  # at LEVELS, non-decreasing
     samples: int  # validation faces it was fitted on (0: not fitted on data)
     note: str = ""
+    bands: tuple[float, ...] = ()  # lower edges of predicted-age bands with their own quantiles
+    band_quantiles: tuple[tuple[float, ...], ...] = ()
 
     @classmethod
     def fit(cls, ages: Sequence[float], true: Sequence[float],
-            scales: Sequence[float] | None = None) -> IntervalCalibration:
-        """Fit on validation predictions: ``scales`` from a two-output head, or None."""
+            scales: Sequence[float] | None = None, sources: Sequence[str] | None = None,
+            bands: Sequence[float] = ()) -> IntervalCalibration:
+        """Fit on validation predictions: ``scales`` from a two-output head, or None.
+
+        ``sources``: each face's source; every source then weighs the same in the quantiles (a
+        big source does not set the interval of a small one). ``bands``: lower edges of
+        predicted-age bands, each with its own quantiles, so the interval holds for children
+        and old people as well as on average; a band with few faces leans on the pooled
+        quantiles (``SHRINK_FACES``).
+        """
         ages = np.asarray(ages, np.float64)
         true = np.asarray(true, np.float64)
         if ages.shape != true.shape or ages.size == 0:
@@ -57,8 +93,23 @@ class IntervalCalibration:
         else:
             s = np.maximum(np.asarray(scales, np.float64), 1e-6)
             method, z = "scaled-residual", (true - ages) / s
-        q = np.quantile(z, LEVELS, method="linear")
-        return cls(method, tuple(float(v) for v in np.maximum.accumulate(q)), int(ages.size))
+        w = np.ones_like(z)
+        if sources is not None:
+            src = np.asarray(sources)
+            for name in np.unique(src):
+                w[src == name] = 1.0 / (src == name).sum()
+        pooled = _weighted_quantiles(z, w)
+        per_band = []
+        if len(bands):
+            band = band_index(ages, bands)
+            for b in range(len(bands)):
+                mine = band == b
+                n = int(mine.sum())
+                q = _weighted_quantiles(z[mine], w[mine]) if n else pooled
+                keep = n / (n + SHRINK_FACES)
+                per_band.append(_monotone(keep * q + (1 - keep) * pooled))
+        return cls(method, _monotone(pooled), int(ages.size), "",
+                   tuple(float(b) for b in bands) if per_band else (), tuple(per_band))
 
     @classmethod
     def from_val_mae(cls, val_mae: float) -> IntervalCalibration:
@@ -70,10 +121,13 @@ class IntervalCalibration:
         return cls("laplace-from-val-mae", tuple(float(v) for v in q), 0,
                    f"no calibration in the model file; Laplace with scale = val MAE {b:.2f}")
 
-    def bounds(self, coverage: float = DEFAULT_COVERAGE) -> tuple[float, float]:
-        """The residual quantiles (lower, upper) of a central interval at ``coverage``."""
+    def bounds(self, coverage: float = DEFAULT_COVERAGE,
+               band: int | None = None) -> tuple[float, float]:
+        """The residual quantiles (lower, upper) of a central interval at ``coverage`` (of one
+        predicted-age band's quantiles with ``band``, else the pooled ones)."""
         c = check_coverage(coverage)
-        lo, hi = np.interp([0.5 - c / 2, 0.5 + c / 2], LEVELS, self.quantiles)
+        q = self.quantiles if band is None or not self.bands else self.band_quantiles[band]
+        lo, hi = np.interp([0.5 - c / 2, 0.5 + c / 2], LEVELS, q)
         return float(lo), float(hi)
 
     def interval(self, ages: Sequence[float] | np.ndarray, scales=None,
@@ -82,13 +136,20 @@ class IntervalCalibration:
         ages = np.asarray(ages, np.float64)
         s = (np.ones_like(ages) if scales is None or self.method != "scaled-residual"
              else np.maximum(np.asarray(scales, np.float64), 1e-6))
-        lo, hi = self.bounds(coverage)
+        if self.bands:
+            ends = np.array([self.bounds(coverage, b) for b in range(len(self.bands))])
+            lo, hi = ends[band_index(ages, self.bands)].T
+        else:
+            lo, hi = self.bounds(coverage)
         low = np.minimum(ages + s * lo, ages)
         high = np.maximum(ages + s * hi, ages)
         return np.maximum(low, 0.0), high
 
     def to_metadata(self) -> dict[str, Any]:
-        return {**asdict(self), "levels": list(LEVELS), "quantiles": list(self.quantiles)}
+        out = {**asdict(self), "levels": list(LEVELS), "quantiles": list(self.quantiles)}
+        out["bands"] = list(self.bands)
+        out["band_quantiles"] = [list(q) for q in self.band_quantiles]
+        return out
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> IntervalCalibration:
@@ -98,8 +159,13 @@ class IntervalCalibration:
             q = np.interp(LEVELS, levels, q)
         if meta.get("method") not in METHODS:
             raise ValueError(f"unknown interval calibration method {meta.get('method')!r}")
+        bands = tuple(float(b) for b in meta.get("bands") or ())
+        per_band = tuple(tuple(float(v) for v in np.interp(LEVELS, levels, b))
+                         for b in meta.get("band_quantiles") or ())
+        if len(per_band) != len(bands):
+            raise ValueError("interval calibration: one set of band_quantiles per band needed")
         return cls(meta["method"], tuple(float(v) for v in q), int(meta.get("samples", 0)),
-                   str(meta.get("note", "")))
+                   str(meta.get("note", "")), bands, per_band)
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,13 @@ class AgeModel:
             how = ("the model file has no calibration: a symmetric interval of ±ln(5)·MAE at "
                    "80 % (±ln(1/(1-c))·MAE at coverage c: Laplace errors with the file's val "
                    "MAE), the same width for every face")
+        if cal.bands:
+            how += ("; calibrated per band of predicted age (from " + ", ".join(
+                f"{b:g}" for b in cal.bands) + "), every source weighing the same")
         return {"coverage": check_coverage(coverage), "method": cal.method,
                 "samples": cal.samples, "note": cal.note, "description": how,
+                **({"bands": {f"{b:g}": [round(v, 3) for v in cal.bounds(coverage, i)]
+                              for i, b in enumerate(cal.bands)}} if cal.bands else {}),
                 "uncertainty": self.net.uncertainty,
                 "residual_bounds": [round(lo, 3), round(hi, 3)],
                 "per_face_width": cal.method == "scaled-residual"}

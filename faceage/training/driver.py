@@ -190,7 +190,22 @@ def decode_for_training(cfg: Config, data: RunData) -> RunData:
         print("[faceage] sources: " + "; ".join(
             f"{name} train {c['train']}, val {c['val']}, test {c['test']}"
             for name, c in counts["sources"].items()))
+    if cfg.data.balance.by != "none":
+        print("[faceage] draws per epoch (balance " + f"{cfg.data.balance.by}, strength "
+              f"{cfg.data.balance.strength:g}): " + balance_line(cfg, data))
     return data
+
+
+def balance_line(cfg: Config, data: RunData) -> str:
+    """The expected share of each source's age bands in an epoch's draws, in per cent."""
+    from faceage.data.sampling import draw_probabilities, draw_shares
+
+    train = data.subset("train")
+    sources, ages = train["source"].to_numpy(), train["age"].to_numpy()
+    p = draw_probabilities(sources, ages, data.source_weights, cfg.data.balance)
+    shares = draw_shares(p, sources, ages, cfg.data.balance.bands)
+    return "; ".join(f"{s} " + " ".join(f"{band} {100 * v:.0f}%" for band, v in bands.items())
+                     for s, bands in shares.items())
 
 
 def _train(cfg: Config, data: RunData, callbacks: list | None) -> TrainOutcome:

@@ -41,13 +41,14 @@ PREDICTION_COLUMNS = ["path", "age", "pred", "age_low", "age_high", "faces", "st
 
 def evaluate_model(model, rows: pd.DataFrame, detect: bool, tta: bool = False,
                    detector=None, progress: bool = True,
-                   coverage: float = DEFAULT_COVERAGE) -> pd.DataFrame:
+                   coverage: float = DEFAULT_COVERAGE, grayscale: bool = False) -> pd.DataFrame:
     """Per-image predictions of ``rows`` (``path``, ``age``): ``path, age, pred, age_low,
     age_high, faces, status`` (``age_low``/``age_high``: the central ``coverage`` interval
     around ``pred``; ``status``: ok, no-face or unreadable).
 
     Without ``detect`` the whole image is the face (pre-cropped data, as in training); with it,
-    the largest detected face is aligned by the model's crop policy.
+    the largest detected face is aligned by the model's crop policy. ``grayscale``: every photo
+    made black-and-white first (what an old print or a grey webcam gives).
     """
     from tqdm import tqdm
 
@@ -64,6 +65,8 @@ def evaluate_model(model, rows: pd.DataFrame, detect: bool, tta: bool = False,
             out.append(row)
             try:
                 image = load_image(path)
+                if grayscale:
+                    image = to_grayscale(image)
             except ImageError:
                 row["status"] = "unreadable"
                 continue
@@ -84,6 +87,13 @@ def evaluate_model(model, rows: pd.DataFrame, detect: bool, tta: bool = False,
         bar.update(len(chunk))
     bar.close()
     return pd.DataFrame(out, columns=PREDICTION_COLUMNS)
+
+
+def to_grayscale(image: np.ndarray) -> np.ndarray:
+    """An RGB image as black-and-white, still three channels (ITU-R 601 luma, as Pillow's)."""
+    import cv2
+
+    return cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
 
 # -- what to evaluate -----------------------------------------------------------------------------
@@ -161,6 +171,7 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         report = {**head, "data": {"path": spec.path, "format": spec.format,
                                    "skipped_when_reading": skipped},
                   "split": args.split, "detect": detect[spec.name], "tta": bool(args.tta),
+                  **({"grayscale": True} if args.grayscale else {}),
                   **calibration, **one_source_summary(whole)}
         label = Path(spec.path.rstrip("/")).stem or "data"
         title = f"{model.name} on {Path(spec.path).name} (MAE {whole['metrics']['mae']:.2f})"
@@ -168,12 +179,14 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         report = {**head, "data": {"sources": [{**s.describe(), "detect": detect[s.name]}
                                                for s in run.sources],
                                    "skipped_when_reading": skipped},
-                  "split": args.split, "tta": bool(args.tta), **calibration,
+                  "split": args.split, "tta": bool(args.tta),
+                  **({"grayscale": True} if args.grayscale else {}), **calibration,
                   **summary, "metrics": whole["metrics"]}
         label = Path(args.config).stem if args.config else "-".join(names)
         maes = ", ".join(f"{n} {summary['sources'][n]['metrics']['mae']:.2f}" for n in names)
         title = f"{model.name}, {args.split} split (MAE {maes})"
     report["seconds"] = round(time.perf_counter() - started, 1)
+    label += "-grayscale" if args.grayscale else ""
     path = Path(args.report) if args.report else default_report_path(
         model_path, label, args.split, detect=one_source and args.detect)
     files = write_report(report, preds, summary, path, one_source, title)
@@ -202,7 +215,8 @@ def predict_sources(model, run, args: argparse.Namespace,
                             else f"{spec.label()}: no images of split {args.split!r}")
         detect[spec.name] = bool(args.detect or spec.needs_prepare)
         preds = evaluate_model(model, own, detect=detect[spec.name], tta=args.tta,
-                               progress=not args.json, coverage=args.coverage)
+                               progress=not args.json, coverage=args.coverage,
+                               grayscale=getattr(args, "grayscale", False))
         parts.append(range_outcomes(
             preds.assign(source=spec.name, gender=own["gender"].to_numpy(),
                          group=own["group"].to_numpy(), range_low=own["age_low"].to_numpy(),
@@ -291,6 +305,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="only this split, under the model's own split settings (default all)")
     p.add_argument("--limit", type=int, help="evaluate a stable subset of this many images")
     p.add_argument("--tta", action="store_true", help="average with the mirrored crop")
+    p.add_argument("--grayscale", action="store_true",
+                   help="make every photo black-and-white first (how the model reads grey "
+                        "photos: compare with a colour run)")
     p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
                    help="the age intervals' coverage (above 0, at most 0.99; default 0.8); the "
                         "report says how often the true age falls inside and the mean width")

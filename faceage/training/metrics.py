@@ -57,6 +57,27 @@ def range_val_metrics(pred, low, high, sources, names: Sequence[str]) -> dict[st
     return out
 
 
+def band_val_metrics(pred, low, high, edges: Sequence[float]) -> dict[str, float]:
+    """Accuracy by age band (life stages, ``edges``: lower ends), all sources together:
+    ``val_signed/<band>``, the mean signed distance to the label (above 0: reads older; 0 inside
+    a range) of each band of true age (a range by its middle); ``val_band_mae``, the mean over
+    bands of their MAE, where every band counts the same however many faces it has."""
+    from faceage.data.sampling import age_band, band_labels
+
+    pred, low, high = np.asarray(pred, float), np.asarray(low, float), np.asarray(high, float)
+    signed = pred - np.clip(pred, low, high)
+    band, labels = age_band((low + high) / 2, edges), band_labels(edges)
+    out: dict[str, float] = {}
+    maes = []
+    for b in np.unique(band):
+        mine = band == b
+        out[f"val_signed/{labels[b]}"] = float(signed[mine].mean())
+        maes.append(float(np.abs(signed[mine]).mean()))
+    if maes:
+        out["val_band_mae"] = float(np.mean(maes))
+    return out
+
+
 def decade_label(age: float) -> str:
     lo = int(min(age, 99) // 10) * 10
     return f"{lo}-{lo + 9}"

@@ -69,13 +69,16 @@ def range_summary(ok: pd.DataFrame) -> dict[str, Any]:
 
 def interval_summary(ok: pd.DataFrame) -> dict[str, Any]:
     """``interval``: how often the true age lies in [age_low, age_high] and the mean width,
-    overall; ``interval_by_decade``: the same per decade of true age (exact ages only)."""
+    overall; ``interval_by_decade`` and ``interval_by_band`` (life-stage bands, the ones the
+    calibration and balance use): the same per decade and band of true age (exact ages only)."""
+    from faceage.config import AGE_BANDS
+    from faceage.data.sampling import age_band, band_labels
     from faceage.inference.interval import coverage_report
     from faceage.training.metrics import decade_label
 
     ok = ok[~is_range(ok)]
     if "age_low" not in ok.columns or ok.empty:
-        return {"interval": {}, "interval_by_decade": {}}
+        return {"interval": {}, "interval_by_decade": {}, "interval_by_band": {}}
 
     def one(rows: pd.DataFrame) -> dict[str, Any]:
         return {**coverage_report(rows["age_low"], rows["age_high"], rows["age"]),
@@ -84,7 +87,9 @@ def interval_summary(ok: pd.DataFrame) -> dict[str, Any]:
     decades = ok["age"].map(decade_label)
     order = sorted(set(decades), key=lambda d: int(d.split("-")[0]))
     by = {d: one(ok[decades == d]) for d in order}
-    return {"interval": one(ok), "interval_by_decade": by}
+    labels, band = band_labels(AGE_BANDS), age_band(ok["age"], AGE_BANDS)
+    by_band = {labels[b]: one(ok[band == b]) for b in sorted(set(band.tolist()))}
+    return {"interval": one(ok), "interval_by_decade": by, "interval_by_band": by_band}
 
 
 def _mae_by_known(ok: pd.DataFrame, column: str) -> dict[str, dict]:
@@ -243,6 +248,9 @@ def format_sources_table(report: dict[str, Any]) -> str:
         lines.append(row("int. width", lambda b: f"{b['interval']['mean_width']:.1f}"
                          if b.get("interval") else "-"))
     for key, title, value in (("mae_by_decade", "MAE by decade", "mae"),
+                              ("mae_by_decade", "signed error by decade (+: reads older)",
+                               "signed"),
+                              ("interval_by_band", "in interval, by age band", "coverage"),
                               ("mae_by_gender", "MAE by gender", "mae"),
                               ("mae_by_group", "MAE by group", "mae"),
                               ("range_by_range", "signed error to the range's middle", "signed")):
@@ -251,6 +259,8 @@ def format_sources_table(report: dict[str, Any]) -> str:
             continue
         lines += ["", title]
         for k in keys:
-            lines.append(row(k[:10], lambda b, k=k, key=key, value=value: (
-                f"{b[key][k][value]:.2f} ({b[key][k]['n']})" if k in b.get(key, {}) else "-")))
+            fmt = "{:.1%}" if value == "coverage" else "{:.2f}"
+            lines.append(row(k[:10], lambda b, k=k, key=key, value=value, fmt=fmt: (
+                f"{fmt.format(b[key][k][value])} ({b[key][k]['n']})" if k in b.get(key, {})
+                else "-")))
     return "\n".join(lines)

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from faceage.compat import quiet_train_report_log
-from faceage.config import Config
-from faceage.data.datasets import BatchAugment, make_dataset, train_sampler
+from faceage.config import AGE_BANDS, Config
+from faceage.data.augment import BatchAugment
+from faceage.data.datasets import make_dataset
 from faceage.data.run_data import RunData
+from faceage.data.sampling import train_sampler
 from faceage.errors import UserError
 from faceage.inference.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
 from faceage.inference.preprocess import eval_transform
@@ -39,7 +41,7 @@ from faceage.training.loop import (
     sum_across,
     train_one_epoch,
 )
-from faceage.training.metrics import range_val_metrics, source_val_metrics
+from faceage.training.metrics import band_val_metrics, range_val_metrics, source_val_metrics
 from faceage.training.schedule import Stage, UnfreezeSchedule
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -123,9 +125,11 @@ def _loaders(data: RunData, cfg: Config, rank: int, world: int, device: torch.de
     train_ds = make_dataset(data.images, "train")
     val_ds = make_dataset(data.images, "val")
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
-    # Equal source weights: DistributedSampler, every image once per epoch; else weighted draws.
+    # Equal source weights and no balance: DistributedSampler, every image once per epoch; else
+    # weighted draws (by source weight, and by age band with data.balance).
     sampler = train_sampler(train_ds, data.source_column("train"), data.source_weights,
-                            world, rank, cfg.seed)
+                            world, rank, cfg.seed, ages=data.subset("train")["age"].to_numpy(),
+                            balance=cfg.data.balance)
     loader_args = dict(num_workers=cfg.data.loader_workers,
                        persistent_workers=cfg.data.loader_workers > 0,
                        pin_memory=device.type == "cuda")
@@ -312,7 +316,10 @@ def validate(run: WorkerRun) -> tuple[dict, IntervalCalibration, dict]:
     exact = low == high
     fit = exact if exact.any() else np.ones_like(exact)
     fit_scales = None if scales is None else scales[fit]
-    calibration = IntervalCalibration.fit(preds[fit], run.val_true[fit], fit_scales)
+    # Per band of predicted age, every source weighing the same: the 80 % should hold for
+    # children, old people and each source, not only on average.
+    calibration = IntervalCalibration.fit(preds[fit], run.val_true[fit], fit_scales,
+                                          sources=run.val_sources[fit], bands=AGE_BANDS)
     band = coverage_report(*calibration.interval(preds[fit], fit_scales, DEFAULT_COVERAGE),
                            run.val_true[fit])
     # The nearest age in each label's range (the age itself for an exact label): the MAE to it
@@ -321,6 +328,7 @@ def validate(run: WorkerRun) -> tuple[dict, IntervalCalibration, dict]:
     names = run.data.source_names
     val = source_val_metrics(preds, nearest, run.val_sources, names)
     val.update(range_val_metrics(preds, low, high, run.val_sources, names))
+    val.update(band_val_metrics(preds, low, high, AGE_BANDS))
     return val, calibration, band
 
 

@@ -30,6 +30,9 @@ SPACE_KEYS = ("backbone", "pretrained", "input_size", "uncertainty", "lr_scale",
               "loss")
 # ``weight.<source>``: the sampling weight of the training source named <source> (data.sources).
 WEIGHT_PREFIX = "weight."
+# Any other dotted key is a training config setting, as ``faceage train --set`` takes it:
+# ``data.balance.by``, ``data.balance.strength``, ``train.augment.jpeg``, ...
+CONFIG_SECTIONS = ("data", "model", "schedule", "train")
 LOSSES = ("l1", "smooth_l1", "mse")
 # --set keys whose first part is one of these go to the tune settings; all others to ``base``.
 TUNE_KEYS = ("name", "storage_path", "train_config", "base", "schedules", "space", "search")
@@ -139,9 +142,11 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     """A space entry: a value (fixed), a list (random choice), {grid: [...]} or a range."""
     where = f"space.{key}"
     is_weight = key.startswith(WEIGHT_PREFIX) and len(key) > len(WEIGHT_PREFIX)
-    if key not in SPACE_KEYS and not is_weight:
+    is_setting = key.split(".")[0] in CONFIG_SECTIONS and "." in key
+    if key not in SPACE_KEYS and not is_weight and not is_setting:
         raise UserError(f"{where}: unknown search key {key!r}; the space takes "
-                        f"{', '.join(SPACE_KEYS)} and weight.<source name>")
+                        f"{', '.join(SPACE_KEYS)}, weight.<source name> and training settings "
+                        f"as dotted keys ({', '.join(s + '.…' for s in CONFIG_SECTIONS)})")
     if isinstance(spec, dict):
         if len(spec) != 1 or next(iter(spec)) not in ("grid", "choice", "uniform", "loguniform"):
             raise UserError(f"{where}: expected a value, a list, or one of {{grid: [...]}}, "
@@ -151,9 +156,9 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
         if kind in ("uniform", "loguniform"):
-            if key != "lr_scale" and not key.startswith(WEIGHT_PREFIX):
+            if key != "lr_scale" and not (is_weight or is_setting):
                 raise UserError(f"{where}: a {kind} range needs a numeric key (lr_scale, "
-                                "weight.<source>)")
+                                "weight.<source>, a numeric training setting)")
             if (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
                     or not 0 < values[0] < values[1]):
                 raise UserError(f"{where}.{kind}: expected [low, high] with 0 < low < high, "
@@ -193,6 +198,16 @@ def trial_config(base: Config, params: dict[str, Any], schedules: dict[str, list
     scale = float(params.get("lr_scale", 1.0))
     for stage in raw["schedule"]["stages"]:
         stage["lr"] = float(stage["lr"]) * scale
+    for key, value in params.items():
+        if "." in key and not key.startswith(WEIGHT_PREFIX):
+            *parents, last = key.split(".")
+            node = raw
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise UserError(f"space.{key}: the training config has no section "
+                                    f"{'.'.join(parents)!r}")
+                node = node[part]
+            node[last] = value
     shown = ", ".join(f"{k}={v}" for k, v in params.items())
     return config_from_dict(raw, f"trial settings ({shown})")
 

@@ -55,6 +55,12 @@ def collect_results(grid, plan: TunePlan) -> tuple[pd.DataFrame, dict[str, pd.Da
             "val_mae_by_source": "" if best is None else ", ".join(
                 f"{c.split('/', 1)[1]} {best[c]:.2f}" for c in df.columns
                 if c.startswith(f"{METRIC}/") and pd.notna(best[c])),
+            # Every age band counted the same, and each band's signed error (+: reads older).
+            "band_mae": float(best["val_band_mae"]) if best is not None
+            and pd.notna(best.get("val_band_mae")) else float("nan"),
+            "signed_by_band": "" if best is None else ", ".join(
+                f"{c.split('/', 1)[1]} {best[c]:+.1f}" for c in df.columns
+                if c.startswith("val_signed/") and pd.notna(best[c])),
             "best_epoch": int(best["epoch"]) + 1 if best is not None else None,
             "epochs_run": epochs,
             "epochs_planned": cfg.total_epochs,
@@ -106,15 +112,21 @@ def markdown_table(table: pd.DataFrame) -> str:
     import pandas as pd
 
     by_source = "val_mae_by_source" in table and table["val_mae_by_source"].astype(bool).any()
+    by_band = "band_mae" in table and table["band_mae"].notna().any()
     lines = ["| trial | backbone | params | best val MAE " + ("| by source " if by_source else "")
+             + ("| band MAE | signed error by band " if by_band else "")
              + "| best epoch | epochs run | time (s) | status |",
-             "|---|---|---|---|" + ("---|" if by_source else "") + "---|---|---|---|"]
+             "|---|---|---|---|" + ("---|" if by_source else "") + ("---|---|" if by_band else "")
+             + "---|---|---|---|"]
     for _, r in table.iterrows():
         mae = f"{r['best_val_mae']:.2f}" if pd.notna(r["best_val_mae"]) else "-"
         epoch = f"{int(r['best_epoch'])}" if pd.notna(r["best_epoch"]) else "-"
         secs = f"{r['time_s']:.0f}" if pd.notna(r["time_s"]) else "-"
         status = str(r["status"]).replace("|", "/")
         extra = f"| {r['val_mae_by_source']} " if by_source else ""
+        if by_band:
+            band = f"{r['band_mae']:.2f}" if pd.notna(r["band_mae"]) else "-"
+            extra += f"| {band} | {r['signed_by_band']} "
         lines.append(f"| {r['trial']} | {r['backbone']} | {r['params']} | {mae} {extra}| {epoch} "
                      f"| {r['epochs_run']}/{r['epochs_planned']} | {secs} | {status} |")
     return "\n".join(lines)
