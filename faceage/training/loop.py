@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceage.data.datasets import BatchAugment
+from faceage.data.augment import BatchAugment
 from faceage.models.network import laplace_range_nll
 from faceage.training.schedule import Stage, UnfreezeSchedule
 
