@@ -26,6 +26,11 @@ LOOPBACK = "127.0.0.1"
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    # Ray starts its workers at niceness 15, below every ordinary process: on a small machine
+    # the Ray Train worker then yields the CPU to Ray's own daemons, the driver and anything
+    # else running, and trains at half the speed of the same loop outside Ray (docs/benchmarks.md).
+    # Read by a Ray head as it starts; a cluster started elsewhere keeps its own setting.
+    "RAY_worker_niceness": "0",
 }
 
 T = TypeVar("T")

@@ -250,3 +250,14 @@ def test_ray_head_reads_back_the_ports_ray_picked_and_stops_everything(tmp_path)
     assert head.proc.poll() is not None
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not head.temp_dir.exists()
+
+
+@pytest.mark.ray
+def test_ray_workers_run_at_ordinary_priority(ray_local):
+    """Ray's default worker niceness (15) would make a Ray Train worker yield to every other
+    process; the Ray that faceage starts runs its workers at niceness 0."""
+    @ray_local.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray_local.get(niceness.remote()) == 0
