@@ -5,9 +5,12 @@ Train and DDP cost on this machine. Each measurement trains ``--epochs`` short e
 ``--steps`` steps per worker and reports the last one (the first warms up), so run time stays
 bounded. Not a test: it prints a table.
 
-    nice -n 5 uv run python bench/train_throughput.py            # ../shared UTKFace, 2 CPUs
-    uv run python bench/train_throughput.py --stage head --steps 20
-    uv run python bench/train_throughput.py --precisions fp32 bf16   # the default: both
+    uv run python bench/train_throughput.py --rounds 3          # ../shared UTKFace, 2 CPUs
+    uv run python bench/train_throughput.py --stage head --steps 20 --ddp
+    uv run python bench/train_throughput.py --precisions fp32 bf16 --worker-niceness 0
+
+Variants run interleaved, every one once per round; the table gives medians over rounds and the
+median of each variant's ratio to the plain loop within its round.
 """
 
 from __future__ import annotations
@@ -100,12 +103,19 @@ def main() -> int:
     p.add_argument("--stage", choices=["all", "head"], default="all",
                    help="all: the whole network learns; head: the backbone is frozen")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs to use")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+    p.add_argument("--rounds", type=int, default=3, help="rounds; every variant once a round")
+    p.add_argument("--worker-niceness", type=int, nargs="+", default=[0, 15],
+                   help="Ray worker niceness of the Ray rows (Ray's own default is 15; the "
+                        "Ray faceage starts uses 0)")
+    p.add_argument("--ddp", action="store_true", help="also 2 Ray Train workers x 1 thread")
+    p.add_argument("--precisions", nargs="+", default=["fp32"],
                    choices=["auto", "fp32", "bf16", "fp16"],
                    help="train.precision of each row (bf16 is fast only with native bf16)")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"data folder not found: {args.data} (pass --data)")
+
+    import statistics
 
     import ray
 
@@ -117,39 +127,62 @@ def main() -> int:
         dtype = autocast_dtype(precision, torch.device("cpu"))
         return str(dtype or torch.float32).replace("torch.", "")
 
-    rows = []
+    # Every variant once per round, in the same order, so a drift in the machine's load touches
+    # all of them alike; each variant's ratio to the plain loop is taken within its round.
+    variants = [("plain PyTorch", 0, 1, p_) for p_ in args.precisions]
+    for niceness in args.worker_niceness:
+        variants += [("Ray Train", niceness, 1, p_) for p_ in args.precisions]
+        if args.ddp:
+            variants += [("Ray Train (DDP)", niceness, 2, p_) for p_ in args.precisions]
+    speeds: dict[tuple, list[float]] = {v: [] for v in variants}
+    ratios: dict[tuple, list[float]] = {v: [] for v in variants}
+    walls: dict[tuple, list[float]] = {v: [] for v in variants}
+    data_share: dict[tuple, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="faceage-bench-") as storage:
-        # Precisions alternate within each loop kind, so a ratio between them holds even when
-        # the machine's load drifts during the run.
-        for precision in args.precisions:
-            start = time.perf_counter()
-            res = plain_loop(make_config(args, 1, args.cpus, storage, "plain", precision),
-                             args.cpus)
-            rows.append(("plain PyTorch", dtype_name(precision), 1, args.cpus, res,
-                         time.perf_counter() - start))
-        start_ray(None, num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        for workers in (1, 2):
-            threads = max(1, args.cpus // workers)
-            for precision in args.precisions:
-                start = time.perf_counter()
-                res = ray_loop(make_config(args, workers, threads, storage,
-                                           f"ray{workers}-{precision}", precision))
-                rows.append(("Ray Train (DDP)" if workers > 1 else "Ray Train",
-                             dtype_name(precision), workers, threads, res,
-                             time.perf_counter() - start))
-        ray.shutdown()
+        for r in range(args.rounds):
+            base = None
+            for niceness in [None, *args.worker_niceness]:
+                mine = [v for v in variants if (v[0] == "plain PyTorch") == (niceness is None)
+                        and (niceness is None or v[1] == niceness)]
+                if niceness is not None:  # a Ray head whose workers run at this niceness
+                    os.environ["RAY_worker_niceness"] = str(niceness)
+                    start_ray(None, num_cpus=args.cpus, include_dashboard=False,
+                              log_to_driver=False)
+                for v in mine:
+                    name, _, workers, precision = v
+                    threads = max(1, args.cpus // workers)
+                    start = time.perf_counter()
+                    if niceness is None:
+                        res = plain_loop(make_config(args, 1, args.cpus, storage, "plain",
+                                                     precision), args.cpus)
+                    else:
+                        res = ray_loop(make_config(args, workers, threads, storage,
+                                                   f"r{r}-n{niceness}-{workers}-{precision}",
+                                                   precision))
+                    walls[v].append(time.perf_counter() - start)
+                    speeds[v].append(res["images_per_s"])
+                    data_share[v].append(res["data_share"])
+                    base = base or res["images_per_s"]
+                    ratios[v].append(res["images_per_s"] / base)
+                    print(f"[bench] round {r + 1}: {name} nice {niceness} {workers}x{threads} "
+                          f"{precision}: {res['images_per_s']:.1f} images/s", file=sys.stderr)
+                if niceness is not None:
+                    ray.shutdown()
 
     load = os.getloadavg()[0]
     print(f"\nmobilenet_v2 @ {args.size}px, stage '{args.stage}', batch {args.batch}/worker, "
           f"{args.steps} steps x {args.epochs} epochs (last reported), {args.cpus} CPUs, "
-          f"load average {load:.1f}")
-    print("| loop | precision | workers x threads | images/s | vs plain (first precision) "
-          "| data share | wall s |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    base = rows[0][4]["images_per_s"]
-    for name, precision, workers, threads, res, wall in rows:
-        print(f"| {name} | {precision} | {workers} x {threads} | {res['images_per_s']:.1f} | "
-              f"{res['images_per_s'] / base:.2f} | {res['data_share']:.0%} | {wall:.0f} |")
+          f"{args.rounds} rounds, load average {load:.1f}")
+    print("| loop | worker niceness | precision | workers x threads | images/s (median) "
+          "| vs plain (median of rounds) | data share | wall s |")
+    print("|---|---:|---|---|---:|---:|---:|---:|")
+    for v in variants:
+        name, niceness, workers, precision = v
+        threads = max(1, args.cpus // workers)
+        nice = "-" if name == "plain PyTorch" else str(niceness)
+        print(f"| {name} | {nice} | {dtype_name(precision)} | {workers} x {threads} | "
+              f"{statistics.median(speeds[v]):.1f} | {statistics.median(ratios[v]):.2f} | "
+              f"{statistics.median(data_share[v]):.0%} | {statistics.median(walls[v]):.0f} |")
     return 0
 
 
