@@ -7,17 +7,17 @@ blown up) and JPEG artefacts, each on a configurable share of images (``train.au
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 from faceage.config import AugmentConfig
 from faceage.inference.preprocess import IMAGENET_MEAN, IMAGENET_STD
-
-BLUR_RADIUS = 4  # kernel of 9 taps: enough for sigma up to ~2 pixels
-
 
 LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, one 3x3 matrix per image.
@@ -123,22 +123,16 @@ class BatchAugment(nn.Module):
         return x
 
     def blur(self, x: torch.Tensor, gen=None) -> torch.Tensor:
-        """A share of images blurred by a Gaussian of random sigma: one depthwise convolution
-        for the whole batch (the others get a one-tap kernel)."""
-        n = x.shape[0]
-        pick = self._pick(n, self.aug.blur, gen)
-        if not len(pick):
+        """A share of images blurred by a Gaussian of random sigma (one small convolution per
+        picked image: a grouped convolution over the whole batch costs ~20x more on a CPU)."""
+        pick = self._pick(x.shape[0], self.aug.blur, gen).tolist()
+        if not pick:
             return x
-        sigma = torch.zeros(n, device=x.device)
-        sigma[pick.to(x.device)] = self._uniform(len(pick), *self.aug.blur_sigma, gen)
-        taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=x.device, dtype=x.dtype)
-        k = torch.exp(-taps.view(1, -1) ** 2 / (2 * sigma.clamp(min=1e-3).view(-1, 1) ** 2))
-        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, dim=0)  # (n*3, taps)
-        h, w = x.shape[2:]
-        y = F.pad(x.reshape(1, n * 3, h, w), [BLUR_RADIUS] * 4, mode="reflect")
-        y = F.conv2d(y, k.view(n * 3, 1, 1, -1), groups=n * 3)
-        y = F.conv2d(y, k.view(n * 3, 1, -1, 1), groups=n * 3)
-        return y.view(n, 3, h, w)
+        sigmas = self._uniform(len(pick), *self.aug.blur_sigma, gen).tolist()
+        for i, sigma in zip(pick, sigmas, strict=True):
+            size = 2 * math.ceil(3 * sigma) + 1
+            x[i:i + 1] = gaussian_blur(x[i:i + 1], [size, size], [sigma, sigma])
+        return x
 
     def jpeg(self, x: torch.Tensor, gen=None) -> torch.Tensor:
         """A share of images through a JPEG round trip at a random quality (on the CPU)."""
