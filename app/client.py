@@ -113,7 +113,8 @@ def _check_result(body: Any, url: str) -> dict:
 
 
 class ServeClient:
-    """Calls one Serve endpoint: ``predict`` for photos and frames, ``health`` and ``model``.
+    """Calls one Serve endpoint: ``predict`` for photos and frames, ``feedback`` for
+    corrections, ``health`` and ``model``.
 
     ``predict`` rides out Serve's load shedding (``predict_retry``: ``retries`` times on a 503);
     ``health`` and ``model`` are not retried, so a page learns at once that Serve is not ready.
@@ -181,6 +182,17 @@ class ServeClient:
         response = self._request("POST", "/predict", data=image,
                                  headers={"Content-Type": content_type})
         return _check_result(self._json(response), response.url)
+
+    def feedback(self, face_id: str, age: float) -> dict:
+        """``POST /feedback``: store ``age`` as the actual age of the face ``face_id`` names (an
+        id from a /predict answer's ``feedback.face_ids``). Not retried: a correction is sent
+        once; a 404 (corrections off, or the face forgotten) raises ``ServeError``."""
+        response = self._request("POST", "/feedback", json={"face_id": face_id, "age": age})
+        body = self._json(response)
+        if not isinstance(body, dict) or "id" not in body:
+            raise ServeError(f"{response.url} answered, but not with a stored correction",
+                             kind="protocol")
+        return body
 
     def health(self, timeout: float = 3.0) -> float:
         """Seconds ``GET /healthz`` took; raises ServeError when Serve is down or unhealthy."""

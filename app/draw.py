@@ -83,3 +83,19 @@ def scale_faces(faces: Sequence[dict[str, Any]], factor: float) -> list[dict[str
             g["landmarks"] = [[x * factor, y * factor] for x, y in f["landmarks"]]
         out.append(g)
     return out
+
+
+def face_thumbnail(rgb: np.ndarray, box: Sequence[float], height: int = 96,
+                   margin: float = 0.2) -> np.ndarray:
+    """The face in ``box`` (widened by ``margin`` of its size on each side), ``height`` px high:
+    which face an 'actual age' input is about."""
+    h, w = rgb.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    right, bottom = min(w, int(x2 + mx) + 1), min(h, int(y2 + my) + 1)
+    if right <= left or bottom <= top:
+        return np.zeros((height, height, 3), np.uint8)
+    face = rgb[top:bottom, left:right]
+    width = max(1, round(face.shape[1] * height / face.shape[0]))
+    return cv2.resize(face, (width, height), interpolation=cv2.INTER_AREA)

@@ -26,7 +26,13 @@ import streamlit as st  # noqa: E402
 from streamlit_webrtc import WebRtcMode, webrtc_streamer  # noqa: E402
 
 from app.client import ServeClient, ServeError, normalise_url, serve_url_from_env  # noqa: E402
-from app.draw import annotate, encode_image, interval_text  # noqa: E402
+from app.corrections import (  # noqa: E402
+    correction_form,
+    face_ids,
+    feedback_settings,
+    privacy_note,
+)
+from app.draw import annotate, encode_image, face_thumbnail, interval_text  # noqa: E402
 from app.live import LiveAnnotator  # noqa: E402
 from app.video import VideoError, annotate_video, probe_video, suggested_stride  # noqa: E402
 from app.webrtc_guard import disarm_orphan_check  # noqa: E402
@@ -179,6 +185,18 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
             if timings:
                 st.caption(" · ".join(f"{k} {v:.0f} ms" for k, v in timings.items()
                                       if isinstance(v, (int, float))))
+        photo_corrections(url, f"photo-{_digest(data)}", rgb, faces, face_ids(result))
+
+
+def photo_corrections(url: str, key: str, rgb, faces: list[dict], ids: list[str]) -> None:
+    """An 'actual age' input per face, when Serve takes corrections and named the faces."""
+    settings = feedback_settings(serve_health(url))
+    if settings is None or not ids:
+        return
+    privacy_note(settings)
+    for i, (face, face_id) in enumerate(zip(faces, ids, strict=True)):
+        correction_form(url, f"{key}-{i}", face_id, f"face {i + 1}", face["age"],
+                        face_thumbnail(rgb, face["box"]), on_forgotten=predict_photo.clear)
 
 
 def image_tab(url: str | None) -> None:
@@ -283,6 +301,14 @@ def video_tab(url: str | None) -> None:
                       for row in result.faces], hide_index=True)
         else:
             st.info("No face found in the analysed frames.")
+        settings = feedback_settings(serve_health(url)) if url else None
+        if settings is not None and result.corrections:
+            privacy_note(settings)
+            st.caption("Each face is sent as it was in the frame where it was detected most "
+                       "surely (its picture below).")
+            for face in result.corrections:
+                correction_form(url, f"video-{digest}-{face['track']}", face["face_id"],
+                                f"face {face['track']}", face["age"], face["thumb"])
 
 
 # -- webcam --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class Track:
     hits: int = 1
     misses: int = 0
     ages: list[float] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # the surest detection Serve named (has a face_id)
 
 
 
@@ -89,8 +90,18 @@ class FaceTracker:
                 self.tracks.append(track)
             track.face = dict(face)
             track.ages.append(float(face["age"]))
+            if face.get("face_id") and (track.best is None
+                                        or face["score"] > track.best["score"]):
+                track.best = dict(face)
             out.append(smoothed(face, track))
         return out
+
+    def best(self, track_id: int) -> dict[str, Any] | None:
+        """The face record of ``track_id`` detected most surely that has a ``face_id``."""
+        for t in self.finished + self.tracks:
+            if t.id == track_id:
+                return t.best
+        return None
 
     def visible(self) -> list[dict[str, Any]]:
         """The faces matched in the latest update, with their smoothed ages."""

@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from app.client import ServeClient, ServeError
-from app.draw import annotate, encode_jpeg, scale_faces, shrink
+from app.draw import annotate, encode_jpeg, face_thumbnail, scale_faces, shrink
 from app.tracking import FaceTracker
 
 # Frames above this many pixels on the long side are scaled down for the output video, and
@@ -58,6 +58,8 @@ class VideoResult:
     codec: str
     rejected_frames: int = 0
     faces: list[dict[str, Any]] = field(default_factory=list)
+    # One per followed face Serve named (corrections on): track, face_id, age, thumb.
+    corrections: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def frames_per_second(self) -> float:
@@ -124,6 +126,7 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
     start = time.perf_counter()
     written = analysed = rejected = 0
     visible: list[dict[str, Any]] = []
+    thumbs: dict[int, tuple[str, np.ndarray]] = {}  # track -> (face_id, picture of that face)
     # A real file, not BytesIO: +faststart (the index up front, so browsers start playing before
     # the whole file is in) rewrites the file after encoding by reopening it by name.
     fd, out = tempfile.mkstemp(suffix=".mp4", prefix="faceage-video-")
@@ -132,7 +135,12 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
     def analyse(rgb: np.ndarray) -> dict:
         small, scale = shrink(rgb, analyse_max_side)
         result = client.predict(encode_jpeg(small))
-        return {**result, "faces": scale_faces(result["faces"], 1 / scale)}
+        faces = scale_faces(result["faces"], 1 / scale)
+        ids = (result.get("feedback") or {}).get("face_ids") or []
+        if len(ids) == len(faces):  # corrections on: each face's id, for its track
+            for face, face_id in zip(faces, ids, strict=True):
+                face["face_id"] = face_id
+        return {**result, "faces": faces}
 
     pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="faceage-video")
     pending: deque[tuple[np.ndarray, Future | None]] = deque()
@@ -154,6 +162,11 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
                     try:
                         visible = tracker.update(future.result()["faces"])
                         analysed += 1
+                        for face in visible:
+                            best = tracker.best(face["track"])
+                            if best and best["face_id"] == face.get("face_id"):
+                                thumbs[face["track"]] = (best["face_id"],
+                                                         face_thumbnail(rgb, face["box"]))
                     except ServeError as exc:
                         if exc.kind != "rejected":
                             raise
@@ -194,5 +207,8 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         os.unlink(out)
-    return VideoResult(mp4, written, analysed, width, height,
-                       time.perf_counter() - start, codec, rejected, tracker.summary())
+    corrections = [{"track": track, "face_id": face_id, "thumb": thumb,
+                    "age": tracker.best(track)["age"]}
+                   for track, (face_id, thumb) in sorted(thumbs.items())]
+    return VideoResult(mp4, written, analysed, width, height, time.perf_counter() - start,
+                       codec, rejected, tracker.summary(), corrections)

@@ -1,4 +1,4 @@
-"""The ``faceage`` command: prepare, train, tune, evaluate, predict, up."""
+"""The ``faceage`` command: prepare, train, tune, evaluate, predict, up, feedback."""
 
 from __future__ import annotations
 
@@ -49,7 +49,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
-COMMANDS = ("train", "tune", "prepare", "predict", "evaluate", "up")
+def _cmd_feedback(args: argparse.Namespace) -> int:
+    from faceage.feedback import run_feedback_command
+
+    return run_feedback_command(args)
+
+
+COMMANDS = ("train", "tune", "prepare", "predict", "evaluate", "up", "feedback")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -115,6 +121,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_up_arguments(up)
     up.set_defaults(func=_cmd_up)
+
+    fb = sub.add_parser("feedback", help="list or delete the corrections users sent the server",
+                        description="The corrections a server with --feedback-dir stored: "
+                                    "list them, or delete some or all (rows and face crops).")
+    if wanted("feedback"):
+        from faceage.feedback import add_feedback_arguments
+
+        add_feedback_arguments(fb)
+    fb.set_defaults(func=_cmd_feedback)
     return p
 
 

@@ -49,6 +49,10 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the local Ray head (default: all of the machine's)")
     p.add_argument("--timeout", type=float, default=900,
                    help="seconds to wait for Serve to answer /healthz")
+    p.add_argument("--feedback-dir", metavar="DIR", type=Path,
+                   help="take corrections from users (POST /feedback, the app's 'actual age' "
+                        "inputs) and store them in DIR: face crops and a manifest.csv for "
+                        "`faceage train` (default: off)")
 
 
 def check_port(port: int, option: str) -> None:
@@ -154,6 +158,11 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  Ray dashboard  {dashboard_url}   (log in with the token "
               "`ray get-auth-token` prints)", flush=True)
     print(f"  Serve API      {serve_url}   (docs: {serve_url}/docs)", flush=True)
+    overrides = {"args.model_path": str(model)}
+    if args.feedback_dir is not None:
+        overrides["args.feedback.dir"] = str(args.feedback_dir.expanduser().resolve())
+        print(f"  corrections    {overrides['args.feedback.dir']}   (`faceage feedback list` "
+              "shows them)", flush=True)
     if app_url:
         print(f"  Streamlit app  {app_url}", flush=True)
     print(f"  logs           {log_dir}", flush=True)
@@ -173,7 +182,7 @@ def run_up(args: argparse.Namespace) -> int:
         stop_requested.append(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    service = LocalServe({"args.model_path": str(model)}, port=ports["--serve-port"],
+    service = LocalServe(overrides, port=ports["--serve-port"],
                          dashboard_port=None if address else ports["--dashboard-port"],
                          num_cpus=args.num_cpus or os.cpu_count() or 1, timeout=args.timeout,
                          log_path=log_dir / "serve.log", address=address)

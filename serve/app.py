@@ -11,13 +11,15 @@ align; a full ``photo`` profile and a cheaper ``stream`` one for video frames), 
 ``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of several images, and
 ``face_record`` writes the JSON. So /predict returns the CLI's faces for the same photo and model.
 This module is the Ingress (its request and response shapes are in serve/schemas.py, the reading
-of uploads in serve/uploads.py, /stream's tracking in ``faceage.inference.stream``): it imports
+of uploads in serve/uploads.py, /stream's tracking in ``faceage.inference.stream``, corrections
+(POST /feedback, the FeedbackStore deployment) in serve/feedback.py): it imports
 neither torch (serve/deployments.py is imported only by the builder, ``app``) nor pandas nor the
 training modules (Ray Serve itself imports pandas when it is installed; see
 tests/test_inference_imports.py).
 """
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -39,16 +41,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceage import DEFAULT_MODEL_PATH, __version__
 from faceage.errors import UserError
+from faceage.feedback import new_face_id
 from faceage.inference.detection import DetectorConfig, Face
 from faceage.inference.images import DEFAULT_MAX_PIXELS
 from faceage.inference.interval import DEFAULT_COVERAGE, AgeEstimates
 from faceage.inference.pipeline import face_records
 from faceage.inference.stream import StreamTracker
+from serve.feedback import (
+    FEEDBACK_OFF,
+    FeedbackSettings,
+    bind_store,
+    feedback_info,
+    read_correction,
+)
 from serve.schemas import (
     BINARY_BODY,
     ERROR_RESPONSES,
+    FEEDBACK_ERRORS,
     ApiError,
     ErrorOut,
+    FeedbackIn,
+    FeedbackOut,
     FramesResult,
     Prediction,
     error_response,
@@ -57,6 +70,7 @@ from serve.uploads import MULTIPART, RAW_IMAGE_TYPES, media_type, read_body, rea
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
+LOGGER = logging.getLogger("ray.serve")
 
 # The live-stream profile's defaults: detect on a copy at most 320 px long, and only faces at
 # least a tenth of the frame's shorter side (a webcam user fills much more).
@@ -103,12 +117,22 @@ class ServeArgs(BaseModel):
                                                        "detected concurrently")
     health_timeout_s: float = Field(10.0, gt=0, description="/healthz waits this long for "
                                                             "the Detector and AgeRegressor")
+    feedback: FeedbackSettings = Field(
+        default_factory=FeedbackSettings, description="corrections from users (POST /feedback); "
+                                                      "off unless feedback.dir is set")
 
     def resolved_model_path(self) -> Path:
         if self.model_path is None:
             return DEFAULT_MODEL_PATH
-        path = Path(self.model_path).expanduser()
-        return path if path.is_absolute() else REPO_ROOT / path
+        return _from_repo(self.model_path)
+
+    def resolved_feedback_dir(self) -> Path | None:
+        return None if self.feedback.dir is None else _from_repo(self.feedback.dir)
+
+
+def _from_repo(name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 # -- the HTTP API ------------------------------------------------------------------------------
@@ -145,12 +169,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                   max_queued_requests=64)
 @serve.ingress(api)
 class Ingress:
-    """The HTTP and WebSocket API; composes Detector and AgeRegressor through their handles."""
+    """The HTTP and WebSocket API; composes Detector and AgeRegressor (and, when corrections
+    are on, the FeedbackStore) through their handles."""
 
     def __init__(self, detector: DeploymentHandle, regressor: DeploymentHandle,
-                 settings: dict):
+                 settings: dict, feedback: DeploymentHandle | None = None):
         self.detector = detector
         self.regressor = regressor
+        self.feedback = feedback
         self.settings = ServeArgs(**settings)
         self._model_ref: dict[str, str] | None = None
 
@@ -169,14 +195,31 @@ class Ingress:
             self._model_ref = {"name": info["name"], "version": info["version"]}
         return self._model_ref
 
+    async def _remember(self, faces: list[Face], records: list[dict],
+                        model: dict[str, str]) -> dict[str, Any] | None:
+        """Hand the faces' crops and answers to the FeedbackStore under new ids; the ids, or
+        None when the store fails (the prediction stands without them)."""
+        ids = [new_face_id() for _ in faces]
+        try:
+            await self._call(self.feedback.remember.remote(
+                ids, [f.crop for f in faces],
+                [(r["age"], *r["age_interval"]) for r in records], model))
+        except Exception as exc:  # a failed store must not fail the prediction
+            LOGGER.warning("the FeedbackStore did not take %d faces: %s", len(ids), exc)
+            return None
+        return {"face_ids": ids, "keep_s": self.settings.feedback.keep_s}
+
     async def predict_image(self, data: bytes, name: str, profile: str = "photo",
-                            near: list[list[float]] | None = None) -> dict[str, Any]:
+                            near: list[list[float]] | None = None,
+                            remember: bool = True) -> dict[str, Any]:
         """One image's result with the ``photo`` or ``stream`` detection profile; raises
-        ``ApiError`` for a bad image or an overloaded service.
+        ``ApiError`` for a bad image or an overloaded service. With corrections on and
+        ``remember``, ``feedback.face_ids`` names each face for POST /feedback.
 
         ``timings_ms``: ``decode`` and ``detect`` inside the Detector, ``detect_call`` the whole
         Detector call as the Ingress sees it (those two plus the hops and queueing), ``age`` the
-        AgeRegressor call (hops, batching and the model), ``total`` all of it in the Ingress.
+        AgeRegressor call (hops, batching and the model), ``remember`` handing the crops to the
+        FeedbackStore (corrections on), ``total`` all of it in the Ingress.
         """
         start = time.perf_counter()
         found = await self._call(self.detector.find.remote(data, name, profile, near))
@@ -189,17 +232,19 @@ class Ingress:
             estimates = await self._call(
                 self.regressor.ages.remote(np.stack([f.crop for f in faces])))
         done = time.perf_counter()
-        return {
-            "faces": face_records(faces, estimates),
-            "image": {"width": found["width"], "height": found["height"]},
-            "model": await self._model(),
-            "detection": found["detection"],
-            "timings_ms": {**found["timings_ms"], "detect_call": _ms(aged - start),
-                           "age": _ms(done - aged), "total": _ms(done - start)},
-        }
+        records, model = face_records(faces, estimates), await self._model()
+        timings = {**found["timings_ms"], "detect_call": _ms(aged - start),
+                   "age": _ms(done - aged)}
+        result = {"faces": records, "image": {"width": found["width"], "height": found["height"]},
+                  "model": model, "detection": found["detection"], "timings_ms": timings}
+        if self.feedback is not None and remember and faces:
+            result["feedback"] = await self._remember(faces, records, model)
+            timings["remember"] = _ms(time.perf_counter() - done)
+        timings["total"] = _ms(time.perf_counter() - start)
+        return result
 
-    async def _frame(self, index: int, data: Any,
-                     near: list[list[float]] | None = None) -> dict[str, Any]:
+    async def _frame(self, index: int, data: Any, near: list[list[float]] | None = None,
+                     remember: bool = True) -> dict[str, Any]:
         """One video frame (/stream, /predict/frames): the ``stream`` detection profile,
         around ``near`` (the previous frame's boxes) first when given."""
         if not isinstance(data, (bytes, bytearray)):
@@ -210,12 +255,13 @@ class Ingress:
                     "error": f"frame {index} is {len(data)} bytes, above the limit of "
                              f"{self.settings.max_body_bytes}"}
         try:
-            return {"frame": index, **await self.predict_image(bytes(data), f"frame {index}",
-                                                               "stream", near)}
+            return {"frame": index, **await self.predict_image(
+                bytes(data), f"frame {index}", "stream", near, remember)}
         except ApiError as exc:
             return {"frame": index, "error": exc.message, "status": exc.status}
 
-    @api.post("/predict", response_model=Prediction, responses=ERROR_RESPONSES, openapi_extra={
+    @api.post("/predict", response_model=Prediction, response_model_exclude_none=True,
+              responses=ERROR_RESPONSES, openapi_extra={
         "requestBody": {"required": True, "content": {
             **{t: BINARY_BODY for t in ("image/jpeg", "image/png", "image/webp",
                                     "application/octet-stream")},
@@ -283,8 +329,9 @@ class Ingress:
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
+                # No face ids here: a live stream's many frames would only churn the store.
                 result = await self._frame(index, data if data is not None else
-                                           message.get("text"), tracker.near())
+                                           message.get("text"), tracker.near(), remember=False)
                 if "faces" in result:
                     tracker.update(result["faces"], result["detection"] != "whole frame")
                 await websocket.send_json(result)
@@ -310,7 +357,23 @@ class Ingress:
         info, detector = await asyncio.gather(self._call(self.regressor.info.remote()),
                                               self._call(self.detector.info.remote()))
         limits = self.settings.model_dump(include={"max_body_bytes", "max_pixels", "max_frames"})
-        return {**info, "detector": detector, "limits": limits}
+        folder = None if self.feedback is None else self.settings.resolved_feedback_dir()
+        return {**info, "detector": detector, "limits": limits,
+                "feedback": feedback_info(self.settings.feedback, folder)}
+
+    @api.post("/feedback", response_model=FeedbackOut, responses=FEEDBACK_ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": FeedbackIn.model_json_schema()}}}})
+    async def correct(self, request: Request) -> dict[str, Any]:
+        """Store a correction: the actual age of a face a recent /predict answer named by its
+        face id. Off unless the server has a feedback folder (args.feedback.dir)."""
+        if self.feedback is None:
+            raise ApiError(404, FEEDBACK_OFF)
+        face_id, age = await read_correction(request)
+        stored = await self._call(self.feedback.correct.remote(face_id, age))
+        if "error" in stored:
+            raise ApiError(stored["status"], stored["error"])
+        return stored
 
 
 def app(args: dict[str, Any]) -> serve.Application:
@@ -331,4 +394,5 @@ def app(args: dict[str, Any]) -> serve.Application:
                              args.detector_threads)
     regressor = AgeRegressor.bind(str(path), args.tta, args.device, args.interval_coverage,
                                   args.regressor_threads)
-    return Ingress.bind(detector, regressor, args.model_dump())
+    feedback = bind_store(args.resolved_feedback_dir(), args.feedback)  # None: corrections off
+    return Ingress.bind(detector, regressor, args.model_dump(), feedback)

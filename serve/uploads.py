@@ -24,8 +24,8 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+async def read_body(request: Request, limit: int, advice: str = "send a smaller image") -> bytes:
+    """The request body, refused with 413 (and ``advice``) as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -34,13 +34,12 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, f"invalid Content-Length {declared!r}") from None
         if too_big:
             raise ApiError(413, f"the body is {int(declared)} bytes, above the limit of "
-                                f"{limit}; send a smaller image")
+                                f"{limit}; {advice}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the body is over the limit of {limit} bytes; "
-                                "send a smaller image")
+            raise ApiError(413, f"the body is over the limit of {limit} bytes; {advice}")
         chunks.append(chunk)
     return b"".join(chunks)
 
