@@ -7,6 +7,8 @@ source and age band, and per model. Deterministic (no timing): one run is a meas
 
     uv run python bench/grey_gap.py --model shipped=models/faceage-default.pt \\
         --data utkface:../shared/data/utkface --data aaf:../shared/data/aaf --limit 1500
+    uv run python bench/grey_gap.py --model old=OLD.pt --model new=NEW.pt \\
+        --config configs/multi.yaml          # its sources, KFAD split by family
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from faceage.config import AGE_BANDS
 from faceage.data.sampling import age_band, band_labels
 
 
-def predictions(model: str, data: list[str], split: str, grey: bool, limit: int | None,
-                report: Path) -> pd.DataFrame:
+def predictions(model: str, data: list[str], config: str | None, split: str, grey: bool,
+                limit: int | None, report: Path) -> pd.DataFrame:
     args = ["evaluate", "--model", model, "--split", split, "--report", str(report),
             "--no-mlflow", "--tta"] + (["--grayscale"] if grey else [])
     args += ["--limit", str(limit)] if limit else []
+    args += ["--config", config] if config else []
     for d in data:
         args += ["--data", d]
     with contextlib.redirect_stdout(sys.stderr):
@@ -64,7 +67,9 @@ def gap_table(colour: pd.DataFrame, grey: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, metavar="LABEL=PATH")
-    p.add_argument("--data", action="append", required=True, metavar="FORMAT:PATH")
+    p.add_argument("--data", action="append", default=[], metavar="FORMAT:PATH")
+    p.add_argument("--config", help="a training config: evaluate its data sources (with their "
+                                    "split_by), instead of --data")
     p.add_argument("--split", default="test", choices=("val", "test", "all"))
     p.add_argument("--limit", type=int, help="a stable subset of this many images per source")
     p.add_argument("--out", default="runs/grey_gap", help="reports and predictions go here")
@@ -74,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     tables = {}
     for item in args.model:
         label, _, path = item.partition("=")
-        colour = predictions(path, args.data, args.split, False, args.limit,
+        colour = predictions(path, args.data, args.config, args.split, False, args.limit,
                              out / f"{label}-colour.json")
-        grey = predictions(path, args.data, args.split, True, args.limit,
+        grey = predictions(path, args.data, args.config, args.split, True, args.limit,
                            out / f"{label}-grey.json")
         tables[label] = gap_table(colour, grey)
     first = next(iter(tables.values()))
