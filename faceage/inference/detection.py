@@ -1,4 +1,5 @@
-"""Face detection: MTCNN (facenet-pytorch) settings, the detected ``Face`` and ``FaceDetector``.
+"""Face detection: MTCNN settings, the detected ``Face`` and ``FaceDetector`` (faceage's MTCNN,
+``faceage.inference.mtcnn``).
 
 Torch loads only when a detector is built, so the Serve Ingress can import ``Face`` and
 ``DetectorConfig`` (what it unpickles and validates) without it.
@@ -58,57 +59,43 @@ class Face:
         return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
 
 
-# One MTCNN per process: its three small nets load from the package in ~50 ms but are shared.
+# One set of MTCNN nets per process on the CPU: they load from the package in ~50 ms but are
+# shared by every detector (Serve's photo and stream profiles hold one each).
 _MTCNN_NETS: Any = None
 
 
-def _mtcnn_nets():
+def _mtcnn_nets(device: str = "cpu"):
     global _MTCNN_NETS
-    if _MTCNN_NETS is None:
-        from facenet_pytorch import MTCNN
+    from faceage.inference.mtcnn import load_nets
 
-        _MTCNN_NETS = MTCNN(keep_all=True, device="cpu").eval()
+    if device != "cpu":
+        return load_nets(device)
+    if _MTCNN_NETS is None:
+        _MTCNN_NETS = load_nets("cpu")
     return _MTCNN_NETS
 
 
 class FaceDetector:
-    """MTCNN (facenet-pytorch, weights in the package): every face's box, score and landmarks."""
+    """MTCNN (faceage.inference.mtcnn, weights in the package): every face's box, score and
+    landmarks."""
 
     def __init__(self, config: DetectorConfig | dict | None = None, device: str = "cpu"):
         if isinstance(config, dict):
             config = DetectorConfig(**config)
         self.config = config or DetectorConfig()
         self.device = device
-        nets = _mtcnn_nets()
-        if device != "cpu":
-            from facenet_pytorch import MTCNN
-
-            nets = MTCNN(keep_all=True, device=device).eval()
-        self._nets = nets
+        self._nets = _mtcnn_nets(device)
 
     def _run_mtcnn(self, image: np.ndarray, min_face: float) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-        from facenet_pytorch.models.utils.detect_face import detect_face
+        from faceage.inference.mtcnn import detect_faces
 
         h, w = image.shape[:2]
+        # P-net's window is 12 px: smaller faces are not searched for (as facenet-pytorch did).
         min_face = max(12.0, float(min_face))
         if min(h, w) < min_face:
             return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
-        n = self._nets
-        try:
-            with torch.no_grad():
-                boxes, points = detect_face(image, min_face, n.pnet, n.rnet, n.onet,
-                                            list(self.config.thresholds), self.config.factor,
-                                            torch.device(self.device))
-        except RuntimeError as exc:
-            # facenet-pytorch concatenates an empty candidate list when every candidate box
-            # is degenerate; that is "no face", not a failure.
-            if "non-empty" in str(exc):
-                return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
-            raise
-        b = np.asarray(boxes[0], dtype=np.float32).reshape(-1, 5)
-        p = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
-        return b, p
+        return detect_faces(image, self._nets, min_face, self.config.thresholds,
+                            self.config.factor)
 
     def min_face(self, height: int, width: int) -> float:
         """The smallest face searched for in an image of this size, in its pixels."""
