@@ -71,9 +71,18 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def cli_faces(model: Path, *paths: Path, capsys) -> dict[str, list[dict]]:
-    """``faceage predict --json`` in this process: faces per path."""
+    """``faceage predict --json`` in this process: faces per path. On one torch thread, as
+    Serve's replicas run: on some CPUs oneDNN's kernels for 1 and 2 threads differ in the last
+    bits, enough to move an age by 0.02 years."""
+    import torch
+
     capsys.readouterr()
-    assert faceage_main(["predict", "--json", "--model", str(model), *map(str, paths)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert faceage_main(["predict", "--json", "--model", str(model), *map(str, paths)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     return {Path(r["path"]).name: r["faces"] for r in lines}
 
@@ -323,8 +332,8 @@ def test_stream_tracks_faces_between_whole_frame_detections(serve_url, frames_64
 
 
 def test_the_ingress_replica_loads_no_torch(serve_app):
-    """serve/app.py keeps torch (0.4 GB of private memory a process) out of the Ingress; the
-    model deployments have it (which shows the check can see it)."""
+    """faceage/serving/app.py keeps torch (0.4 GB of private memory a process) out of the Ingress;
+    the model deployments have it (which shows the check can see it)."""
     def libraries(proc: psutil.Process) -> set[str]:
         return {Path(m.path).name for m in proc.memory_maps() if m.path}
 
