@@ -5,7 +5,8 @@
     uv run python bench/serve_load.py --paths predict stream --soak 300   # + memory after a soak
 
 Frames are 640x480 JPEGs with one face (tests/data/astronaut.jpg, shifted a little per frame).
-Each Serve run is serve/config.yaml on a private local Ray (``serve.local``, 2 CPUs by default).
+Each Serve run is serve/config.yaml on a private local Ray (``faceage.serving.local``, 2 CPUs by
+default).
 Paths: ``predict`` POSTs each frame to /predict (full detection, the photo profile), ``stream``
 sends frames over one WebSocket per client to /stream (the live-stream profile; a client sends
 the next frame when the previous answer is back, as the webcam page does), ``unbatched`` is
@@ -37,11 +38,11 @@ import psutil
 import requests
 from PIL import Image
 
-from app.client import StreamClient  # the project root is on sys.path (uv's editable install)
 from faceage import DEFAULT_MODEL_PATH
 from faceage.config import add_set_argument, parse_override
 from faceage.runtime import apply_ray_env_defaults
-from serve.local import LocalServe
+from faceage.serving.local import LocalServe
+from faceage.webapp.client import StreamClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,11 +306,12 @@ def main() -> int:
     p.add_argument("--soak", type=float, default=0.0,
                    help="then this many seconds of --soak-clients on /predict, and memory")
     p.add_argument("--soak-clients", type=int, default=16)
-    add_set_argument(p, help="serve/config.yaml override, as for serve.local (repeatable)")
+    add_set_argument(p, help="serve/config.yaml override, as for faceage.serving.local "
+                              "(repeatable)")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process rows")
     args = p.parse_args()
     apply_ray_env_defaults()
-    from serve.app import ServeArgs
+    from faceage.serving.app import ServeArgs
 
     overrides = {".".join(keys): value for keys, value in map(parse_override, args.overrides)}
     serve_args = ServeArgs()

@@ -32,11 +32,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from app.tracking import iou  # the project root is on sys.path (uv's editable install)
 from faceage import DEFAULT_MODEL_PATH
 from faceage.inference.detection import DetectorConfig
 from faceage.inference.pipeline import FaceFinder, face_records
 from faceage.inference.stream import StreamTracker
+from faceage.webapp.tracking import iou
 
 REPO = Path(__file__).resolve().parents[1]
 AAF = REPO.parent / "shared" / "data" / "aaf"
@@ -142,7 +142,7 @@ def compare(full: list[list[dict]], other: list[list[dict]]) -> dict:
 
 def parse_candidate(text: str) -> DetectorConfig:
     """``max_side=320,min_face_fraction=0.15`` → the stream profile with those changes."""
-    from serve.app import ServeArgs
+    from faceage.serving.app import ServeArgs
 
     base = ServeArgs().stream_detector.model_dump()
     for item in filter(None, text.split(",")):
@@ -168,7 +168,7 @@ def main() -> int:
     import torch
 
     from faceage.inference.modelfile import load_model_file
-    from serve.app import ServeArgs
+    from faceage.serving.app import ServeArgs
 
     model = load_model_file(args.model or DEFAULT_MODEL_PATH)
     serve_args = ServeArgs()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from faceage import __version__
+from faceage import DEFAULT_MODEL_PATH, __version__, bundled_path
 from faceage.errors import TrainingFailed, UserError
 from faceage.runtime import apply_ray_env_defaults
 
@@ -58,6 +59,80 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
 COMMANDS = ("train", "tune", "prepare", "predict", "evaluate", "up", "feedback")
 
 
+def model_file_metadata(path: Path) -> dict:
+    """A model file's metadata without torch: the JSON string inside ``torch.save``'s zip.
+
+    The pickle is read with every class it names replaced by an inert stand-in, so nothing the
+    file names is imported or run (the tensors are skipped, not rebuilt)."""
+    import io
+    import json
+    import pickle
+    import zipfile
+
+    class Inert(dict):
+        def __setstate__(self, state):
+            pass
+
+    def inert(*_args, **_kwargs):
+        return Inert()
+
+    class MetadataOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            return inert
+
+        def persistent_load(self, pid):
+            return None
+
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        blob = MetadataOnly(io.BytesIO(archive.read(min(pickles, key=len)))).load()
+    return json.loads(blob["metadata_json"])
+
+
+def version_text() -> str:
+    """``faceage --version``: the package's version and where it runs from, and the default
+    model's name and version (read from its file, without loading torch)."""
+    import faceage
+
+    lines = [f"faceage {__version__} ({Path(faceage.__file__).parent})"]
+    try:
+        meta = model_file_metadata(DEFAULT_MODEL_PATH)
+        lines.append(f"default model {meta.get('name', '?')} {meta.get('version', '?')} "
+                     f"({DEFAULT_MODEL_PATH})")
+    except FileNotFoundError:
+        lines.append(f"default model: none ({DEFAULT_MODEL_PATH} is missing)")
+    except Exception as exc:  # a damaged or foreign file must not break --version
+        lines.append(f"default model: unreadable ({DEFAULT_MODEL_PATH}: {type(exc).__name__})")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (it reads the model file)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def packaged_config(name: str | None) -> str | None:
+    """``--config NAME``: NAME itself when it exists; else, for ``configs/X.yaml`` or ``X.yaml``
+    that faceage ships (an installed wheel outside a checkout), the packaged copy, with a note."""
+    if not name or Path(name).expanduser().exists() or Path(name).is_absolute():
+        return name
+    parts = Path(name).parts
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "configs"):
+        return name
+    shipped = bundled_path(f"configs/{parts[-1]}")
+    if not shipped.is_file():
+        return name
+    print(f"faceage: no {name} here; using the config faceage ships, {shipped}", file=sys.stderr)
+    return str(shipped)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``faceage`` parser. Given ``command``, only that subcommand's options are imported and
     added: ``faceage predict`` then loads no training code (pandas, Ray Train, Ray Data)."""
@@ -65,7 +140,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return command is None or command == name
 
     p = argparse.ArgumentParser(prog="faceage", description="Face age regression on Ray.")
-    p.add_argument("--version", action="version", version=f"faceage {__version__}")
+    p.add_argument("--version", action=_VersionAction,
+                   help="show the version of faceage and of its default model, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train a model with Ray Train and export it",
@@ -139,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    if getattr(args, "config", None) and args.command in ("train", "tune", "evaluate"):
+        args.config = packaged_config(args.config)
     try:
         return args.func(args)
     except UserError as exc:

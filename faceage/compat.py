@@ -175,8 +175,8 @@ def check_launcher_config(config: dict) -> dict:
 # -- streamlit-webrtc -----------------------------------------------------------------------------
 
 # streamlit-webrtc 0.79: ``WebRtcStreamerContext._last_rendered_run_count`` (component.py),
-# read by ``_get_or_create_context``'s orphan check (upstream PR #2478). app/webrtc_guard.py
-# explains the race it causes and why clearing it is safe in our app.
+# read by ``_get_or_create_context``'s orphan check (upstream PR #2478).
+# faceage/webapp/webrtc_guard.py explains the race it causes and why clearing it is safe in our app.
 WEBRTC_CONTEXT_CLASS = "WebRtcStreamerContext"
 WEBRTC_RUN_COUNT_ATTR = "_last_rendered_run_count"
 

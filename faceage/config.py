@@ -304,9 +304,9 @@ class Config(_Strict):
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``dotted.key=value`` → (``["dotted", "key"]``, value parsed as YAML).
 
-    The one ``--set`` syntax of ``faceage train``, ``faceage tune`` and ``python -m serve.local``:
-    the value is YAML, so ``3``, ``1e-4``, ``true``, ``[a, b]`` and ``{k: v}`` get their types and
-    anything YAML cannot read stays a string.
+    The one ``--set`` syntax of ``faceage train``, ``faceage tune`` and
+    ``python -m faceage.serving.local``: the value is YAML, so ``3``, ``1e-4``, ``true``,
+    ``[a, b]`` and ``{k: v}`` get their types and anything YAML cannot read stays a string.
     """
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")

@@ -1,8 +1,9 @@
 """Process and Ray plumbing, written once: environment defaults, starting or joining Ray, free
 ports, waits with deadlines, and stopping process trees.
 
-The CLI, ``serve.local``, ``faceage up``, the benchmarks and the tests all use these; none of
-them keeps a copy of its own. A ``ray start --head`` of our own is ``faceage.ray_head.RayHead``.
+The CLI, ``faceage.serving.local``, ``faceage up``, the benchmarks and the tests all use these;
+none of them keeps a copy of its own. A ``ray start --head`` of our own is
+``faceage.ray_head.RayHead``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from faceage import CHECKOUT
+
+# The source checkout faceage runs from, or None when it is an installed wheel.
+REPO_ROOT: Path | None = CHECKOUT
 LOOPBACK = "127.0.0.1"
 
 # Set before ``import ray`` in every process that may start Ray:
@@ -46,15 +50,16 @@ def apply_ray_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def child_env(*, pythonpath: bool = True, ray_address: bool = True, **extra: str
               ) -> dict[str, str]:
-    """The environment for a child process of ours: Ray defaults, unbuffered output, and this
-    checkout on PYTHONPATH (so ``serve.app`` and ``app`` import from any working directory).
+    """The environment for a child process of ours: Ray defaults, unbuffered output, and, when
+    faceage runs from a checkout, the checkout on PYTHONPATH (so a child, and the Ray workers it
+    starts, import this faceage from any working directory even when it is not installed).
 
     ``pythonpath=False`` leaves PYTHONPATH as it is (a Ray head whose jobs must import from their
     uploaded working_dir, not from here); ``ray_address=False`` drops an inherited
     ``RAY_ADDRESS`` (a child that must start its own Ray, not join the one the caller names).
     """
     env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
-    if pythonpath:
+    if pythonpath and REPO_ROOT is not None:  # an installed faceage is importable as it is
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                           os.environ.get("PYTHONPATH")]))
     if not ray_address:

@@ -1,8 +1,9 @@
 """``faceage up``: a Ray head and its dashboard, the Serve API and the Streamlit app, at once.
 
-Serve runs through ``serve.local`` (serve/config.yaml on a Ray instance of its own, or on the
-cluster ``$RAY_ADDRESS`` names); Streamlit runs ``app/main.py`` pointed at it. Each child leads
-its own session, so Ctrl-C or SIGTERM here stops all of them and whatever they started.
+Serve runs through ``faceage.serving.local`` (serve/config.yaml on a Ray instance of its own, or on
+the cluster ``$RAY_ADDRESS`` names); Streamlit runs ``faceage/webapp/main.py`` pointed at it. Both
+come with the package, so this works from a checkout and from an installed wheel alike. Each child
+leads its own session, so Ctrl-C or SIGTERM here stops all of them and whatever they started.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from faceage import DEFAULT_MODEL_PATH
 from faceage.errors import UserError
 from faceage.runtime import (
     LOOPBACK,
@@ -31,7 +33,9 @@ from faceage.runtime import (
     wait_until,
 )
 
-DEFAULT_MODEL = REPO_ROOT / "models" / "faceage-default.pt"
+DEFAULT_MODEL = DEFAULT_MODEL_PATH
+# The Streamlit script; run as a file (Streamlit reruns it on every interaction).
+WEBAPP_SCRIPT = Path(__file__).resolve().parent / "webapp" / "main.py"
 HOST = LOOPBACK
 READY = "faceage up: ready"
 STREAMLIT_START_S = 300
@@ -83,14 +87,16 @@ def _resolve_ports(args: argparse.Namespace, attach: bool) -> dict[str, int]:
 
 
 def start_streamlit(port: int, serve_url: str, log_path: Path) -> subprocess.Popen:
-    """``streamlit run app/main.py`` on ``HOST:port`` using ``serve_url``, in its own group."""
+    """``streamlit run faceage/webapp/main.py`` on ``HOST:port`` using ``serve_url``, in its own
+    group."""
     log = open(log_path, "wb")  # noqa: SIM115 - the child holds it; closed here right after
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "app" / "main.py"),
+            [sys.executable, "-m", "streamlit", "run", str(WEBAPP_SCRIPT),
              "--server.address", HOST, "--server.port", str(port),
              "--browser.gatherUsageStats", "false", "--server.headless", "true",
              "--server.fileWatcherType", "none", "--global.developmentMode", "false"],
+            # A checkout's .streamlit/config.toml applies when run there.
             cwd=REPO_ROOT, env=child_env(FACEAGE_SERVE_URL=serve_url),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
@@ -134,13 +140,13 @@ class _Stop(Exception):
 
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray, Serve and Streamlit; block until Ctrl-C or SIGTERM; stop all of them."""
-    from serve.local import LocalServe
+    from faceage.serving.local import DEFAULT_CONFIG, LocalServe
 
     model = args.model.expanduser().resolve()
     if not model.is_file():
         if model == DEFAULT_MODEL.resolve():
-            raise UserError(f"the shipped model {DEFAULT_MODEL.relative_to(REPO_ROOT)} does not "
-                            "exist yet; train one (`faceage train`) and pass it with --model FILE")
+            raise UserError(f"the shipped model {DEFAULT_MODEL} does not exist; train one "
+                            "(`faceage train`) and pass it with --model FILE")
         raise UserError(f"--model {args.model}: no such file; pass a model file `faceage train` "
                         "exported")
     address = os.environ.get("RAY_ADDRESS") or None
@@ -152,7 +158,7 @@ def run_up(args: argparse.Namespace) -> int:
     auth_note = _auth_for_cluster() if address else None
     log_dir = Path(tempfile.mkdtemp(prefix="faceage-up-"))
     where = f"the Ray cluster at {address}" if address else "a new local Ray head"
-    print(f"faceage up: Serve (serve/config.yaml, model {model}) on {where}"
+    print(f"faceage up: Serve ({DEFAULT_CONFIG}, model {model}) on {where}"
           + ("" if args.no_app else ", and the Streamlit app"), flush=True)
     if dashboard_url:
         print(f"  Ray dashboard  {dashboard_url}   (log in with the token "

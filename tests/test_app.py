@@ -367,7 +367,7 @@ def test_webcam_frames_come_back_with_ages(page, artifacts, astronaut_path, rock
     stats.wait_for()
     assert re.search(r"round trip \d+ ms", stats.inner_text())
     # Full script runs while streaming (a photo in the Image tab): with streamlit-webrtc's
-    # orphan-check race (app/webrtc_guard.py) this is where a live stream gets stopped.
+    # orphan-check race (faceage/webapp/webrtc_guard.py) this is where a live stream gets stopped.
     page.get_by_role("tab", name="Image").click()
     upload(page, "photos", rocket_path)
     page.locator(".st-key-photo-0").filter(has_text="no face found").wait_for()

@@ -13,11 +13,17 @@ import av
 import numpy as np
 import pytest
 
-from app.client import ServeClient, ServeError, StreamClient, normalise_url, websocket_url
-from app.draw import annotate, encode_jpeg, scale_faces, shrink
-from app.tracking import FaceTracker, iou
-from app.video import VideoError, probe_video, suggested_stride
 from faceage.runtime import free_port
+from faceage.webapp.client import (
+    ServeClient,
+    ServeError,
+    StreamClient,
+    normalise_url,
+    websocket_url,
+)
+from faceage.webapp.draw import annotate, encode_jpeg, scale_faces, shrink
+from faceage.webapp.tracking import FaceTracker, iou
+from faceage.webapp.video import VideoError, probe_video, suggested_stride
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +68,8 @@ def test_tracker_moves_each_interval_with_the_smoothed_age():
 
 
 def test_labels_and_table_show_the_interval_and_cope_without_one():
-    from app.draw import interval_text
     from faceage.inference.annotate import age_label
+    from faceage.webapp.draw import interval_text
 
     with_interval = {**face([10, 10, 90, 90], 34.4), "age_interval": [29.2, 40.1]}
     old = face([10, 10, 90, 90], 34.4)
@@ -193,7 +199,7 @@ def test_predict_gives_up_after_bounded_retries(scripted_serve):
 def test_retry_after_is_capped_and_only_503_is_retried(scripted_serve, monkeypatch):
     import time
 
-    from app import client as client_module
+    from faceage.webapp import client as client_module
 
     monkeypatch.setattr(client_module, "MAX_RETRY_WAIT_S", 0.2)
     serve = scripted_serve((503, {"Retry-After": "3600"}, {"error": "busy", "status": 503}))
@@ -250,7 +256,8 @@ def test_app_never_imports_torch():
     """The app modules, and a whole script run of app/main.py, leave torch unimported."""
     code = """
 import json, sys
-import app.client, app.draw, app.live, app.tracking, app.video, app.webrtc_guard
+import faceage.webapp.client, faceage.webapp.draw, faceage.webapp.live
+import faceage.webapp.tracking, faceage.webapp.video, faceage.webapp.webrtc_guard
 from streamlit.testing.v1 import AppTest
 at = AppTest.from_file("app/main.py", default_timeout=60).run()
 print(json.dumps({
@@ -290,7 +297,7 @@ def _signalling_with_a_stale_run_count(monkeypatch, guard: bool) -> _Worker:
     import streamlit as st
     from streamlit_webrtc import component
 
-    from app import webrtc_guard
+    from faceage.webapp import webrtc_guard
 
     session = type("Session", (), {"script_run_count": 1})()
     for module in (component, webrtc_guard):
@@ -311,7 +318,7 @@ def _signalling_with_a_stale_run_count(monkeypatch, guard: bool) -> _Worker:
 
 
 def test_webrtc_orphan_check_race_and_our_guard(monkeypatch):
-    """The race app/webrtc_guard.py works around: a stale run count stops a live worker.
+    """The race faceage/webapp/webrtc_guard.py works around: a stale run count stops a live worker.
 
     If a streamlit-webrtc release fixes the check, the first assert fails: drop the guard then.
     """

@@ -1,5 +1,6 @@
-"""The layout holds: import-linter's contracts (pyproject.toml), no import cycle among faceage/,
-serve/ and app/ modules counting imports inside functions, and no module over 400 lines."""
+"""The layout holds: import-linter's contracts (pyproject.toml), no import cycle among faceage/
+modules (the Serve application in faceage/serving, the web app in faceage/webapp) and the
+checkout's app/main.py shim, counting imports inside functions, and no module over 400 lines."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("faceage", "serve", "app")
+PACKAGES = ("faceage", "app")  # app/: only the `streamlit run app/main.py` shim
 MAX_LINES = 400
 
 
@@ -127,6 +130,17 @@ def test_import_linter_contracts_hold():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "0 broken" in proc.stdout
+
+
+def test_every_module_of_faceage_sits_in_a_layer():
+    """A new subpackage (as faceage/serving and faceage/webapp were) must be placed in the layers
+    contract, or import-linter checks nothing about what it imports or what imports it."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    named = {m.strip() for layer in layers for m in layer.replace("|", ":").split(":")}
+    top = {".".join(name.split(".")[:2]) for name in module_files() if name.startswith("faceage.")}
+    assert top - named == set(), "add these to a layer in pyproject.toml"
 
 
 def test_no_module_over_400_lines():

@@ -45,7 +45,7 @@ def test_serve_connect_and_the_client_methods_we_call():
     assert list(deploy)[:3] == ["self", "config", "_blocking"]
     assert isinstance(inspect.getattr_static(ServeControllerClient, "http_config"), property)
     assert params(ServeControllerClient.get_serve_details) == ["self"]
-    # serve.local starts Serve through the public serve.start with these options.
+    # faceage.serving.local starts Serve through the public serve.start with these options.
     assert {"http_options", "proxy_location", "controller_options"} <= set(params(serve.start))
 
 
@@ -162,7 +162,7 @@ def test_webrtc_context_records_its_last_rendered_run_count():
 
     cls = getattr(component, compat.WEBRTC_CONTEXT_CLASS)
     assert compat.WEBRTC_RUN_COUNT_ATTR in cls.__annotations__
-    # The orphan check app/webrtc_guard.py disarms still reads it.
+    # The orphan check faceage/webapp/webrtc_guard.py disarms still reads it.
     assert compat.WEBRTC_RUN_COUNT_ATTR in inspect.getsource(component._get_or_create_context)
     context = cls(worker=None, state=component.WebRtcStreamerState(playing=False,
                                                                    signalling=False))

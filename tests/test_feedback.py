@@ -431,9 +431,9 @@ def test_corrections_off_answer_404_saying_how_to_turn_them_on():
 
     from starlette.requests import Request
 
-    from serve.app import Ingress, ServeArgs
-    from serve.feedback import FeedbackSettings, feedback_info
-    from serve.schemas import ApiError
+    from faceage.serving.app import Ingress, ServeArgs
+    from faceage.serving.feedback import FeedbackSettings, feedback_info
+    from faceage.serving.schemas import ApiError
 
     plain = Ingress.func_or_class.__bases__[0]
     ingress = plain(None, None, ServeArgs().model_dump())
@@ -448,7 +448,7 @@ def test_corrections_off_answer_404_saying_how_to_turn_them_on():
 
 def test_an_unusable_feedback_folder_fails_the_build(untrained_model_file, tmp_path):
     from faceage.errors import UserError
-    from serve.app import app
+    from faceage.serving.app import app
 
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(UserError, match="args.feedback.dir: cannot create the feedback folder"):

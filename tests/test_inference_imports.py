@@ -68,22 +68,24 @@ def test_faceage_predict_run_imports_no_training_code(astronaut_path):
 
 
 def test_serve_app_imports_no_training_code():
-    """serve/app.py's and serve/deployments.py's closure, with pandas made unimportable: Ray
-    Serve imports pandas itself when it is installed (ray/serve/_private/utils.py, optional),
-    faceage's code must not need it."""
-    code = "import sys\nsys.modules['pandas'] = None\nimport serve.app, serve.deployments\n"
+    """faceage/serving/app.py's and faceage/serving/deployments.py's closure, with pandas made
+    unimportable: Ray Serve imports pandas itself when it is installed
+    (ray/serve/_private/utils.py, optional), faceage's code must not need it."""
+    code = ("import sys\nsys.modules['pandas'] = None\n"
+            "import faceage.serving.app, faceage.serving.deployments\n")
     assert loaded_training_modules(code) == []
 
 
 def test_the_ingress_module_loads_no_torch():
-    """serve/app.py (the Ingress replicas' module) without torch: the model deployments live in
-    serve/deployments.py, which only the application builder imports; what the Ingress unpickles
-    from them (Face, AgeEstimates) is torch-free too, and so is /stream's StreamTracker."""
-    code = ("import sys\nimport serve.app\n"
+    """faceage/serving/app.py (the Ingress replicas' module) without torch: the model deployments
+    live in faceage/serving/deployments.py, which only the application builder imports; what the
+    Ingress unpickles from them (Face, AgeEstimates) is torch-free too, and so is /stream's
+    StreamTracker."""
+    code = ("import sys\nimport faceage.serving.app\n"
             "import faceage.inference.interval, faceage.inference.detection\n"
             "import faceage.inference.stream\n"
             "import json\nprint(json.dumps(sorted(m for m in ('torch', 'torchvision', "
-            "'facenet_pytorch', 'faceage.inference.modelfile', 'serve.deployments') "
+            "'facenet_pytorch', 'faceage.inference.modelfile', 'faceage.serving.deployments') "
             "if m in sys.modules)))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})

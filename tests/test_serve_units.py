@@ -1,4 +1,5 @@
-"""serve/app.py without Ray: the config, the application builder and the deployments' own code.
+"""faceage/serving/app.py without Ray: the config, the application builder and the deployments'
+own code.
 
 Each deployment's class (``Detector.func_or_class``) is constructed here in-process, the way a
 replica constructs it, and the Ingress talks to the other two through stand-in handles. What
@@ -31,15 +32,16 @@ def test_config_yaml_validates_and_fits_two_cores():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import ServeArgs
-    from serve.deployments import BatchSettings
-    from serve.local import DEFAULT_CONFIG, apply_overrides
+    from faceage.serving.app import ServeArgs
+    from faceage.serving.deployments import BatchSettings
+    from faceage.serving.local import DEFAULT_CONFIG, apply_overrides
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config = ServeDeploySchema.model_validate(raw)
     assert config.http_options.host == "127.0.0.1"
     (app,) = config.applications
-    assert (app.name, app.route_prefix, app.import_path) == ("faceage", "/", "serve.app:app")
+    assert (app.name, app.route_prefix, app.import_path) == ("faceage", "/",
+                                                              "faceage.serving.app:app")
     ServeArgs.model_validate(app.args)
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"Ingress", "Detector", "AgeRegressor"}
@@ -65,7 +67,7 @@ def test_config_yaml_validates_and_fits_two_cores():
 
 def test_a_missing_model_fails_the_build_with_the_path():
     from faceage.errors import UserError
-    from serve.app import app
+    from faceage.serving.app import app
 
     with pytest.raises(UserError, match="model file not found: /nonexistent/model.pt"):
         app({"model_path": "/nonexistent/model.pt"})
@@ -114,8 +116,8 @@ def model_path(untrained_model_file):
 @pytest.fixture(scope="module")
 def replicas(model_path):
     """A Detector and an AgeRegressor as their replicas construct them (defaults of ServeArgs)."""
-    from serve.app import ServeArgs
-    from serve.deployments import AgeRegressor, Detector
+    from faceage.serving.app import ServeArgs
+    from faceage.serving.deployments import AgeRegressor, Detector
 
     args = ServeArgs(model_path=str(model_path))
     detector = Detector.func_or_class(str(model_path), args.detector.model_dump(), args.no_face,
@@ -125,7 +127,7 @@ def replicas(model_path):
 
 
 def make_ingress(detector, regressor, args):
-    from serve.app import Ingress
+    from faceage.serving.app import Ingress
 
     # @serve.ingress wraps the class in a subclass with an async constructor (an ASGI replica);
     # the class as written is its first base.
@@ -191,8 +193,8 @@ def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astr
 
 
 def test_age_regressor_reports_and_applies_its_interval_coverage(model_path, astronaut_path):
-    from serve.app import ServeArgs
-    from serve.deployments import AgeRegressor
+    from faceage.serving.app import ServeArgs
+    from faceage.serving.deployments import AgeRegressor
 
     with pytest.raises(ValueError, match="interval_coverage"):
         ServeArgs(interval_coverage=1.0)
@@ -229,7 +231,7 @@ def test_ingress_answers_what_faceage_predict_answers(replicas, model_path, astr
 def test_ingress_turns_bad_images_and_overload_into_status_codes(replicas):
     from ray.serve.exceptions import BackPressureError
 
-    from serve.schemas import ApiError
+    from faceage.serving.schemas import ApiError
 
     ingress = make_ingress(*replicas)
     with pytest.raises(ApiError) as bad:

@@ -266,8 +266,8 @@ def test_space_sets_any_training_setting_by_its_dotted_key(tiny_utkface, tmp_pat
 
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_set_takes_several_items_after_one_flag_or_one_per_flag(command):
-    """``faceage train``, ``faceage tune`` and ``python -m serve.local`` share the one ``--set``
-    (faceage.config.add_set_argument)."""
+    """``faceage train``, ``faceage tune`` and ``python -m faceage.serving.local`` share the one
+    ``--set`` (faceage.config.add_set_argument)."""
     import argparse
 
     from faceage.cli import build_parser

@@ -71,7 +71,8 @@ def band_val_metrics(pred, low, high, edges: Sequence[float]) -> dict[str, float
     maes = []
     for b in np.unique(band):
         mine = band == b
-        out[f"val_signed/{labels[b]}"] = float(signed[mine].mean())
+        # MLflow metric names take no "+": the open-ended top band is "67_plus".
+        out[f"val_signed/{labels[b].replace('+', '_plus')}"] = float(signed[mine].mean())
         maes.append(float(np.abs(signed[mine]).mean()))
     if maes:
         out["val_band_mae"] = float(np.mean(maes))

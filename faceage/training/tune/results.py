@@ -59,7 +59,7 @@ def collect_results(grid, plan: TunePlan) -> tuple[pd.DataFrame, dict[str, pd.Da
             "band_mae": float(best["val_band_mae"]) if best is not None
             and pd.notna(best.get("val_band_mae")) else float("nan"),
             "signed_by_band": "" if best is None else ", ".join(
-                f"{c.split('/', 1)[1]} {best[c]:+.1f}" for c in df.columns
+                f"{c.split('/', 1)[1].replace('_plus', '+')} {best[c]:+.1f}" for c in df.columns
                 if c.startswith("val_signed/") and pd.notna(best[c])),
             "best_epoch": int(best["epoch"]) + 1 if best is not None else None,
             "epochs_run": epochs,

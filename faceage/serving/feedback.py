@@ -37,8 +37,8 @@ from faceage.feedback import (
     check_age,
     encode_crop,
 )
-from serve.schemas import ApiError
-from serve.uploads import media_type, read_body
+from faceage.serving.schemas import ApiError
+from faceage.serving.uploads import media_type, read_body
 
 FEEDBACK_MAX_BODY = 4096  # {"face_id": ..., "age": ...} is about 50 bytes
 FEEDBACK_OFF = ("corrections are off on this server: start it with a feedback folder "

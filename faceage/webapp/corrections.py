@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from app.client import ServeClient, ServeError
+from faceage.webapp.client import ServeClient, ServeError
 
 
 def feedback_settings(health: dict) -> dict | None:

@@ -1,7 +1,9 @@
-"""Run serve/config.yaml on a private Ray instance of its own, with overrides; stop it cleanly.
+"""Run the Serve config on a private Ray instance of its own, with overrides; stop it cleanly.
 
-    python -m serve.local --port 0 --set args.model_path=/tmp/m.pt \\
+    python -m faceage.serving.local --port 0 --set args.model_path=/tmp/m.pt \\
         --set deployments.Detector.num_replicas=1
+
+The config is serve/config.yaml: the checkout's file, or the copy an installed wheel carries.
 
 Unlike ``serve run``, it never joins a Ray cluster already running on the machine (another
 user's, or a test's), picks free ports when asked, and takes down everything it started on
@@ -26,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from faceage import compat
+from faceage import bundled_path, compat
 from faceage.config import add_set_argument, parse_override
 from faceage.errors import UserError
 from faceage.runtime import (
@@ -42,7 +44,7 @@ from faceage.runtime import (
     wait_until,
 )
 
-DEFAULT_CONFIG = REPO_ROOT / "serve" / "config.yaml"
+DEFAULT_CONFIG = bundled_path("serve/config.yaml")
 READY = "faceage serve ready:"
 # Serve replaces a proxy that does not answer its readiness check in 5 s; on a busy machine its
 # first start can take longer, and start-up then fails. Set before Ray starts: replicas and
@@ -101,7 +103,8 @@ def _wait_healthy(url: str, timeout: float, app_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.local", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m faceage.serving.local",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--port", type=int, help="HTTP port (0: a free one; default: the config's)")
     add_set_argument(p, help="override, e.g. args.model_path=m.pt or deployments.Detector."
@@ -225,13 +228,15 @@ def _prepare_shared_serve(schema, app_name: str) -> bool:
     """Ready ``schema`` for a cluster this process did not start; True if Serve already runs there.
 
     Deploying a config replaces every application, so the cluster's other applications are put
-    into ``schema``; its replicas find ``serve.app`` through PYTHONPATH (this checkout).
+    into ``schema``. Its replicas import ``faceage.serving.app`` from the cluster's faceage; when
+    this faceage is a checkout, from this checkout (PYTHONPATH), as a cluster on this machine can.
     """
     ours = schema.applications[0]
-    runtime_env = dict(ours.runtime_env or {})
-    env_vars = dict(runtime_env.get("env_vars") or {})
-    env_vars.setdefault("PYTHONPATH", str(REPO_ROOT))
-    ours.runtime_env = {**runtime_env, "env_vars": env_vars}
+    if REPO_ROOT is not None:
+        runtime_env = dict(ours.runtime_env or {})
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        env_vars.setdefault("PYTHONPATH", str(REPO_ROOT))
+        ours.runtime_env = {**runtime_env, "env_vars": env_vars}
     if not compat.serve_controller_running():
         return False
     from ray.serve.schema import ServeInstanceDetails
@@ -247,7 +252,8 @@ def _prepare_shared_serve(schema, app_name: str) -> bool:
 
 
 class LocalServe:
-    """``python -m serve.local`` as a child process: ``with LocalServe(...) as s: s.url``."""
+    """``python -m faceage.serving.local`` as a child process:
+    ``with LocalServe(...) as s: s.url``."""
 
     def __init__(self, overrides: dict[str, Any] | None = None, *, config: str | Path | None = None,
                  num_cpus: float = 2, port: int = 0, dashboard_port: int | None = None,
@@ -290,7 +296,7 @@ class LocalServe:
     def start(self) -> LocalServe:
         # A short path: Ray's Unix sockets live under it and their paths must stay < 108 bytes.
         self._temp_dir = tempfile.mkdtemp(prefix="faceage-ray-", dir="/tmp")
-        cmd = [sys.executable, "-m", "serve.local", "--config", str(self.config),
+        cmd = [sys.executable, "-m", "faceage.serving.local", "--config", str(self.config),
                "--port", str(self.port), "--num-cpus", str(self.num_cpus),
                "--timeout", str(self.timeout), "--temp-dir", self._temp_dir]
         for key, value in self.overrides.items():
@@ -320,7 +326,7 @@ class LocalServe:
         self._log.seek(0)
         tail = self._log.read()[-4000:]
         self.stop()
-        raise RuntimeError(f"serve/config.yaml did not come up ({line.strip()}):\n{tail}")
+        raise RuntimeError(f"{self.config} did not come up ({line.strip()}):\n{tail}")
 
     def _drain(self) -> None:
         for _ in self.proc.stdout:  # keep the pipe from filling up

@@ -21,8 +21,9 @@ DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = (3.05, 60.0)
 SLOW_HEALTH_S = 1.0
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
-# Serve sheds load with a quick 503 and Retry-After (serve/app.py); a photo or a video frame is
-# worth a few seconds' wait, so predict retries that many times, waiting at most that long each.
+# Serve sheds load with a quick 503 and Retry-After (faceage/serving/app.py); a photo or a video
+# frame is worth a few seconds' wait, so predict retries that many times, waiting at most that
+# long each.
 PREDICT_RETRIES = 4
 MAX_RETRY_WAIT_S = 2.0
 
@@ -150,8 +151,9 @@ class ServeClient:
                              "stuck. Try again, or check its replicas in the Ray dashboard.",
                              kind="timeout") from None
         except requests.ConnectionError:
-            raise ServeError(f"Cannot reach Serve at {self.base_url}. Start it with "
-                             "`serve run serve/config.yaml`, or fix the Serve URL in the sidebar.",
+            raise ServeError(f"Cannot reach Serve at {self.base_url}. Start it with `faceage "
+                             "up` (or `serve run serve/config.yaml` in a checkout), or fix the "
+                             "Serve URL in the sidebar.",
                              kind="unreachable") from None
         if response.status_code == 503:
             raise ServeError(f"Serve at {self.base_url} is overloaded (503): "

@@ -1,34 +1,33 @@
 """The faceage HTTP API on Ray Serve: Ingress (FastAPI) ─▶ Detector (MTCNN) ─▶ AgeRegressor.
 
     serve run serve/config.yaml          # from the repository root; http://127.0.0.1:8000/docs
+    serve run faceage.serving.app:app    # anywhere faceage is installed: the shipped model
 
-``app`` is the application builder ``serve/config.yaml`` names (``import_path: serve.app:app``);
-its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and batching come from the
-config. The model deployments (serve/deployments.py) are thin and call the library ``faceage
-predict`` uses: the Detector holds ``faceage.inference.pipeline.FaceFinder``s (decode, detect,
-align; a full ``photo`` profile and a cheaper ``stream`` one for video frames), the AgeRegressor a
-``faceage.inference.modelfile.AgeModel`` and ages the crops of concurrent requests with
-``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of several images, and
-``face_record`` writes the JSON. So /predict returns the CLI's faces for the same photo and model.
-This module is the Ingress (its request and response shapes are in serve/schemas.py, the reading
-of uploads in serve/uploads.py, /stream's tracking in ``faceage.inference.stream``, corrections
-(POST /feedback, the FeedbackStore deployment) in serve/feedback.py): it imports
-neither torch (serve/deployments.py is imported only by the builder, ``app``) nor pandas nor the
-training modules (Ray Serve itself imports pandas when it is installed; see
-tests/test_inference_imports.py).
+``app`` is the application builder serve/config.yaml names (``import_path:
+faceage.serving.app:app``); its ``args`` are ``ServeArgs``. Replicas, resources, queue bounds and
+batching come from the config. The model deployments (deployments.py) are thin and call the
+library ``faceage predict`` uses: the Detector holds ``faceage.inference.pipeline.FaceFinder``s
+(decode, detect, align; a full ``photo`` profile and a cheaper ``stream`` one for video frames),
+the AgeRegressor a ``faceage.inference.modelfile.AgeModel`` and ages the crops of concurrent
+requests with ``AgeModel.predict_groups``, the call ``FacePipeline`` makes for the faces of
+several images, and ``face_record`` writes the JSON. So /predict returns the CLI's faces for the
+same photo and model.
+This module is the Ingress (its request and response shapes are in schemas.py, the reading of
+uploads in uploads.py, /stream's tracking in ``faceage.inference.stream``, corrections (POST
+/feedback, the FeedbackStore deployment) in feedback.py): it imports neither torch
+(deployments.py is imported only by the builder, ``app``) nor pandas nor the training modules
+(Ray Serve itself imports pandas when it is installed; see tests/test_inference_imports.py).
 """
 
 import asyncio
 import logging
 import time
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -39,22 +38,21 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from faceage import DEFAULT_MODEL_PATH, __version__
+from faceage import __version__
 from faceage.errors import UserError
 from faceage.feedback import new_face_id
-from faceage.inference.detection import DetectorConfig, Face
-from faceage.inference.images import DEFAULT_MAX_PIXELS
-from faceage.inference.interval import DEFAULT_COVERAGE, AgeEstimates
+from faceage.inference.detection import Face
+from faceage.inference.interval import AgeEstimates
 from faceage.inference.pipeline import face_records
 from faceage.inference.stream import StreamTracker
-from serve.feedback import (
+from faceage.serving.args import ServeArgs
+from faceage.serving.feedback import (
     FEEDBACK_OFF,
-    FeedbackSettings,
     bind_store,
     feedback_info,
     read_correction,
 )
-from serve.schemas import (
+from faceage.serving.schemas import (
     BINARY_BODY,
     ERROR_RESPONSES,
     FEEDBACK_ERRORS,
@@ -66,73 +64,15 @@ from serve.schemas import (
     Prediction,
     error_response,
 )
-from serve.uploads import MULTIPART, RAW_IMAGE_TYPES, media_type, read_body, read_file_parts
+from faceage.serving.uploads import (
+    MULTIPART,
+    RAW_IMAGE_TYPES,
+    media_type,
+    read_body,
+    read_file_parts,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MiB = 1024 * 1024
 LOGGER = logging.getLogger("ray.serve")
-
-# The live-stream profile's defaults: detect on a copy at most 320 px long, and only faces at
-# least a tenth of the frame's shorter side (a webcam user fills much more).
-STREAM_DETECTOR_DEFAULTS = {"max_side": 320, "min_face_fraction": 0.1}
-
-
-class ServeArgs(BaseModel):
-    """The application's ``args`` in serve/config.yaml."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model_path: str | None = Field(
-        None, description="model file; relative paths are from the repository root "
-                          "(default: the shipped models/faceage-default.pt)")
-    detector: DetectorConfig = Field(
-        default_factory=DetectorConfig, description="full detection: single photos (/predict)")
-    stream_detector: DetectorConfig = Field(
-        default_factory=lambda: DetectorConfig(**STREAM_DETECTOR_DEFAULTS),
-        description="the live-stream profile: video and webcam frames (/stream, "
-                    "/predict/frames); cheaper settings, measured in docs/serve.md")
-    stream_track_frames: int = Field(
-        10, ge=0, description="on /stream, search only around the previous frame's faces for "
-                              "up to this many frames between whole-frame detections (0: "
-                              "every frame whole); new faces appear at the next whole one")
-    detector_threads: int | None = Field(
-        None, ge=1, description="torch threads per Detector replica (default: Ray's, one per "
-                                "whole CPU of its num_cpus, at least one)")
-    regressor_threads: int | None = Field(
-        None, ge=1, description="torch threads per AgeRegressor replica (default: Ray's)")
-    no_face: Literal["skip", "whole"] = Field(
-        "skip", description="no face found: report none, or age the whole image")
-    tta: bool = Field(False, description="average each face with its mirror image")
-    interval_coverage: float = Field(
-        DEFAULT_COVERAGE, gt=0.0, le=0.99, description="each face's age_interval is the central "
-        "interval covering this share of faces like the model's validation faces")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: cuda when the replica was given a GPU (num_gpus)")
-    max_body_bytes: int = Field(16 * MiB, ge=1024, description="larger request bodies and "
-                                                               "WebSocket frames get 413")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images get 413, "
-                                                                  "checked before decoding")
-    max_frames: int = Field(32, ge=1, description="most frames in one /predict/frames request")
-    frames_in_flight: int = Field(4, ge=1, description="frames of one /predict/frames request "
-                                                       "detected concurrently")
-    health_timeout_s: float = Field(10.0, gt=0, description="/healthz waits this long for "
-                                                            "the Detector and AgeRegressor")
-    feedback: FeedbackSettings = Field(
-        default_factory=FeedbackSettings, description="corrections from users (POST /feedback); "
-                                                      "off unless feedback.dir is set")
-
-    def resolved_model_path(self) -> Path:
-        if self.model_path is None:
-            return DEFAULT_MODEL_PATH
-        return _from_repo(self.model_path)
-
-    def resolved_feedback_dir(self) -> Path | None:
-        return None if self.feedback.dir is None else _from_repo(self.feedback.dir)
-
-
-def _from_repo(name: str) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 # -- the HTTP API ------------------------------------------------------------------------------
@@ -379,9 +319,9 @@ class Ingress:
 def app(args: dict[str, Any]) -> serve.Application:
     """The application ``serve/config.yaml`` runs; ``args`` are validated as ``ServeArgs``."""
     # Here, not at the top: the model deployments load torch, and the Ingress replicas, which
-    # import this module, must not (serve/deployments.py).
+    # import this module, must not (faceage/serving/deployments.py).
     from faceage.inference.modelfile import read_model_file
-    from serve.deployments import AgeRegressor, Detector
+    from faceage.serving.deployments import AgeRegressor, Detector
 
     args = ServeArgs.model_validate(args or {})
     path = args.resolved_model_path()

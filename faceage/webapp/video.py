@@ -18,9 +18,9 @@ from typing import Any
 import av
 import numpy as np
 
-from app.client import ServeClient, ServeError
-from app.draw import annotate, encode_jpeg, face_thumbnail, scale_faces, shrink
-from app.tracking import FaceTracker
+from faceage.webapp.client import ServeClient, ServeError
+from faceage.webapp.draw import annotate, encode_jpeg, face_thumbnail, scale_faces, shrink
+from faceage.webapp.tracking import FaceTracker
 
 # Frames above this many pixels on the long side are scaled down for the output video, and
 # frames sent to Serve are smaller still: MTCNN time grows with the pixel count.

@@ -7,7 +7,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.schemas import ApiError
+from faceage.serving.schemas import ApiError
 
 # Content types /predict takes as a raw body: the formats faceage.inference.images decodes.
 # Anything else (text, JSON, SVG, HEIC) is a 415; octet-stream is sniffed like a file.

@@ -15,9 +15,9 @@ from typing import Any
 import av
 import numpy as np
 
-from app.client import ServeError, StreamClient
-from app.draw import annotate, encode_jpeg, scale_faces, shrink
-from app.tracking import FaceTracker
+from faceage.webapp.client import ServeError, StreamClient
+from faceage.webapp.draw import annotate, encode_jpeg, scale_faces, shrink
+from faceage.webapp.tracking import FaceTracker
 
 SEND_MAX_SIDE = 640
 # The sender thread exits after this long without frames (the stream stopped) and is started

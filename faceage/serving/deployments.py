@@ -1,8 +1,8 @@
 """The two model deployments of the Serve application: Detector (MTCNN) and AgeRegressor.
 
-Their own module because they load torch, and the Ingress must not: ``serve/app.py`` (the
+Their own module because they load torch, and the Ingress must not: ``faceage/serving/app.py`` (the
 Ingress and the HTTP API) imports this module only inside its application builder, so an Ingress
-replica, which imports ``serve.app`` to find its class, never loads torch (about 0.4 GB of
+replica, which imports ``faceage.serving.app`` to find its class, never loads torch (about 0.4 GB of
 private memory per process). What the Ingress gets back from them is torch-free too: ``Face``
 (faceage.inference.detection) and ``AgeEstimates`` (faceage.inference.interval) unpickle without
 torch.

@@ -1,0 +1,91 @@
+"""The Serve application's ``args`` (serve/config.yaml's ``applications[0].args``), validated.
+
+Torch-free, like the Ingress that imports it.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from faceage import CHECKOUT, DEFAULT_MODEL_PATH
+from faceage.errors import UserError
+from faceage.inference.detection import DetectorConfig
+from faceage.inference.images import DEFAULT_MAX_PIXELS
+from faceage.inference.interval import DEFAULT_COVERAGE
+from faceage.serving.feedback import FeedbackSettings
+
+MiB = 1024 * 1024
+
+# The live-stream profile's defaults: detect on a copy at most 320 px long, and only faces at
+# least a tenth of the frame's shorter side (a webcam user fills much more).
+STREAM_DETECTOR_DEFAULTS = {"max_side": 320, "min_face_fraction": 0.1}
+
+
+class ServeArgs(BaseModel):
+    """The application's ``args`` in serve/config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_path: str | None = Field(
+        None, description="model file; relative paths are from the repository root (a "
+                          "checkout's; an installed faceage takes absolute paths only) "
+                          "(default: the shipped models/faceage-default.pt)")
+    detector: DetectorConfig = Field(
+        default_factory=DetectorConfig, description="full detection: single photos (/predict)")
+    stream_detector: DetectorConfig = Field(
+        default_factory=lambda: DetectorConfig(**STREAM_DETECTOR_DEFAULTS),
+        description="the live-stream profile: video and webcam frames (/stream, "
+                    "/predict/frames); cheaper settings, measured in docs/serve.md")
+    stream_track_frames: int = Field(
+        10, ge=0, description="on /stream, search only around the previous frame's faces for "
+                              "up to this many frames between whole-frame detections (0: "
+                              "every frame whole); new faces appear at the next whole one")
+    detector_threads: int | None = Field(
+        None, ge=1, description="torch threads per Detector replica (default: Ray's, one per "
+                                "whole CPU of its num_cpus, at least one)")
+    regressor_threads: int | None = Field(
+        None, ge=1, description="torch threads per AgeRegressor replica (default: Ray's)")
+    no_face: Literal["skip", "whole"] = Field(
+        "skip", description="no face found: report none, or age the whole image")
+    tta: bool = Field(False, description="average each face with its mirror image")
+    interval_coverage: float = Field(
+        DEFAULT_COVERAGE, gt=0.0, le=0.99, description="each face's age_interval is the central "
+        "interval covering this share of faces like the model's validation faces")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when the replica was given a GPU (num_gpus)")
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="larger request bodies and "
+                                                               "WebSocket frames get 413")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images get 413, "
+                                                                  "checked before decoding")
+    max_frames: int = Field(32, ge=1, description="most frames in one /predict/frames request")
+    frames_in_flight: int = Field(4, ge=1, description="frames of one /predict/frames request "
+                                                       "detected concurrently")
+    health_timeout_s: float = Field(10.0, gt=0, description="/healthz waits this long for "
+                                                            "the Detector and AgeRegressor")
+    feedback: FeedbackSettings = Field(
+        default_factory=FeedbackSettings, description="corrections from users (POST /feedback); "
+                                                      "off unless feedback.dir is set")
+
+    def resolved_model_path(self) -> Path:
+        if self.model_path is None:
+            return DEFAULT_MODEL_PATH
+        return _from_repo(self.model_path, "args.model_path")
+
+    def resolved_feedback_dir(self) -> Path | None:
+        if self.feedback.dir is None:
+            return None
+        return _from_repo(self.feedback.dir, "args.feedback.dir")
+
+
+def _from_repo(name: str, key: str) -> Path:
+    """``name`` made absolute against the checkout. Replicas and the builder run in Ray workers
+    whose working directory is not the caller's, so an installed faceage (no checkout) takes
+    absolute paths only."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    if CHECKOUT is None:
+        raise UserError(f"{key} {name!r} is a relative path, and this faceage is installed, not "
+                        "a checkout: give an absolute path")
+    return CHECKOUT / path

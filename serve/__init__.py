@@ -1,1 +1,0 @@
-"""The Ray Serve application (``serve/app.py``) and its config (``serve/config.yaml``)."""
