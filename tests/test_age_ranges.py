@@ -292,39 +292,9 @@ def test_censored_laplace_nll_stays_finite_far_from_the_range():
     assert far.item() == pytest.approx(84 / 15 * math.exp(6) + math.log(2), rel=1e-4)
 
 
-def test_an_epoch_on_exact_ranges_is_an_epoch_on_ages_bit_for_bit():
-    """The dataset's (low, high) targets of exact ages train exactly as plain ages did."""
-    from faceage.config import AugmentConfig, ScheduleConfig, StageConfig
-    from faceage.data.augment import BatchAugment
-    from faceage.models.network import build_model
-    from faceage.training.loop import StepContext, build_optimizer, train_one_epoch
-    from faceage.training.schedule import UnfreezeSchedule
-
-    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    ages = torch.tensor([5.0, 18, 27, 33, 61, 80])
-
-    def epoch(targets):
-        torch.manual_seed(0)
-        model = build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.0,
-                            uncertainty="laplace")
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets),
-                                             batch_size=3)
-        cfg = ScheduleConfig(stages=[StageConfig(name="head", train=0, epochs=1, lr=0.01)])
-        schedule = UnfreezeSchedule(cfg, model.group_names(), steps_per_epoch=2)
-        ctx = StepContext(torch.device("cpu"), None, channels_last=False, scaler=None)
-        opt = build_optimizer(model, schedule, schedule.stage_at(0), weight_decay=0.0)
-        stats = train_one_epoch(model, loader, opt, schedule, 0, make_loss("l1"), ctx,
-                                BatchAugment(32, AugmentConfig()), None)
-        return stats, model.state_dict()
-
-    plain, ranged = epoch(ages), epoch(torch.stack([ages, ages], dim=1))
-    assert plain[0]["loss_sum"] == ranged[0]["loss_sum"]
-    assert plain[0]["abs_sum"] == ranged[0]["abs_sum"]
-    assert all(torch.equal(v, ranged[1][k]) for k, v in plain[1].items())
-
-
-def test_an_epoch_trains_on_range_targets():
+def _head_epoch(images: torch.Tensor, targets: torch.Tensor):
+    """One head-only epoch of a small laplace model on ``images`` and ``targets`` (ages, or
+    ranges as (N, 2)), seeded: its stats and the trained weights."""
     from faceage.config import AugmentConfig, ScheduleConfig, StageConfig
     from faceage.data.augment import BatchAugment
     from faceage.models.network import build_model
@@ -334,8 +304,6 @@ def test_an_epoch_trains_on_range_targets():
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.0,
                         uncertainty="laplace")
-    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
-    targets = torch.tensor([[0.0, 6], [31, 45], [20, 20], [7, 12], [50, 50], [67, 80]])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets),
                                          batch_size=3)
     cfg = ScheduleConfig(stages=[StageConfig(name="head", train=0, epochs=1, lr=0.01)])
@@ -344,6 +312,24 @@ def test_an_epoch_trains_on_range_targets():
     opt = build_optimizer(model, schedule, schedule.stage_at(0), weight_decay=0.0)
     stats = train_one_epoch(model, loader, opt, schedule, 0, make_loss("l1"), ctx,
                             BatchAugment(32, AugmentConfig()), None)
+    return stats, model.state_dict()
+
+
+def test_an_epoch_on_exact_ranges_is_an_epoch_on_ages_bit_for_bit():
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    ages = torch.tensor([5.0, 18, 27, 33, 61, 80])
+    plain = _head_epoch(images, ages)
+    ranged = _head_epoch(images, torch.stack([ages, ages], dim=1))
+    assert plain[0]["loss_sum"] == ranged[0]["loss_sum"]
+    assert plain[0]["abs_sum"] == ranged[0]["abs_sum"]
+    assert all(torch.equal(v, ranged[1][k]) for k, v in plain[1].items())
+
+
+def test_an_epoch_trains_on_range_targets():
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    targets = torch.tensor([[0.0, 6], [31, 45], [20, 20], [7, 12], [50, 50], [67, 80]])
+    stats, _ = _head_epoch(images, targets)
     assert stats["images"] == 6 and np.isfinite(stats["loss_sum"])
     assert np.isfinite(stats["abs_sum"]) and stats["abs_sum"] >= 0
 
