@@ -172,7 +172,7 @@ def test_split_by_a_missing_column_names_the_source_and_its_columns(tmp_path, ut
 
 
 def test_prepare_keeps_ranges_and_the_split_column(tmp_path, astronaut_path, rocket_path):
-    from faceage.data.prepare import INDEX_COLUMNS, run_prepare
+    from faceage.data.prepare import DIGEST_COLUMN, INDEX_COLUMNS, file_digest, run_prepare
 
     shutil.copy(astronaut_path, tmp_path / "astronaut.jpg")
     shutil.copy(rocket_path, tmp_path / "rocket.jpg")
@@ -180,7 +180,8 @@ def test_prepare_keeps_ranges_and_the_split_column(tmp_path, astronaut_path, roc
                     "astronaut.jpg,,31,45,F1\nrocket.jpg,30,,,F2\n")
     run_prepare(str(csv), "csv", str(tmp_path / "out"), local=True)
     index = pd.read_csv(tmp_path / "out" / "index.csv")
-    assert list(index.columns) == [*INDEX_COLUMNS, "family"]
+    assert list(index.columns) == [*INDEX_COLUMNS, "family", DIGEST_COLUMN]
+    assert index[DIGEST_COLUMN].iloc[0] == file_digest(tmp_path / "astronaut.jpg")
     df, _ = read_prepared(tmp_path / "out")
     assert (df["age_low"].iloc[0], df["age_high"].iloc[0], df["age"].iloc[0]) == (31, 45, 38)
     data = DataConfig(sources=[SourceConfig(format="prepared", path=str(tmp_path / "out"),

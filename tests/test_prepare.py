@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from faceage.cli import main
-from faceage.data.prepare import INDEX_COLUMNS, crop_name, run_prepare
+from faceage.data.prepare import DIGEST_COLUMN, INDEX_COLUMNS, crop_name, run_prepare
 from faceage.data.readers import read_prepared
 from faceage.inference.alignment import CropPolicy
 from faceage.inference.detection import DetectorConfig
@@ -37,7 +37,7 @@ def manifest(tmp_path_factory, astronaut_path, rocket_path) -> Path:
 
 def _check_prepared(out: Path, manifest: Path) -> None:
     index = pd.read_csv(out / "index.csv")
-    assert list(index.columns) == INDEX_COLUMNS
+    assert list(index.columns) == [*INDEX_COLUMNS, DIGEST_COLUMN]
     by_name = {Path(p).name: row for p, row in zip(index["source_path"], index.to_dict("records"),
                                                    strict=True)}
     assert set(by_name) == {"astronaut.jpg", "mirrored.png", "rocket.jpg", "broken.jpg"}

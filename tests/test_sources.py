@@ -380,16 +380,27 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     subset = prepare_source(specs[0], table.iloc[:1], data, LoadReport(), local=True,
                             say=lines.append)
     assert list(subset["path"]) == list(first["path"])
-    assert "reusing 1 images' crops from the larger prepared set" in lines[-1]
+    assert "reusing 1 images' crops from the prepared set" in lines[-1]
     assert len(list((tmp_path / "prepared").glob("csv-*/prepare.json"))) == 1
 
-    # An image changed after the prepare is not served from it: that subset is prepared anew.
+    # A copy of the data (new modification times, the same bytes) still finds its crops.
+    later = time.time() + 5
+    for name in ("astronaut.jpg", "rocket.jpg"):
+        os.utime(tmp_path / name, (later, later))
+    table, _, specs = read_sources(data)
+    copied = prepare_source(specs[0], table, data, LoadReport(), local=True, say=lines.append)
+    assert list(copied["path"]) == list(first["path"])
+    assert "(the same files, by their bytes)" in lines[-1]
+
+    # An image whose bytes changed after the prepare is not served from it: prepared anew.
     monkeypatch.undo()
-    os.utime(tmp_path / "astronaut.jpg", (time.time() + 5, time.time() + 5))
+    with Image.open(tmp_path / "astronaut.jpg") as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "astronaut.jpg")
     table, _, specs = read_sources(data)
     fresh = prepare_source(specs[0], table.iloc[:1], data, LoadReport(), local=True,
                            say=lines.append)
     assert "preparing 1 images once" in lines[-2] and len(fresh) == 1
+    assert fresh["path"].iloc[0] != first["path"].iloc[0]
     assert len(list((tmp_path / "prepared").glob("csv-*/prepare.json"))) == 2
 
 

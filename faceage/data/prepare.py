@@ -4,13 +4,15 @@ Writes ``OUT/crops/...`` (one aligned crop per image: its largest face), ``OUT/i
 per source image, faceless and unreadable ones included with an empty ``crop_path``; a CSV's
 other columns, such as a ``family`` to split by, after ``INDEX_COLUMNS``) and
 ``OUT/prepare.json`` (the crop policy and detector settings, which training copies into the
-model file). Train on it with ``faceage train --set data.format=prepared data.path=OUT``.
+model file). The index's last column, ``source_digest``, is a digest of each source file's bytes:
+a copy of the data with new modification times still finds its prepared crops. Train on it with ``faceage train --set data.format=prepared data.path=OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import sys
@@ -38,6 +40,17 @@ INDEX_COLUMNS = ["source_path", "crop_path", "age", "age_low", "age_high", "gend
 # What each index row copies from its source row (``group``: "" when it has none).
 LABEL_COLUMNS = ("source_path", "age", "age_low", "age_high", "gender", "race")
 DEFAULT_CROP_SIZE = 200  # the UTKFace chip size; training resizes from here
+DIGEST_COLUMN = "source_digest"
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """A digest of a file's bytes (None when it cannot be read): what a prepared crop was cut
+    from, independent of the file's modification time (a copy or a re-download keeps it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+    except OSError:
+        return None
 
 
 def crop_name(source: str, root: Path) -> str:
@@ -195,7 +208,8 @@ def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: d
         index, workers = _prepare_on_ray(table, actor_kwargs, batch_size, workers)
     index = index.sort_values("source_path").reset_index(drop=True)
     seconds = time.perf_counter() - started
-    index = index[INDEX_COLUMNS + extras]
+    index = index[INDEX_COLUMNS + [c for c in extras if c != DIGEST_COLUMN]]
+    index[DIGEST_COLUMN] = [file_digest(p) or "" for p in index["source_path"]]
     index.to_csv(out_dir / "index.csv", index=False)
     counts = index["status"].value_counts().to_dict()
     summary = {

@@ -28,7 +28,7 @@ import pandas as pd
 from filelock import FileLock
 
 from faceage.config import DataConfig
-from faceage.data.prepare import DEFAULT_CROP_SIZE, prepare_table
+from faceage.data.prepare import DEFAULT_CROP_SIZE, DIGEST_COLUMN, file_digest, prepare_table
 from faceage.data.readers import (
     FORMATS,
     GENDER_CODES,
@@ -263,29 +263,39 @@ def prepare_key(origins: Sequence[str], policy: dict, size: int, detector: dict)
 def find_covering_prepare(root: Path, fmt: str, origins: Sequence[str], policy: dict, size: int,
                           detector: dict) -> Path | None:
     """A finished prepared set of this format, crop policy, size and detector that holds every
-    one of ``origins`` and is newer than each of them (a run on a subset, such as a ``limit``,
-    reuses a full prepare instead of detecting the faces again); None when there is none."""
+    one of ``origins`` as they are now; None when there is none. It may hold more (a run on a
+    subset, such as a ``limit``, reuses a full prepare instead of detecting the faces again), and
+    the files may have new modification times with the same bytes (a copy, a re-download): its
+    index's digests are compared with the files'. A set written before the index had digests
+    counts when it is newer than each file."""
     wanted = set(origins)
     policy, detector = json.loads(json.dumps(policy)), json.loads(json.dumps(detector))
-    newest = 0.0
-    for p in wanted:
-        try:
-            newest = max(newest, os.stat(p).st_mtime)
-        except OSError:
-            return None
+    digests: dict[str, str | None] | None = None  # of the wanted files, read once when needed
+    newest: float | None = None
     for meta_path in sorted(root.glob(f"{fmt}-*/prepare.json")):
         try:
             meta = json.loads(meta_path.read_text())
             if (meta.get("crop_policy") != policy or meta.get("crop_size") != size
-                    or meta.get("detector") != detector
-                    or meta_path.stat().st_mtime < newest):
+                    or meta.get("detector") != detector):
                 continue
-            index = pd.read_csv(meta_path.parent / "index.csv", usecols=["source_path"],
-                                keep_default_na=False)
+            index = pd.read_csv(meta_path.parent / "index.csv", keep_default_na=False,
+                                usecols=lambda c: c in ("source_path", DIGEST_COLUMN))
+            recorded = dict(zip((os.path.realpath(p) for p in index["source_path"]),
+                                index.get(DIGEST_COLUMN, [""] * len(index))))
+            if not wanted <= recorded.keys():
+                continue
+            if DIGEST_COLUMN in index.columns:
+                if digests is None:
+                    digests = {p: file_digest(p) for p in wanted}
+                if all(digests[p] is not None and digests[p] == recorded[p] for p in wanted):
+                    return meta_path.parent
+                continue
+            if newest is None:
+                newest = max(os.stat(p).st_mtime for p in wanted)
+            if meta_path.stat().st_mtime >= newest:
+                return meta_path.parent
         except (OSError, ValueError):
             continue
-        if wanted <= {os.path.realpath(p) for p in index["source_path"]}:
-            return meta_path.parent
     return None
 
 
@@ -312,8 +322,8 @@ def prepare_source(spec: SourceSpec, rows: pd.DataFrame, data: DataConfig,
             root, spec.format, origins, policy_meta, DEFAULT_CROP_SIZE, detector_meta)
         if covering is not None:
             out = covering
-            say(f"[faceage] {spec.name}: reusing {len(rows)} images' crops from the larger "
-                f"prepared set in {out}")
+            say(f"[faceage] {spec.name}: reusing {len(rows)} images' crops from the prepared "
+                f"set in {out} (the same files, by their bytes)")
         elif (out / "prepare.json").is_file():
             say(f"[faceage] {spec.name}: reusing the prepared crops in {out}")
         else:
