@@ -5,7 +5,8 @@ per source image, faceless and unreadable ones included with an empty ``crop_pat
 other columns, such as a ``family`` to split by, after ``INDEX_COLUMNS``) and
 ``OUT/prepare.json`` (the crop policy and detector settings, which training copies into the
 model file). The index's last column, ``source_digest``, is a digest of each source file's bytes:
-a copy of the data with new modification times still finds its prepared crops. Train on it with ``faceage train --set data.format=prepared data.path=OUT``.
+a copy of the data with new modification times still finds its prepared crops. Train on it
+with ``faceage train --set data.format=prepared data.path=OUT``.
 """
 
 from __future__ import annotations

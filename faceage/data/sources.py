@@ -281,7 +281,7 @@ def find_covering_prepare(root: Path, fmt: str, origins: Sequence[str], policy: 
             index = pd.read_csv(meta_path.parent / "index.csv", keep_default_na=False,
                                 usecols=lambda c: c in ("source_path", DIGEST_COLUMN))
             recorded = dict(zip((os.path.realpath(p) for p in index["source_path"]),
-                                index.get(DIGEST_COLUMN, [""] * len(index))))
+                                index.get(DIGEST_COLUMN, [""] * len(index)), strict=True))
             if not wanted <= recorded.keys():
                 continue
             if DIGEST_COLUMN in index.columns:
