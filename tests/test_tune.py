@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from faceage.cli import main as cli_main
+from faceage.config import load_config
 from faceage.errors import UserError
 from faceage.inference.modelfile import load_model_file
 from faceage.training.tune.driver import run_tune
@@ -179,6 +180,22 @@ def test_shipped_tune_config_is_valid_offline(monkeypatch):
                                           "schedule", "loss"}
     # Only MobileNetV2's ImageNet weights are available offline; the default space needs none.
     assert next(d for d in plan.dims if d.key == "pretrained").values == ["none"]
+
+
+def test_a_users_tune_yaml_naming_a_shipped_config_finds_it_from_any_folder(tmp_path,
+                                                                            monkeypatch):
+    """``train_config: configs/train.yaml`` from a folder without it (an installed wheel): the
+    config faceage ships; a name faceage does not ship stays an error naming it."""
+    monkeypatch.chdir(tmp_path)
+    mine = write_yaml(tmp_path / "mine.yaml", {"train_config": "configs/train.yaml",
+                                               "space": {"train.batch_size": [8, 16]}})
+    plan = plan_search(load_tune_settings(mine), tmp_path)
+    shipped = load_config(str(REPO / "configs" / "train.yaml"))
+    assert plan.base.model == shipped.model and plan.base.schedule == shipped.schedule
+    typo = write_yaml(tmp_path / "typo.yaml", {"train_config": "configs/trian.yaml",
+                                               "space": {"train.batch_size": [8, 16]}})
+    with pytest.raises(UserError, match="trian.yaml"):
+        plan_search(load_tune_settings(typo), tmp_path)
 
 
 def test_relative_storage_in_a_ray_job_gets_a_clear_message(tiny_utkface, tmp_path,

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from faceage import bundled_path
 from faceage.config import (
     Config,
     StageConfig,
@@ -233,10 +234,14 @@ def plan_search(settings: TuneSettings, config_dir: Path | None = None) -> TuneP
 
     raw: dict[str, Any] = {}
     if settings.train_config:
-        # Relative to the working directory, as --config is; else beside the tune YAML.
+        # Relative to the working directory, as --config is; else beside the tune YAML; else,
+        # for configs/X.yaml that faceage ships (an installed wheel), the packaged copy.
         p = Path(settings.train_config).expanduser()
         if not p.is_file() and config_dir is not None and (config_dir / p.name).is_file():
             p = config_dir / p.name
+        elif not p.is_file() and not p.is_absolute() and p.parts[:-1] in ((), ("configs",)):
+            shipped = bundled_path(f"configs/{p.name}")
+            p = shipped if shipped.is_file() else p
         raw = read_yaml_mapping(p, "train_config")
     _deep_merge(raw, settings.base)
     raw.update(name=settings.name, storage_path=settings.storage_path)
