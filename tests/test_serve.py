@@ -547,53 +547,99 @@ def test_load_has_no_errors_and_flat_memory(serve_app, serve_url, frames_640x480
     assert total_after <= total_before * 1.15 + 100, (before, after)
 
 
-def test_killed_detector_replicas_recover_by_themselves(serve_app, serve_url, frames_640x480):
-    """SIGKILL every Detector replica process under load; Serve starts new ones unaided."""
-    victims = replica_processes(serve_app, "Detector")
-    assert victims
+def stream_load(url: str, frames: list[bytes], stop: threading.Event,
+                outcomes: list[Outcome]) -> None:
+    """One /stream socket sending frames one at a time until ``stop``: each answer appended as
+    an ``Outcome`` (200 for faces, else the frame's own status); a closed socket appends status
+    0 and reconnects."""
+    ws_url, i = url.replace("http://", "ws://") + "/stream", 0
+    while not stop.is_set():
+        try:
+            with ws_connect(ws_url, open_timeout=TIMEOUT, max_size=None) as ws:
+                while not stop.is_set():
+                    start = time.monotonic()
+                    ws.send(frames[i % len(frames)])
+                    result = json.loads(ws.recv(timeout=120))
+                    outcomes.append(Outcome(start, time.monotonic(),
+                                            200 if "faces" in result else result["status"],
+                                            "" if "faces" in result else result["error"]))
+                    i += 1
+        except Exception as exc:  # the socket closed (or never opened): reconnect
+            outcomes.append(Outcome(time.monotonic(), time.monotonic(), 0, repr(exc)))
+            time.sleep(0.5)
+
+
+def test_killed_model_replicas_recover_by_themselves(serve_app, serve_url, frames_640x480):
+    """SIGKILL the AgeRegressor and then every Detector replica under 8 HTTP clients and one
+    /stream socket: no 500s (only 200s and 503s), the socket stays open with an error message
+    for each frame that failed, and Serve starts new replicas unaided."""
+    victims = replica_processes(serve_app, "AgeRegressor") + \
+        replica_processes(serve_app, "Detector")
+    assert len(victims) >= 2
     before = replica_pids(serve_app)
     stop = threading.Event()
     results: list[Outcome] = []
+    streamed: list[Outcome] = []
     worker = threading.Thread(target=load, args=(serve_url, frames_640x480, 8, 300, stop),
                               kwargs={"timeout": 300, "outcomes": results})
+    streamer = threading.Thread(target=stream_load,
+                                args=(serve_url, frames_640x480, stop, streamed))
     worker.start()
+    streamer.start()
     try:
-        wait_until(lambda: any(o.status == 200 for o in results), 120,
-                   what="a first answer under load")
+        wait_until(lambda: any(o.status == 200 for o in results)
+                   and any(o.status == 200 for o in streamed), 120,
+                   what="first answers under load")
         killed_at = time.monotonic()
-        for proc in victims:
+        victims[0].kill()  # the AgeRegressor
+        time.sleep(0.5)
+        for proc in victims[1:]:
             proc.kill()
         killed = {proc.pid for proc in victims}
-        # Recovered: as many Detector replicas as were killed are running again (new PIDs, past
-        # their constructor), and a request that began after the kill succeeded.
-        wait_until(lambda: len([r for r in ready_replicas(serve_app, "Detector")
-                                if r.pid not in killed]) == len(victims), 280,
-                   what="new Detector replicas after the kill")
+        # Recovered: as many replicas as were killed are running again (new PIDs, past their
+        # constructor), and a request and a frame that began after the kill succeeded.
+        wait_until(lambda: sum(len([r for r in ready_replicas(serve_app, name)
+                                    if r.pid not in killed])
+                               for name in ("AgeRegressor", "Detector")) == len(victims),
+                   280, what="new model replicas after the kill")
         replaced_at = time.monotonic()
-        wait_until(lambda: any(o.status == 200 and o.started > killed_at for o in results),
+        wait_until(lambda: any(o.status == 200 and o.started > killed_at for o in results)
+                   and any(o.status == 200 and o.started > killed_at for o in streamed),
                    max(1.0, killed_at + 280 - time.monotonic()),
-                   what="a successful request after the kill")
+                   what="a successful request and frame after the kill")
         # Then more load, to see it stays: 8 more answers to requests begun after recovery.
-        wait_until(lambda: sum(o.started > replaced_at for o in results) >= 8, 120,
-                   what="8 more answers after the recovery")
+        wait_until(lambda: sum(o.started > replaced_at for o in results) >= 8
+                   and sum(o.started > replaced_at for o in streamed) >= 2, 120,
+                   what="8 more answers and 2 more frames after the recovery")
     finally:
         stop.set()
         worker.join()
+        streamer.join()
     after_kill = [o for o in results if o.ended > killed_at]
     failed = [o for o in after_kill if o.status != 200]
+    frames_after = [o for o in streamed if o.ended > killed_at]
+    frames_failed = [o for o in frames_after if o.status != 200]
     recovered = [o.ended for o in after_kill if o.status == 200 and o.started > killed_at]
-    new = replica_processes(serve_app, "Detector")
+    new = replica_processes(serve_app, "AgeRegressor") + replica_processes(serve_app, "Detector")
     after = replica_pids(serve_app)
     # What replicas_survive relies on: a killed replica shows as changed PIDs.
-    assert after["Detector"] != before["Detector"] and after["Detector"].isdisjoint(killed)
-    assert len(after["Detector"]) == len(before["Detector"])
-    print(f"\nfault: killed Detector pids {[p.pid for p in victims]} under 8 clients; "
+    for name in ("AgeRegressor", "Detector"):
+        assert after[name] != before[name] and after[name].isdisjoint(killed)
+        assert len(after[name]) == len(before[name])
+    assert after["Ingress"] == before["Ingress"]
+    print(f"\nfault: killed AgeRegressor pid {victims[0].pid}, then Detector pids "
+          f"{[p.pid for p in victims[1:]]}, under 8 clients and a /stream socket; "
           f"{len(failed)} of {len(after_kill)} requests after the kill failed "
-          f"({dict(Counter(o.status for o in failed))}); first success "
-          f"{min(recovered) - killed_at:.1f} s after the kill; {len(victims)} new replicas "
-          f"running {replaced_at - killed_at:.1f} s after it (pids {[p.pid for p in new]})")
-    assert {p.pid for p in new}.isdisjoint(p.pid for p in victims)
+          f"({dict(Counter(o.status for o in failed))}); {len(frames_failed)} of "
+          f"{len(frames_after)} frames ({dict(Counter(o.status for o in frames_failed))}); "
+          f"first success {min(recovered) - killed_at:.1f} s after the kill; {len(victims)} "
+          f"new replicas running {replaced_at - killed_at:.1f} s after it "
+          f"(pids {[p.pid for p in new]})")
+    assert {p.pid for p in new}.isdisjoint(killed)
     assert all(o.status in (200, 503) for o in after_kill), [o.body for o in failed][:5]
+    # The socket never closed: each failed frame got its own error message, and it went on.
+    assert all(o.status in (200, 503) for o in streamed), [o.body for o in frames_failed][:5]
+    assert all("restarting" in o.body or "capacity" in o.body for o in frames_failed)
     last = sorted(after_kill, key=lambda o: o.started)[-8:]
     assert all(o.status == 200 for o in last), summary(last)
     assert requests.get(serve_url + "/healthz", timeout=TIMEOUT).status_code == 200
