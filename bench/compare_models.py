@@ -9,6 +9,8 @@ and the signed error of an age band (AAF adults 30-59 by default).
     uv run python bench/compare_models.py \\
         --model old=runs/models/faceage-0.1.0.pt --model new=models/faceage-default.pt \\
         --data utkface:../shared/data/utkface --data aaf:../shared/data/aaf
+    uv run python bench/compare_models.py --model old=OLD.pt --model new=NEW.pt \\
+        --config configs/multi.yaml         # its sources: KFAD split by family, range tables
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from faceage.cli import main as cli_main
 
 
 def evaluate(label: str, model: str, data: list[str], split: str, tta: bool,
-             out_dir: Path, reuse: bool = False) -> tuple[dict, pd.DataFrame]:
+             out_dir: Path, reuse: bool = False,
+             config: str | None = None) -> tuple[dict, pd.DataFrame]:
     report = out_dir / f"{label}-{split}.json"
     if reuse and report.is_file() and report.stat().st_mtime > Path(model).stat().st_mtime:
         earlier = json.loads(report.read_text())
@@ -33,7 +36,7 @@ def evaluate(label: str, model: str, data: list[str], split: str, tta: bool,
             print(f"[compare] {label}: reusing {report}", file=sys.stderr)
             return earlier, pd.read_csv(report.with_suffix(".csv"), keep_default_na=False)
     args = ["evaluate", "--model", model, "--split", split, "--report", str(report),
-            "--no-mlflow"]
+            "--no-mlflow"] + (["--config", config] if config else [])
     for d in data:
         args += ["--data", d]
     if tta:
@@ -53,7 +56,9 @@ def fmt(v: float, digits: int = 2, signed: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, metavar="LABEL=PATH")
-    p.add_argument("--data", action="append", required=True, metavar="FORMAT:PATH")
+    p.add_argument("--data", action="append", default=[], metavar="FORMAT:PATH")
+    p.add_argument("--config", help="a training config: its data sources (e.g. KFAD split by "
+                                     "family), instead of or besides --data")
     p.add_argument("--split", default="test", choices=("val", "test", "all"))
     p.add_argument("--no-tta", action="store_true")
     p.add_argument("--band", default="aaf:30-59",
@@ -62,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="reuse a model's earlier report in --out (same file, newer than it)")
     args = p.parse_args(argv)
+    if not args.data and not args.config:
+        p.error("give --data FORMAT:PATH (repeatable) or --config CONFIG")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = [m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in args.model]
     results = {label: evaluate(label, path, args.data, args.split, not args.no_tta, out_dir,
-                               args.reuse)
+                               args.reuse, args.config)
                for label, path in models}
     labels = [label for label, _ in models]
     sources = list(next(iter(results.values()))[0]["sources"])
@@ -104,6 +111,40 @@ def main(argv: list[str] | None = None) -> int:
                     n = row["n"]
                     cells += [fmt(row["mae"]), fmt(row.get("signed", float("nan")), signed=True)]
                 print(f"| {src} | {k} | {n} | " + " | ".join(cells) + " |")
+
+    ranged = [s for s in sources if results[labels[0]][0]["sources"][s].get("range")]
+    for src in ranged:
+        print(f"\n## {src}: range labels (in the range, within one range, signed error to the "
+              "range's middle)\n")
+        head = " | ".join(f"{label} in | {label} within one | {label} signed" for label in labels)
+        print(f"| range | n | {head} |\n|---|---:|" + "---:|" * 3 * len(labels))
+        for k in ["all", *results[labels[0]][0]["sources"][src]["range_by_range"]]:
+            cells, n = [], None
+            for label in labels:
+                b = results[label][0]["sources"][src]
+                row = b["range"] if k == "all" else b["range_by_range"].get(k)
+                if row is None:
+                    cells += ["-"] * 3
+                    continue
+                n = row["n"]
+                cells += [f"{row['accuracy']:.1%}", f"{row['within_one']:.1%}",
+                          fmt(row["signed"], signed=True)]
+            print(f"| {k} | {n} | " + " | ".join(cells) + " |")
+
+    print("\n## 80 % interval coverage by age band (exact ages)\n")
+    head = " | ".join(f"{label} coverage | {label} width" for label in labels)
+    print(f"| source | band | n | {head} |\n|---|---|---:|" + "---:|" * 2 * len(labels))
+    for src in sources:
+        for k in results[labels[0]][0]["sources"][src].get("interval_by_band", {}):
+            cells, n = [], None
+            for label in labels:
+                row = results[label][0]["sources"][src].get("interval_by_band", {}).get(k)
+                if not row:
+                    cells += ["-", "-"]
+                    continue
+                n = row["n"]
+                cells += [f"{row['coverage']:.1%}", f"{row['mean_width']:.1f}"]
+            print(f"| {src} | {k} | {n} | " + " | ".join(cells) + " |")
 
     src, _, rng = args.band.partition(":")
     lo, hi = (float(x) for x in rng.split("-"))
