@@ -1,6 +1,7 @@
 """Throughput, latency and memory of the Serve API against the in-process pipeline.
 
-    uv run python bench/serve_load.py                     # the shipped model, 15 s per level
+    uv run python bench/serve_load.py         # the shipped model, 3 rounds, 15 s per level
+    uv run python bench/serve_load.py --rounds 5 --seconds 12 --clients 1 4 --paths predict stream
     uv run python bench/serve_load.py --model m.pt --seconds 20 --clients 1 4 16
     uv run python bench/serve_load.py --paths predict stream --soak 300   # + memory after a soak
 
@@ -11,7 +12,10 @@ Paths: ``predict`` POSTs each frame to /predict (full detection, the photo profi
 sends frames over one WebSocket per client to /stream (the live-stream profile; a client sends
 the next frame when the previous answer is back, as the webcam page does), ``unbatched`` is
 /predict with AgeRegressor's max_batch_size 1. The in-process rows are FacePipeline on the same
-bytes (decode, detect, align, age) in this process, with each detection profile.
+bytes (decode, detect, align, age) in this process, with each detection profile, run while the
+Serve application is up and idle. Every variant runs once per round, in turn, ``--rounds`` times:
+the table has medians over the rounds and the ratios of each Serve row to in-process are taken
+within each round (a busy minute on a shared machine slows the variants beside each other).
 
 ``--soak S`` then runs 16 /predict clients (``--soak-clients``) for S seconds and reports each
 replica's private memory (USS: pages no other process shares) and resident memory. Every level
@@ -23,6 +27,7 @@ are not meaningful.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import platform
@@ -183,50 +188,16 @@ def replica_memory(service: LocalServe) -> list[dict]:
     return sorted(rows, key=lambda r: (order.get(r["process"], 9), r["process"], r["pid"]))
 
 
-def serve_rows(model: Path, paths: list[str], frames, levels, seconds, warmup, num_cpus,
-               soak: float, soak_clients: int, overrides: dict) -> tuple[list, list]:
-    """Rows per path and level, and (after ``soak`` seconds at ``soak_clients``) memory rows."""
-    rows, memory = [], []
-    batched = [p for p in paths if p != "unbatched"]
-    runs = ([(batched, {})] if batched else []) + ([(["unbatched"], {
-        "deployments.AgeRegressor.user_config": {"max_batch_size": 1,
-                                                 "batch_wait_timeout_s": 0.0}})]
-        if "unbatched" in paths else [])
-    for run_paths, extra in runs:
-        config = {"args.model_path": str(model), **overrides, **extra}
-        print(f"[bench] starting serve/config.yaml for {run_paths} ...", file=sys.stderr,
-              flush=True)
-        with LocalServe(config, num_cpus=num_cpus, timeout=900) as service:
-            for path in run_paths:
-                label = PATH_LABELS[path]
-                for clients in levels:
-                    opened: list = []
-                    call = (stream_call(service.url, opened) if path == "stream"
-                            else http_call(service.url))
-                    try:
-                        row = run_level(call, frames, clients, seconds, warmup)
-                    finally:
-                        for client in opened:
-                            client.close()
-                    rows.append({"path": label, **row})
-                    print(f"[bench] {label}: {clients} clients: {row['throughput']:.2f} "
-                          f"frames/s, p50 {row['p50']:.0f} ms", file=sys.stderr, flush=True)
-            if soak and run_paths is batched:
-                print(f"[bench] soak: {soak_clients} clients on /predict for {soak:.0f} s ...",
-                      file=sys.stderr, flush=True)
-                row = run_level(http_call(service.url), frames, soak_clients, soak, 0.0)
-                rows.append({"path": f"Serve /predict, {soak:.0f} s soak", **row})
-                memory = replica_memory(service)
-    return rows, memory
-
-
-def in_process_rows(model: Path, frames, seconds, warmup, profiles: dict) -> list:
+def in_process_variants(model: Path, profiles: dict,
+                        frame: bytes) -> list[tuple[str, int, object]]:
+    """One 1-client variant per detection profile: FacePipeline on the frame bytes here, called
+    once before (torch's first call sets up its kernels, as Serve's replicas do at start)."""
     from faceage.inference.images import load_image
     from faceage.inference.modelfile import load_model_file
     from faceage.inference.pipeline import FacePipeline, face_records
 
     loaded = load_model_file(model)
-    rows = []
+    variants = []
     for label, detector in profiles.items():
         pipeline = FacePipeline(loaded, detector=detector)
 
@@ -243,11 +214,77 @@ def in_process_rows(model: Path, frames, seconds, warmup, profiles: dict) -> lis
                      "age": (done - found) * 1000, "total": (done - start) * 1000}
                     if len(faces) == 1 else None)
 
-        row = run_level(call, frames, 1, seconds, warmup)
-        print(f"[bench] in-process, {label}: {row['throughput']:.2f} frames/s, p50 "
-              f"{row['p50']:.0f} ms", file=sys.stderr, flush=True)
-        rows.append({"path": f"in-process FacePipeline, {label}", **row})
-    return rows
+        call(frame)
+        variants.append((f"in-process FacePipeline, {label}", 1, lambda c=call: (c, [])))
+    return variants
+
+
+def serve_variants(url: str, paths: list[str], levels: list[int]) -> list[tuple[str, int, object]]:
+    """A variant per Serve path and client count; each makes a fresh ``call`` (and the
+    /stream clients to close after its level)."""
+    out = []
+    for path in paths:
+        for clients in levels:
+            if path == "stream":
+                def make(url=url):
+                    opened: list = []
+                    return stream_call(url, opened), opened
+            else:
+                def make(url=url):
+                    return http_call(url), []
+            out.append((PATH_LABELS[path], clients, make))
+    return out
+
+
+def run_rounds(variants, frames, rounds: int, seconds: float, warmup: float,
+               results: dict) -> None:
+    """Every variant once per round, in order, ``rounds`` times: the variants see the same
+    machine state (a busy minute slows all of them), and the ratios are taken per round."""
+    for r in range(rounds):
+        for label, clients, make in variants:
+            call, opened = make()
+            try:
+                row = run_level(call, frames, clients, seconds, warmup)
+            finally:
+                for client in opened:
+                    client.close()
+            results.setdefault((label, clients), []).append(row)
+            print(f"[bench] round {r + 1}/{rounds}, {label}: {clients} clients: "
+                  f"{row['throughput']:.2f} frames/s, p50 {row['p50']:.0f} ms",
+                  file=sys.stderr, flush=True)
+
+
+def median_row(label: str, clients: int, rows: list[dict]) -> dict:
+    """The median over rounds of each figure (and of each stage's median)."""
+    keys = ("throughput", "p50", "p95", "p99")
+    stages = {k: float(np.median([r["stages"][k] for r in rows if k in r["stages"]]))
+              for k in dict.fromkeys(k for r in rows for k in r["stages"])}
+    return {"path": label, "clients": clients, "rounds": len(rows),
+            "ok": sum(r["ok"] for r in rows), "errors": sum(r["errors"] for r in rows),
+            "stages": stages, "low": min(r["throughput"] for r in rows),
+            "high": max(r["throughput"] for r in rows),
+            **{k: float(np.median([r[k] for r in rows])) for k in keys}}
+
+
+def ratio_table(results: dict) -> str:
+    """Each Serve row against the in-process row of its detection profile, per round."""
+    reference = {"Serve /predict": "in-process FacePipeline, photo profile",
+                 "Serve /stream": "in-process FacePipeline, stream profile"}
+    head = ("| path | clients | frames/s ÷ in-process, median [min–max] | p50 minus in-process "
+            "p50, median ms |\n|---|---:|---:|---:|")
+    lines = []
+    for (label, clients), rows in results.items():
+        base = results.get((reference.get(label, ""), 1))
+        if not base:
+            continue
+        pairs = [(a, b) for a, b in zip(rows, base, strict=False) if b["throughput"] > 0]
+        if not pairs:
+            continue
+        ratios = [a["throughput"] / b["throughput"] for a, b in pairs]
+        gaps = [a["p50"] - b["p50"] for a, b in pairs]
+        lines.append(f"| {label} | {clients} | {np.median(ratios):.2f}x "
+                     f"[{min(ratios):.2f}–{max(ratios):.2f}] | {np.median(gaps):+.0f} |")
+    return "\n".join([head, *lines])
 
 
 def breakdown_table(rows: list[dict]) -> str:
@@ -286,10 +323,11 @@ def memory_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| path | clients | frames/s | p50 ms | p95 ms | p99 ms | frames | errors |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['path']} | {r['clients']} | {r['throughput']:.2f} | {r['p50']:.0f} | "
-             f"{r['p95']:.0f} | {r['p99']:.0f} | {r['ok']} | {r['errors']} |" for r in rows]
+    head = ("| path | clients | rounds | frames/s (median) | [min–max] | p50 ms | p95 ms | "
+            "p99 ms | frames | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['path']} | {r['clients']} | {r['rounds']} | {r['throughput']:.2f} | "
+             f"{r['low']:.2f}–{r['high']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
+             f"{r['p99']:.0f} | {r['ok']} | {r['errors']} |" for r in rows]
     return "\n".join([head, *lines])
 
 
@@ -301,6 +339,9 @@ def main() -> int:
     p.add_argument("--paths", nargs="+", default=["predict", "stream"],
                    choices=["predict", "stream", "unbatched"])
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per level")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="every variant once per round, interleaved; medians and per-round "
+                        "ratios over the rounds")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per level")
     p.add_argument("--num-cpus", type=float, default=2, help="CPUs of the private Ray instance")
     p.add_argument("--soak", type=float, default=0.0,
@@ -330,25 +371,48 @@ def main() -> int:
         frames = make_frames()
         load_before = os.getloadavg()
         started = time.time()
-        rows: list[dict] = []
-        if not args.no_inprocess:
-            rows += in_process_rows(model, frames, args.seconds, args.warmup, profiles)
-        serve, memory = serve_rows(model, args.paths, frames, args.clients, args.seconds,
-                                   args.warmup, args.num_cpus, args.soak, args.soak_clients,
-                                   overrides)
-        rows += serve
+        results: dict = {}
+        memory: list = []
+        inproc = [] if args.no_inprocess else in_process_variants(model, profiles, frames[0])
+        batched = [p for p in args.paths if p != "unbatched"]
+        config = {"args.model_path": str(model), **overrides}
+        if batched or inproc:
+            with LocalServe(config, num_cpus=args.num_cpus, timeout=900) if batched \
+                    else contextlib.nullcontext() as service:
+                # The in-process variants run while Serve is up and idle, in the same rounds.
+                variants = inproc + (serve_variants(service.url, batched, args.clients)
+                                     if batched else [])
+                run_rounds(variants, frames, args.rounds, args.seconds, args.warmup, results)
+                if args.soak and batched:
+                    print(f"[bench] soak: {args.soak_clients} clients on /predict for "
+                          f"{args.soak:.0f} s ...", file=sys.stderr, flush=True)
+                    row = run_level(http_call(service.url), frames, args.soak_clients,
+                                    args.soak, 0.0)
+                    results[(f"Serve /predict, {args.soak:.0f} s soak", args.soak_clients)] = [row]
+                    memory = replica_memory(service)
+        if "unbatched" in args.paths:  # another configuration: its own instance and rounds
+            config["deployments.AgeRegressor.user_config"] = {"max_batch_size": 1,
+                                                             "batch_wait_timeout_s": 0.0}
+            with LocalServe(config, num_cpus=args.num_cpus, timeout=900) as service:
+                run_rounds(serve_variants(service.url, ["unbatched"], args.clients), frames,
+                           args.rounds, args.seconds, args.warmup, results)
         load_after = os.getloadavg()
 
-    print(f"\n640x480 JPEG frames, one face each; model {model.name}; {args.seconds:.0f} s "
-          f"measured per level after {args.warmup:.0f} s warm-up; Ray with {args.num_cpus:g} "
-          f"CPUs; {os.cpu_count()} cores ({platform.processor() or platform.machine()}); load "
-          f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
-          f"{time.time() - started:.0f} s in all"
+    rows = [median_row(label, clients, r) for (label, clients), r in results.items()]
+    print(f"\n640x480 JPEG frames, one face each; model {model.name}; {args.rounds} round(s) of "
+          f"every variant in turn, each {args.seconds:.0f} s measured after {args.warmup:.0f} s "
+          f"warm-up; Ray with {args.num_cpus:g} CPUs; {os.cpu_count()} cores "
+          f"({platform.processor() or platform.machine()}); load average {load_before[0]:.1f} "
+          f"before, {load_after[0]:.1f} after; {time.time() - started:.0f} s in all"
           + (f"; overrides {overrides}" if overrides else "") + "\n")
     print(table(rows))
-    print("\nOne client, medians in ms (HTTP + proxy: the client's round trip less the Ingress's "
-          "total; Detector hop: its call less decode and detect; age call: the AgeRegressor "
-          "call with its hops):\n")
+    if inproc and batched:
+        print("\nRatios within each round (Serve /predict against in-process with the photo "
+              "profile, /stream against the stream profile):\n")
+        print(ratio_table(results))
+    print("\nOne client, medians over rounds of each round's median, in ms (HTTP + proxy: the "
+          "client's round trip less the Ingress's total; Detector hop: its call less decode and "
+          "detect; age call: the AgeRegressor call with its hops):\n")
     print(breakdown_table(rows))
     if memory:
         print(f"\nMemory after {args.soak:.0f} s of {args.soak_clients} clients on /predict:\n")
