@@ -218,6 +218,25 @@ def test_retry_after_is_capped_and_only_503_is_retried(scripted_serve, monkeypat
     assert len(down.requests) == 1
 
 
+def test_a_500_is_retried_once(scripted_serve):
+    """An Ingress replica that dies answers its requests with the proxy's plain 500; the retry
+    reaches a live one. A second 500 is reported, not retried again."""
+    lost = (500, {}, "Internal Server Error")
+    serve = scripted_serve(lost, FACES)
+    with ServeClient(serve.url) as client:
+        assert client.predict(b"jpeg")["faces"][0]["age"] == 30
+    assert len(serve.requests) == 2
+    broken = scripted_serve(lost)
+    with ServeClient(broken.url) as client, pytest.raises(ServeError) as failed:
+        client.predict(b"jpeg")
+    assert failed.value.status == 500 and len(broken.requests) == 2
+    # A 500 after a 503 (a shed request, then a lost Ingress) still gets its one retry.
+    mixed = scripted_serve(SHED, lost, FACES)
+    with ServeClient(mixed.url) as client:
+        assert client.predict(b"jpeg")["faces"][0]["age"] == 30
+    assert len(mixed.requests) == 3
+
+
 def test_drawing_helpers():
     rgb = np.full((100, 200, 3), 128, np.uint8)
     out = annotate(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")

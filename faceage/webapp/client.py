@@ -43,9 +43,21 @@ class ServeError(Exception):
 
 class ShedLoadRetry(Retry):
     """urllib3's Retry, honouring Retry-After only on 503 and never waiting over
-    ``MAX_RETRY_WAIT_S`` (a 413 or 429 with Retry-After is the input's problem, not retried)."""
+    ``MAX_RETRY_WAIT_S`` (a 413 or 429 with Retry-After is the input's problem, not retried).
+
+    A 500 is retried **once**: the Serve proxy answers a plain 500 for each request an Ingress
+    replica held when it died (a model replica's death is a 503 from the Ingress), and Serve
+    routes the retry to a live or restarted Ingress (docs/serve.md, "Replica deaths"). The
+    application itself answers no 500 on purpose, so a bug's 500 costs one more request."""
 
     RETRY_AFTER_STATUS_CODES = frozenset({503})
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if status_code == 500:
+            return (method.upper() in (self.allowed_methods or ())
+                    and not any(h.status == 500 for h in self.history)
+                    and bool(self.total is None or self.total > 0))
+        return super().is_retry(method, status_code, has_retry_after)
 
     def get_retry_after(self, response) -> float | None:
         seconds = super().get_retry_after(response)
@@ -53,9 +65,10 @@ class ShedLoadRetry(Retry):
 
 
 def predict_retry(retries: int = PREDICT_RETRIES) -> Retry:
-    """Retry a 503 ``retries`` times after its Retry-After (else a backoff from 0.25 s, capped);
-    POST included, since predicting is idempotent. Nothing else is retried: a refused connection
-    or a read timeout is reported at once, and the last 503 is returned, not raised."""
+    """Retry a 503 ``retries`` times after its Retry-After (else a backoff from 0.25 s, capped)
+    and a 500 once (``ShedLoadRetry``); POST included, since predicting is idempotent. Nothing
+    else is retried: a refused connection or a read timeout is reported at once, and the last
+    answer is returned, not raised."""
     return ShedLoadRetry(total=retries, connect=0, read=False, other=0, status=retries,
                          status_forcelist=(503,), allowed_methods=frozenset({"GET", "POST"}),
                          respect_retry_after_header=True, backoff_factor=0.25,
