@@ -130,7 +130,8 @@ class ServeClient:
     """Calls one Serve endpoint: ``predict`` for photos and frames, ``feedback`` for
     corrections, ``health`` and ``model``.
 
-    ``predict`` rides out Serve's load shedding (``predict_retry``: ``retries`` times on a 503);
+    ``predict`` rides out Serve's load shedding and a lost Ingress (``predict_retry``: ``retries``
+    times on a 503, once on a 500);
     ``health`` and ``model`` are not retried, so a page learns at once that Serve is not ready.
     """
 
