@@ -88,14 +88,7 @@ def run_load(url: str, frames: list[bytes], clients: int, load: Load, seconds: f
 
 def ready(service: LocalServe, name: str, killed: set[int]) -> list[psutil.Process]:
     """Replicas of ``name`` past their constructor that were not killed."""
-    out = []
-    for proc in service.replica_processes(name):
-        try:
-            if proc.pid not in killed and "__init__" not in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.Error:
-            continue
-    return out
+    return [p for p in service.ready_replicas(name) if p.pid not in killed]
 
 
 def one_run(model: Path, ingress: int, kill: list[str], clients: int, after: float,

@@ -93,15 +93,8 @@ def replica_processes(serve_app, deployment: str) -> list[psutil.Process]:
 
 
 def ready_replicas(serve_app, deployment: str) -> list[psutil.Process]:
-    """Replicas past their constructor (Ray drops the ``.__init__`` from the title then)."""
-    out = []
-    for proc in replica_processes(serve_app, deployment):
-        try:
-            if "__init__" not in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.Error:
-            continue
-    return out
+    """Replicas past their constructor (``LocalServe.ready_replicas``)."""
+    return serve_app.ready_replicas(deployment)
 
 
 def replica_pids(serve_app) -> dict[str, set[int]]:

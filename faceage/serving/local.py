@@ -293,6 +293,20 @@ class LocalServe:
                 found.append(proc)
         return found
 
+    def ready_replicas(self, deployment: str, app_name: str = "faceage") -> list[Any]:
+        """``replica_processes`` past their constructor (Ray drops ``.__init__`` from the
+        title then)."""
+        import psutil
+
+        out = []
+        for proc in self.replica_processes(deployment, app_name):
+            try:
+                if "__init__" not in " ".join(proc.cmdline()):
+                    out.append(proc)
+            except psutil.Error:
+                continue
+        return out
+
     def start(self) -> LocalServe:
         # A short path: Ray's Unix sockets live under it and their paths must stay < 108 bytes.
         self._temp_dir = tempfile.mkdtemp(prefix="faceage-ray-", dir="/tmp")
