@@ -4,14 +4,18 @@
     uv run python bench/serve_load.py --rounds 5 --seconds 12 --clients 1 4 --paths predict stream
     uv run python bench/serve_load.py --model m.pt --seconds 20 --clients 1 4 16
     uv run python bench/serve_load.py --paths predict stream --soak 300   # + memory after a soak
+    uv run python bench/serve_load.py --clients 1 --env-variant RAY_SERVE_THROUGHPUT_OPTIMIZED=1
 
 Frames are 640x480 JPEGs with one face (tests/data/astronaut.jpg, shifted a little per frame).
 Each Serve run is serve/config.yaml on a private local Ray (``faceage.serving.local``, 2 CPUs by
 default).
 Paths: ``predict`` POSTs each frame to /predict (full detection, the photo profile), ``stream``
-sends frames over one WebSocket per client to /stream (the live-stream profile; a client sends
-the next frame when the previous answer is back, as the webcam page does), ``unbatched`` is
-/predict with AgeRegressor's max_batch_size 1. The in-process rows are FacePipeline on the same
+sends frames over one WebSocket per client to /stream (the live-stream profile; each socket
+keeps ``--in-flight`` frames out, a row per value: 1 sends the next frame when the previous answer
+is back, 2 is what the webcam page does), ``unbatched`` is /predict with AgeRegressor's
+max_batch_size 1. ``--env-variant`` starts one more Serve instance per value with those
+environment variables (Serve's switches are read when its processes start) and runs its rows in
+the same rounds. The in-process rows are FacePipeline on the same
 bytes (decode, detect, align, age) in this process, with each detection profile, run while the
 Serve application is up and idle. Every variant runs once per round, in turn, ``--rounds`` times:
 the table has medians over the rounds and the ratios of each Serve row to in-process are taken
@@ -35,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,7 +52,7 @@ from faceage import DEFAULT_MODEL_PATH
 from faceage.config import add_set_argument, parse_override
 from faceage.runtime import apply_ray_env_defaults
 from faceage.serving.local import LocalServe
-from faceage.webapp.client import StreamClient
+from faceage.webapp.client import ServeError, StreamClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +123,55 @@ def run_level(call, frames: list[bytes], clients: int, seconds: float, warmup: f
     else:
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(client, range(clients)))
+    return level_row(clients, seconds, latencies, stages, errors)
+
+
+def run_stream_level(url: str, frames: list[bytes], clients: int, seconds: float,
+                     warmup: float, in_flight: int) -> dict:
+    """``clients`` /stream sockets, each keeping ``in_flight`` frames out: the next frame goes
+    when an answer comes back (as the webcam page does). Latency: a frame's send to its answer."""
+    start = time.monotonic()
+    measure_from, deadline = start + warmup, start + warmup + seconds
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stages: list[dict] = []
+    errors = [0] * clients
+
+    def client(index: int) -> None:
+        stream, out, i = StreamClient(url), deque(), index
+        try:
+            while True:
+                while len(out) < in_flight and time.monotonic() < deadline:
+                    stream.send(frames[i % len(frames)])
+                    out.append(time.monotonic())
+                    i += clients
+                if not out:
+                    return
+                sent = out.popleft()
+                try:
+                    body = stream.receive(timeout=120)
+                except ServeError:
+                    body = None
+                    if stream._ws is None:  # closed: what was out is lost
+                        errors[index] += len(out) if sent >= measure_from else 0
+                        out.clear()
+                done = time.monotonic()
+                if sent < measure_from or done > deadline:
+                    continue
+                if body is not None and len(body["faces"]) == 1:
+                    latencies[index].append(done - sent)
+                    stages.append({**body["timings_ms"], "client": (done - sent) * 1000})
+                else:
+                    errors[index] += 1
+        finally:
+            stream.close()
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return level_row(clients, seconds, latencies, stages, errors)
+
+
+def level_row(clients: int, seconds: float, latencies: list[list[float]], stages: list[dict],
+              errors: list[int]) -> dict:
     lat = np.array([x for per in latencies for x in per])
     row = {"clients": clients, "ok": len(lat), "errors": sum(errors),
            "throughput": len(lat) / seconds,
@@ -143,19 +197,6 @@ def http_call(url: str):
                                headers={"Content-Type": "image/jpeg"})
         body = r.json() if r.status_code == 200 else {}
         return body["timings_ms"] if len(body.get("faces", [])) == 1 else None
-
-    return call
-
-
-def stream_call(url: str, clients: list):
-    local = threading.local()
-
-    def call(frame: bytes) -> bool:
-        if not hasattr(local, "client"):
-            local.client = StreamClient(url)
-            clients.append(local.client)
-        body = local.client.predict(frame, timeout=120)
-        return body["timings_ms"] if len(body["faces"]) == 1 else None
 
     return call
 
@@ -215,24 +256,27 @@ def in_process_variants(model: Path, profiles: dict,
                     if len(faces) == 1 else None)
 
         call(frame)
-        variants.append((f"in-process FacePipeline, {label}", 1, lambda c=call: (c, [])))
+        variants.append((f"in-process FacePipeline, {label}", 1,
+                         lambda f, s, w, call=call: run_level(call, f, 1, s, w)))
     return variants
 
 
-def serve_variants(url: str, paths: list[str], levels: list[int]) -> list[tuple[str, int, object]]:
-    """A variant per Serve path and client count; each makes a fresh ``call`` (and the
-    /stream clients to close after its level)."""
+def serve_variants(url: str, paths: list[str], levels: list[int], in_flight: list[int],
+                   suffix: str = "") -> list[tuple[str, int, object]]:
+    """A variant per Serve path, client count (and, for /stream, frames in flight per socket):
+    each ``level(frames, seconds, warmup)`` runs it once."""
     out = []
     for path in paths:
         for clients in levels:
             if path == "stream":
-                def make(url=url):
-                    opened: list = []
-                    return stream_call(url, opened), opened
+                for depth in in_flight:
+                    label = f"{PATH_LABELS[path]}, {depth} in flight{suffix}"
+                    out.append((label, clients, lambda f, s, w, url=url, d=depth, n=clients:
+                                run_stream_level(url, f, n, s, w, d)))
             else:
-                def make(url=url):
-                    return http_call(url), []
-            out.append((PATH_LABELS[path], clients, make))
+                out.append((PATH_LABELS[path] + suffix, clients,
+                            lambda f, s, w, url=url, n=clients:
+                            run_level(http_call(url), f, n, s, w)))
     return out
 
 
@@ -241,13 +285,8 @@ def run_rounds(variants, frames, rounds: int, seconds: float, warmup: float,
     """Every variant once per round, in order, ``rounds`` times: the variants see the same
     machine state (a busy minute slows all of them), and the ratios are taken per round."""
     for r in range(rounds):
-        for label, clients, make in variants:
-            call, opened = make()
-            try:
-                row = run_level(call, frames, clients, seconds, warmup)
-            finally:
-                for client in opened:
-                    client.close()
+        for label, clients, level in variants:
+            row = level(frames, seconds, warmup)
             results.setdefault((label, clients), []).append(row)
             print(f"[bench] round {r + 1}/{rounds}, {label}: {clients} clients: "
                   f"{row['throughput']:.2f} frames/s, p50 {row['p50']:.0f} ms",
@@ -270,6 +309,9 @@ def ratio_table(results: dict) -> str:
     """Each Serve row against the in-process row of its detection profile, per round."""
     reference = {"Serve /predict": "in-process FacePipeline, photo profile",
                  "Serve /stream": "in-process FacePipeline, stream profile"}
+    reference = {label: next((ref for prefix, ref in reference.items()
+                              if label.startswith(prefix)), "")
+                 for label, _ in results}
     head = ("| path | clients | frames/s ÷ in-process, median [min–max] | p50 minus in-process "
             "p50, median ms |\n|---|---:|---:|---:|")
     lines = []
@@ -350,7 +392,20 @@ def main() -> int:
     add_set_argument(p, help="serve/config.yaml override, as for faceage.serving.local "
                               "(repeatable)")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process rows")
+    p.add_argument("--in-flight", type=int, nargs="+", default=[1, 2],
+                   help="/stream: frames each socket keeps out (1: the next frame when the "
+                        "answer is back; the webcam page keeps 2)")
+    p.add_argument("--env-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also run the Serve rows on a second Serve instance started with these "
+                        "environment variables (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1), in the "
+                        "same rounds; repeatable")
     args = p.parse_args()
+    env_variants = []
+    for spec in args.env_variant:
+        pairs = [item.split("=", 1) for item in spec.split(",") if item]
+        if not pairs or any(len(pair) != 2 or not pair[0] for pair in pairs):
+            p.error(f"--env-variant {spec!r}: give KEY=VALUE pairs separated by commas")
+        env_variants.append(dict(pairs))
     apply_ray_env_defaults()
     from faceage.serving.app import ServeArgs
 
@@ -377,11 +432,19 @@ def main() -> int:
         batched = [p for p in args.paths if p != "unbatched"]
         config = {"args.model_path": str(model), **overrides}
         if batched or inproc:
-            with LocalServe(config, num_cpus=args.num_cpus, timeout=900) if batched \
-                    else contextlib.nullcontext() as service:
-                # The in-process variants run while Serve is up and idle, in the same rounds.
-                variants = inproc + (serve_variants(service.url, batched, args.clients)
-                                     if batched else [])
+            with contextlib.ExitStack() as stack:
+                service = (stack.enter_context(LocalServe(config, num_cpus=args.num_cpus,
+                                                          timeout=900)) if batched else None)
+                # The in-process variants run while Serve is up and idle, in the same rounds;
+                # so do the other instances' (--env-variant): each idles while another runs.
+                variants = inproc + (serve_variants(service.url, batched, args.clients,
+                                                    args.in_flight) if batched else [])
+                for env in env_variants if batched else []:
+                    other = stack.enter_context(LocalServe(config, num_cpus=args.num_cpus,
+                                                           timeout=900, env=env))
+                    suffix = " [" + ",".join(f"{k}={v}" for k, v in env.items()) + "]"
+                    variants += serve_variants(other.url, batched, args.clients, args.in_flight,
+                                               suffix)
                 run_rounds(variants, frames, args.rounds, args.seconds, args.warmup, results)
                 if args.soak and batched:
                     print(f"[bench] soak: {args.soak_clients} clients on /predict for "
@@ -394,7 +457,8 @@ def main() -> int:
             config["deployments.AgeRegressor.user_config"] = {"max_batch_size": 1,
                                                              "batch_wait_timeout_s": 0.0}
             with LocalServe(config, num_cpus=args.num_cpus, timeout=900) as service:
-                run_rounds(serve_variants(service.url, ["unbatched"], args.clients), frames,
+                run_rounds(serve_variants(service.url, ["unbatched"], args.clients,
+                                          args.in_flight), frames,
                            args.rounds, args.seconds, args.warmup, results)
         load_after = os.getloadavg()
 

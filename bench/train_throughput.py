@@ -10,7 +10,10 @@ bounded. Not a test: it prints a table.
     uv run python bench/train_throughput.py --precisions fp32 bf16 --worker-niceness 0
 
 Variants run interleaved, every one once per round; the table gives medians over rounds and the
-median of each variant's ratio to the plain loop within its round.
+median of each variant's ratio to the plain loop within its round. ``cores busy``: the CPU time
+of the training process (all its threads; rank 0's for DDP) per second of
+the reported epoch; the cores it asked for less this is what other processes (Ray's own
+included) took.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def plain_loop(cfg, threads: int) -> dict:
         stats = train_one_epoch(model, loader, optimizer, schedule, epoch,
                                 make_loss(cfg.train.loss), ctx, augment, steps)
     return {"images_per_s": stats["images"] / stats["seconds"],
-            "data_share": stats["data_seconds"] / stats["seconds"]}
+            "data_share": stats["data_seconds"] / stats["seconds"],
+            "cpus_busy": stats["cpu_seconds"] / stats["seconds"]}
 
 
 def ray_loop(cfg) -> dict:
@@ -89,7 +93,7 @@ def ray_loop(cfg) -> dict:
     data = RunData.read(cfg.data).decoded(cfg.data, cfg.model.input_size)
     result = build_trainer(cfg, data).fit()
     return {"images_per_s": result.metrics["images_per_s"],
-            "data_share": result.metrics["data_share"]}
+            "data_share": result.metrics["data_share"], "cpus_busy": result.metrics["cpus_busy"]}
 
 
 def main() -> int:
@@ -138,6 +142,7 @@ def main() -> int:
     ratios: dict[tuple, list[float]] = {v: [] for v in variants}
     walls: dict[tuple, list[float]] = {v: [] for v in variants}
     data_share: dict[tuple, list[float]] = {v: [] for v in variants}
+    busy: dict[tuple, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="faceage-bench-") as storage:
         for r in range(args.rounds):
             base = None
@@ -162,6 +167,7 @@ def main() -> int:
                     walls[v].append(time.perf_counter() - start)
                     speeds[v].append(res["images_per_s"])
                     data_share[v].append(res["data_share"])
+                    busy[v].append(res["cpus_busy"])
                     base = base or res["images_per_s"]
                     ratios[v].append(res["images_per_s"] / base)
                     print(f"[bench] round {r + 1}: {name} nice {niceness} {workers}x{threads} "
@@ -174,15 +180,16 @@ def main() -> int:
           f"{args.steps} steps x {args.epochs} epochs (last reported), {args.cpus} CPUs, "
           f"{args.rounds} rounds, load average {load:.1f}")
     print("| loop | worker niceness | precision | workers x threads | images/s (median) "
-          "| vs plain (median of rounds) | data share | wall s |")
-    print("|---|---:|---|---|---:|---:|---:|---:|")
+          "| vs plain (median of rounds) | data share | cores busy | wall s |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for v in variants:
         name, niceness, workers, precision = v
         threads = max(1, args.cpus // workers)
         nice = "-" if name == "plain PyTorch" else str(niceness)
         print(f"| {name} | {nice} | {dtype_name(precision)} | {workers} x {threads} | "
               f"{statistics.median(speeds[v]):.1f} | {statistics.median(ratios[v]):.2f} | "
-              f"{statistics.median(data_share[v]):.0%} | {statistics.median(walls[v]):.0f} |")
+              f"{statistics.median(data_share[v]):.0%} | {statistics.median(busy[v]):.2f} | "
+              f"{statistics.median(walls[v]):.0f} |")
     return 0
 
 

@@ -237,6 +237,87 @@ def test_a_500_is_retried_once(scripted_serve):
     assert len(mixed.requests) == 3
 
 
+class _ScriptedStream:
+    """A real WebSocket server on 127.0.0.1 standing in for /stream: it answers each frame after
+    ``work_s``, in order, with one face aged by the frame's number, and records the most frames
+    it held at once (received, not yet answered)."""
+
+    def __init__(self, work_s: float):
+        import queue
+        import threading
+
+        from websockets.sync.server import serve
+
+        self.work_s, self.most_held, self.received, self.answered = work_s, 0, 0, 0
+        lock = threading.Lock()
+
+        def handler(ws):
+            frames: queue.Queue = queue.Queue()
+
+            def read():
+                try:
+                    for message in ws:
+                        with lock:
+                            self.received += 1
+                            self.most_held = max(self.most_held, self.received - self.answered)
+                        frames.put(message)
+                except Exception:  # the client left
+                    pass
+                frames.put(None)
+
+            threading.Thread(target=read, daemon=True).start()
+            index = 0
+            while frames.get() is not None:
+                time.sleep(self.work_s)
+                try:
+                    ws.send(json.dumps({"frame": index, "faces": [face([10, 10, 60, 60], 30)]}))
+                except Exception:  # the client left
+                    return
+                with lock:
+                    self.answered += 1
+                index += 1
+
+        import time
+
+        self.server = serve(handler, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.socket.getsockname()[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_webcam_sender_keeps_two_frames_in_flight_and_reads_answers_in_order():
+    """The webcam path (``LiveAnnotator``) against a stand-in /stream that takes 60 ms a frame:
+    the sender keeps two frames out (never more), so answers come back about every 60 ms rather
+    than every round trip, and each answer's boxes are scaled back by its own frame's scale."""
+    import time
+    from fractions import Fraction
+
+    from faceage.webapp.live import LiveAnnotator
+
+    stream = _ScriptedStream(work_s=0.06)
+    annotator = LiveAnnotator(stream.url)
+    try:
+        rgb = np.full((720, 1280, 3), 100, np.uint8)  # sent at 640x360: boxes come back halved
+        start = time.monotonic()
+        while time.monotonic() - start < 2.0:  # a 100 fps camera for 2 s
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.time_base = Fraction(1, 90_000)
+            frame.pts = int((time.monotonic() - start) * 90_000)
+            assert annotator.on_frame(frame).width == 1280
+            time.sleep(0.01)
+        stats = annotator.stats()
+    finally:
+        stream.close()
+    assert stream.most_held == 2, stream.most_held
+    assert stats["error"] is None and stats["answered"] >= 15, stats
+    assert [f["box"] for f in stats["faces"]] == [[20, 20, 120, 120]], stats
+    # One at a time would be one answer per 60 ms of work plus the round trip; two in flight
+    # keep the stand-in busy.
+    assert stats["answers_per_s"] > 12, stats
+
+
 def test_drawing_helpers():
     rgb = np.full((100, 200, 3), 128, np.uint8)
     out = annotate(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")

@@ -464,6 +464,30 @@ def test_stream_answers_bad_frames_and_stays_open(serve_app, serve_url, astronau
                 assert result["status"] == status and result["error"], result
 
 
+def test_stream_answers_frames_sent_back_to_back_in_order(serve_app, serve_url,
+                                                          frames_640x480):
+    """Frames sent without waiting for answers (the webcam page keeps two out; Serve works on
+    `args.stream_in_flight` of a socket at once): each is answered once, in order, a bad frame
+    with its error in its place. A client leaving with frames in flight harms nothing."""
+    url = serve_url.replace("http://", "ws://") + "/stream"
+    sent = [*frames_640x480[:3], b"not a jpeg", *frames_640x480[3:]]
+    with replicas_survive(serve_app, serve_url):
+        with ws_connect(url, open_timeout=TIMEOUT) as ws:
+            for frame in sent:
+                ws.send(frame)
+            results = [json.loads(ws.recv(timeout=TIMEOUT)) for _ in sent]
+        assert [r["frame"] for r in results] == list(range(len(sent)))
+        assert results[3]["status"] == 400 and "faces" not in results[3], results[3]
+        assert all(len(r["faces"]) == 1 for i, r in enumerate(results) if i != 3)
+        with ws_connect(url, open_timeout=TIMEOUT) as ws:  # leaves with frames in flight
+            for frame in frames_640x480[:4]:
+                ws.send(frame)
+        with ws_connect(url, open_timeout=TIMEOUT) as ws:
+            ws.send(frames_640x480[0])
+            again = json.loads(ws.recv(timeout=TIMEOUT))
+        assert again["frame"] == 0 and len(again["faces"]) == 1, again
+
+
 def test_fuzzed_bytes_never_break_the_service(serve_app, serve_url, astronaut_jpeg):
     """Mutated JPEGs (bit flips, cuts, splices) with assorted content types: 200/400/413/415."""
     from hypothesis import HealthCheck, given, settings

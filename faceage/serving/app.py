@@ -20,6 +20,7 @@ uploads in uploads.py, /stream's tracking in ``faceage.inference.stream``, corre
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -259,25 +260,60 @@ class Ingress:
 
     @api.websocket("/stream")
     async def stream(self, websocket: WebSocket) -> None:
-        """Send frames as binary messages (JPEG); each gets one JSON message back, in order."""
+        """Send frames as binary messages (JPEG); each gets one JSON message back, in order.
+
+        Up to ``stream_in_flight`` frames of a socket are worked on at once: a client that sends
+        the next frame before the last answer is back (the webcam page keeps two out) has one
+        frame in detection while the other is aged and sent back. The answers keep the frames'
+        order; a frame starts from the faces of the newest frame already answered."""
         await websocket.accept()
-        index = 0
         tracker = StreamTracker(self.settings.stream_track_frames)
+        slots = asyncio.Semaphore(self.settings.stream_in_flight)
+        queued: asyncio.Queue[tuple[int, asyncio.Task] | None] = asyncio.Queue()
+
+        async def answer_in_order() -> None:
+            try:
+                while (item := await queued.get()) is not None:
+                    index, task = item
+                    try:
+                        result = await task
+                    except Exception:  # noqa: BLE001 - the frame fails, the stream goes on
+                        LOGGER.exception("/stream frame %d failed", index)
+                        result = {"frame": index, "status": 500,
+                                  "error": f"frame {index} failed on the server"}
+                    if "faces" in result:
+                        tracker.update(result["faces"], result["detection"] != "whole frame")
+                    await websocket.send_json(result)
+                    slots.release()
+            finally:
+                # Gone (the client left, or a send failed): never leave the reader waiting.
+                for _ in range(self.settings.stream_in_flight):
+                    slots.release()
+
+        sender = asyncio.create_task(answer_in_order())
+        index = 0
         try:
-            while True:
+            while not sender.done():
+                await slots.acquire()
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
                 # No face ids here: a live stream's many frames would only churn the store.
-                result = await self._frame(index, data if data is not None else
-                                           message.get("text"), tracker.near(), remember=False)
-                if "faces" in result:
-                    tracker.update(result["faces"], result["detection"] != "whole frame")
-                await websocket.send_json(result)
+                queued.put_nowait((index, asyncio.create_task(self._frame(
+                    index, data if data is not None else message.get("text"), tracker.near(),
+                    remember=False))))
                 index += 1
         except WebSocketDisconnect:
             pass
+        finally:
+            # The client is gone (or its answers cannot be sent): drop the frames in flight.
+            sender.cancel()
+            while not queued.empty():
+                if (item := queued.get_nowait()) is not None:
+                    item[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                await sender
 
     @api.get("/healthz", responses={503: {"model": ErrorOut}})
     async def healthz(self) -> dict[str, Any]:

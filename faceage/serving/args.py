@@ -41,6 +41,10 @@ class ServeArgs(BaseModel):
         10, ge=0, description="on /stream, search only around the previous frame's faces for "
                               "up to this many frames between whole-frame detections (0: "
                               "every frame whole); new faces appear at the next whole one")
+    stream_in_flight: int = Field(
+        2, ge=1, description="frames of one /stream socket worked on at once (answers still go "
+                             "back in order); 2 keeps a frame in detection while the last "
+                             "one is aged and travels back; 1: strictly one at a time")
     detector_threads: int | None = Field(
         None, ge=1, description="torch threads per Detector replica (default: Ray's, one per "
                                 "whole CPU of its num_cpus, at least one)")

@@ -258,8 +258,12 @@ class LocalServe:
     def __init__(self, overrides: dict[str, Any] | None = None, *, config: str | Path | None = None,
                  num_cpus: float = 2, port: int = 0, dashboard_port: int | None = None,
                  metrics_port: int | None = None, timeout: float = 600,
-                 log_path: str | Path | None = None, address: str | None = None):
+                 log_path: str | Path | None = None, address: str | None = None,
+                 env: dict[str, str] | None = None):
+        """``env``: more environment variables for the child and the Ray instance it starts
+        (Serve's own switches, such as ``RAY_SERVE_THROUGHPUT_OPTIMIZED``, are read there)."""
         self.overrides = dict(overrides or {})
+        self.env = dict(env or {})
         self.config = Path(config or DEFAULT_CONFIG)
         self.num_cpus, self.port, self.timeout = num_cpus, port, timeout
         self.dashboard_port, self.metrics_port = dashboard_port, metrics_port
@@ -321,7 +325,7 @@ class LocalServe:
             cmd += ["--metrics-port", str(self.metrics_port)]
         if self.address:
             cmd += ["--address", self.address]
-        env = child_env(ray_address=False)
+        env = child_env(ray_address=False, **self.env)
         log_path = self.log_path or Path(self._temp_dir) / "serve-local.log"
         self._log = open(log_path, "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,

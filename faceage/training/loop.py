@@ -111,6 +111,7 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
     total_loss = total_abs = 0.0
     seen = 0
     data_seconds = 0.0
+    cpu_start = time.process_time()
     start = tick = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
@@ -150,6 +151,9 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
         "images": seen,
         "seconds": time.perf_counter() - start,
         "data_seconds": data_seconds,
+        # CPU time of this whole process (all its threads): over ``seconds``, the cores the
+        # training got; below the threads it asked for, other processes took the rest.
+        "cpu_seconds": time.process_time() - cpu_start,
     }
 
 

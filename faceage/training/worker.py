@@ -292,7 +292,8 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
             **val, "train_images": int(images),
             "images_per_s": images / max(stats["seconds"], 1e-9),
             "epoch_seconds": stats["seconds"],
-            "data_share": stats["data_seconds"] / max(stats["seconds"], 1e-9), **lrs,
+            "data_share": stats["data_seconds"] / max(stats["seconds"], 1e-9),
+            "cpus_busy": stats["cpu_seconds"] / max(stats["seconds"], 1e-9), **lrs,
             "val_interval_coverage": band["coverage"], "val_interval_width": band["mean_width"],
         }
         progress.history.append(metrics)

@@ -223,7 +223,11 @@ class ServeClient:
 
 
 class StreamClient:
-    """One WebSocket to ``/stream``: send a JPEG frame, get its result (one at a time)."""
+    """One WebSocket to ``/stream``: send JPEG frames, get their results in order.
+
+    ``predict`` sends a frame and waits for its answer. To keep several frames in flight (the
+    server works on up to ``stream_in_flight`` of a socket at once), ``send`` them and
+    ``receive`` the answers, which come back in the order the frames went out."""
 
     def __init__(self, base_url: str, open_timeout: float = 5.0):
         self.url = websocket_url(normalise_url(base_url))
@@ -235,8 +239,11 @@ class StreamClient:
             try:
                 # Loopback frames must never go through a proxy named in the environment.
                 loopback = urlsplit(self.url).hostname in LOOPBACK_HOSTS
+                # Entered as websockets asks (a bare connect() is deprecated since 17.1); the
+                # socket outlives this call and close() closes it.
                 self._ws = connect(self.url, open_timeout=self.open_timeout, max_size=2 ** 22,
-                                   compression=None, proxy=None if loopback else True)
+                                   compression=None,
+                                   proxy=None if loopback else True).__enter__()
             except (OSError, TimeoutError, WebSocketException) as exc:
                 raise ServeError(f"Cannot open the Serve stream at {self.url} ({exc}). Is Serve "
                                  "running at that address?", kind="unreachable") from None
@@ -244,11 +251,30 @@ class StreamClient:
 
     def predict(self, jpeg: bytes, timeout: float = 10.0) -> dict:
         """The result for one JPEG frame; on any failure the socket is closed and reopened later."""
+        self.send(jpeg)
+        return self.receive(timeout)
+
+    def send(self, jpeg: bytes) -> None:
+        """Send one frame (opening the socket if needed); its answer comes from ``receive``."""
         ws = self._connect()
         try:
             ws.send(jpeg)
-            message = ws.recv(timeout=timeout)
+        except (OSError, WebSocketException) as exc:
+            self.close()
+            raise ServeError(f"The Serve stream at {self.url} closed ({exc})",
+                             kind="unreachable") from None
+
+    def receive(self, timeout: float = 10.0, *, poll: bool = False) -> dict | None:
+        """The next answer, for the oldest frame sent and not yet answered. ``poll``: None when
+        none arrives within ``timeout`` (the socket stays open); otherwise waiting that long is
+        an error and closes the socket."""
+        if self._ws is None:
+            raise ServeError(f"No frame is in flight on {self.url}", kind="protocol")
+        try:
+            message = self._ws.recv(timeout=timeout)
         except TimeoutError:
+            if poll:
+                return None
             self.close()
             raise ServeError(f"Serve did not answer a frame within {timeout:.0f} s",
                              kind="timeout") from None

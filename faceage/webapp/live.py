@@ -1,8 +1,9 @@
 """The webcam path: the WebRTC frame callback never waits on the network.
 
 The callback hands its newest frame to a background sender and draws the latest answer it has.
-The sender sends a frame only when the previous answer is back (WebSocket ``/stream``), so Serve
-sees at most one frame per client and the video never lags behind the camera.
+The sender keeps at most ``IN_FLIGHT`` frames out on the WebSocket ``/stream`` (the newest frame
+each time an answer comes back), so the video never lags behind the camera: with two out, Serve
+detects one frame while the previous one is aged and sent back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ IDLE_EXIT_S = 10.0
 RETRY_S = 1.0
 # Tracks shown without a fresh answer for this long are hidden rather than left floating.
 STALE_RESULT_S = 3.0
+# Frames out to /stream at once; Serve works on up to args.stream_in_flight (2) of a socket.
+IN_FLIGHT = 2
+# With room for another frame, the sender looks for an answer this often (a camera frame comes
+# every 33 ms at 30 fps) ...
+POLL_S = 0.01
+# ... and gives up on an answer after this long.
+ANSWER_TIMEOUT_S = 10.0
 
 
 class RateMeter:
@@ -51,9 +59,10 @@ class RateMeter:
 class LiveAnnotator:
     """Per-session webcam state shared by the WebRTC callback thread and the sender thread."""
 
-    def __init__(self, serve_url: str, jpeg_quality: int = 80):
+    def __init__(self, serve_url: str, jpeg_quality: int = 80, in_flight: int = IN_FLIGHT):
         self.serve_url = serve_url
         self.jpeg_quality = jpeg_quality
+        self.in_flight = max(1, in_flight)
         self.tracker = FaceTracker(alpha=0.25, max_misses=3)
         self.frames_in = RateMeter()
         self.answers = RateMeter()
@@ -116,35 +125,58 @@ class LiveAnnotator:
     def _send_loop(self) -> None:
         client: StreamClient | None = None
         url = None
+        out: deque[tuple[float, float]] = deque()  # (sent at, scale) of frames not answered yet
         try:
             while True:
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                with self._lock:
-                    rgb, self._newest = self._newest, None
-                    idle = time.monotonic() - self._last_frame_at
-                    if rgb is None and idle > IDLE_EXIT_S:
-                        self._thread = None
-                        return
-                    if url != self.serve_url and client is not None:
-                        client.close()
-                        client = None
-                    url = self.serve_url
-                if rgb is None:
-                    continue
-                if client is None:
-                    client = StreamClient(url)
-                small, scale = shrink(rgb, SEND_MAX_SIDE)
-                sent = time.monotonic()
-                try:
-                    result = client.predict(encode_jpeg(small, self.jpeg_quality))
-                except ServeError as exc:
+                if len(out) < self.in_flight:  # room for a frame: the newest, if there is one
+                    if not out:
+                        self._wake.wait(timeout=1.0)
+                    self._wake.clear()
                     with self._lock:
-                        self.error = str(exc)
+                        rgb, self._newest = self._newest, None
+                        idle = time.monotonic() - self._last_frame_at
+                        if rgb is None and not out and idle > IDLE_EXIT_S:
+                            self._thread = None
+                            return
+                        if url != self.serve_url and client is not None:
+                            client.close()
+                            client = None
+                            out.clear()
+                        url = self.serve_url
+                    if rgb is not None:
+                        if client is None:
+                            client = StreamClient(url)
+                        small, scale = shrink(rgb, SEND_MAX_SIDE)
+                        try:
+                            client.send(encode_jpeg(small, self.jpeg_quality))
+                        except ServeError as exc:
+                            self._failed(exc)
+                            client.close()
+                            out.clear()
+                            time.sleep(RETRY_S)
+                            continue
+                        out.append((time.monotonic(), scale))
+                        continue
+                if not out:
+                    continue
+                room = len(out) < self.in_flight
+                try:
+                    if room and time.monotonic() - out[0][0] > ANSWER_TIMEOUT_S:
+                        raise ServeError(f"Serve did not answer a frame within "
+                                         f"{ANSWER_TIMEOUT_S:.0f} s", kind="timeout")
+                    result = client.receive(POLL_S if room else ANSWER_TIMEOUT_S, poll=room)
+                except ServeError as exc:
+                    self._failed(exc)
+                    if exc.kind in ("rejected", "overloaded"):  # that frame's answer
+                        out.popleft()
                     if exc.kind != "rejected":
                         client.close()
+                        out.clear()
                         time.sleep(RETRY_S)
                     continue
+                if result is None:  # nothing yet: look for a new frame to send
+                    continue
+                sent, scale = out.popleft()
                 now = time.monotonic()
                 faces = self.tracker.update(scale_faces(result["faces"], 1 / scale))
                 self.answers.tick(now)
@@ -157,3 +189,7 @@ class LiveAnnotator:
         finally:
             if client is not None:
                 client.close()
+
+    def _failed(self, exc: ServeError) -> None:
+        with self._lock:
+            self.error = str(exc)
