@@ -152,3 +152,55 @@ def serve_app(serve_model_file, serve_feedback_dir, tmp_path_factory):
 def serve_url(serve_app) -> str:
     """Base URL (http://127.0.0.1:PORT, no trailing slash) of the session's Serve application."""
     return serve_app.url
+
+
+# -- the wheel (issue 22): built once, installed into a fresh venv --------------------------------
+
+# A loaded 2-core machine: installing from uv's cache takes a minute or two.
+INSTALL_S = 1200
+
+
+def run_checked(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
+                timeout: float = INSTALL_S):
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """``uv build`` of this checkout: the sdist, then the wheel built from that sdist."""
+    import shutil
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    out = tmp_path_factory.mktemp("dist")
+    run_checked([uv, "build", "-o", str(out)], cwd=REPO)
+    (built,) = out.glob("faceage-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def installed(wheel, tmp_path_factory) -> dict:
+    """A fresh venv with the wheel installed by ``uv pip`` (dependencies resolved from the
+    index; uv's cache makes torch cheap), and an empty folder, not a checkout, to run in."""
+    import shutil
+    import sys
+
+    uv = shutil.which("uv")
+    root = tmp_path_factory.mktemp("wheel-venv")
+    venv = root / "venv"
+    run_checked([uv, "venv", "-q", "-p", sys.executable, str(venv)], cwd=root)
+    run_checked([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                 str(wheel)], cwd=root)
+    work = root / "elsewhere"
+    work.mkdir()
+    shutil.copy(TEST_DATA / "astronaut.jpg", work / "astronaut.jpg")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RAY_ADDRESS")}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return {"venv": venv, "cwd": work, "env": env, "faceage": str(venv / "bin" / "faceage")}

@@ -1,6 +1,7 @@
 """faceage.training.experiment, MLflow tracking (issue 13): a training run is an MLflow run with
 its config as parameters, one value per epoch of each metric, and the model as an artifact; a bad
-tracking URI stops the run before Ray starts; ``tracking.mlflow=false`` creates no store."""
+tracking URI stops the run before Ray starts. (``tracking.mlflow=false`` creating no store is
+checked in tests/test_train.py's ``test_split_csv_is_exactly_what_trained``.)"""
 
 from __future__ import annotations
 
@@ -100,15 +101,3 @@ def test_training_run_is_logged(tiny_utkface, tmp_path, ray_local):
     assert {"evaluate/val.json", "evaluate/val.png", "evaluate/val.csv"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_tracking_off_creates_no_store(tiny_utkface, tmp_path, ray_local):
-    cfg = tiny_config(tiny_utkface, tmp_path, "untracked", tmp_path / "cache",
-                      "schedule.stages=[{name: head, train: 0, epochs: 1, lr: 0.002}]",
-                      "tracking.mlflow=false")
-    run_training(cfg)
-    assert not (tmp_path / "mlflow.db").exists()
-    assert not (tmp_path / "mlartifacts").exists()
-    assert not (tmp_path / "untracked" / "mlflow_run.json").exists()

@@ -254,7 +254,8 @@ def test_python_m_faceage_train_goes_through_the_cli(tiny_utkface, tmp_path):
 @pytest.mark.timeout(900)
 def test_split_csv_is_exactly_what_trained(ray_local, utkface_images, tmp_path, capsys):
     """Read and split once, on the driver: an unreadable file is in neither split.csv nor the
-    run's data summary, and the workers train on the very same table."""
+    run's data summary, and the workers train on the very same table. With
+    ``tracking.mlflow=false`` no MLflow store appears."""
     data = tmp_path / "faces"
     images = utkface_images(data, 60, seed=7)
     broken = images[5]
@@ -262,9 +263,12 @@ def test_split_csv_is_exactly_what_trained(ray_local, utkface_images, tmp_path, 
     cfg = load_config(None, [*tiny_settings(data, tmp_path, "skip", tmp_path / "cache"),
                              "scaling.num_workers=1", "scaling.cpus_per_worker=1",
                              "train.max_steps_per_epoch=2", "train.eval_tta=false",
-                             "schedule.stages=[{name: head, train: 0, epochs: 1}]"])
+                             "schedule.stages=[{name: head, train: 0, epochs: 1}]",
+                             "tracking.mlflow=false"])
     outcome = run_training(cfg)
     out = capsys.readouterr().out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+    assert not (outcome.run_dir / "mlflow_run.json").exists()
 
     split = pd.read_csv(outcome.run_dir / "split.csv")
     assert len(split) == 59 and str(broken) not in set(split["path"])

@@ -39,11 +39,13 @@ def http() -> requests.Session:
 class UpProcess:
     """``faceage up ...`` as a child process; its stdout lines are collected as they come."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]):
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str],
+                 faceage: list[str] | None = None, cwd: Path = REPO):
+        """``faceage``: the command (default: this checkout's, ``python -m faceage.cli``)."""
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "faceage.cli", "up", *args],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
+        command = faceage or [sys.executable, "-m", "faceage.cli"]
+        self.proc = subprocess.Popen([*command, "up", *args], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -116,15 +118,20 @@ def assert_stops_cleanly(up: UpProcess, ports: list[int]) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(START_S + 2 * STOP_S)
-def test_up_starts_the_stack_and_stops_everything(untrained_model_file, astronaut_path,
-                                                  tmp_path):
+def test_up_starts_the_stack_and_stops_everything(installed, untrained_model_file, tmp_path):
+    """`faceage up` as a user gets it: the wheel installed in a fresh venv (the ``installed``
+    fixture), run from a folder that is not a checkout, with the model and serve config the wheel
+    carries. One start covers the wheel's stack and `up`'s own promises (the ports asked for,
+    the dashboard, no second application on the same head, a clean stop)."""
     serve_port, app_port, dashboard_port = free_ports(3)
-    up = UpProcess(["--model", str(untrained_model_file), "--serve-port", str(serve_port),
-                    "--app-port", str(app_port), "--dashboard-port", str(dashboard_port),
-                    "--num-cpus", "2", "--timeout", str(START_S)],
-                   tmp_path / "up.stderr.log", child_env())
+    up = UpProcess(["--serve-port", str(serve_port), "--app-port", str(app_port),
+                    "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+                    "--timeout", str(START_S)],
+                   tmp_path / "up.stderr.log", installed["env"], [installed["faceage"]],
+                   installed["cwd"])
     try:
         urls = up.wait_ready(START_S)
+        assert "_bundled/serve/config.yaml" in up.lines[0], up.lines[0]
         assert urls == {"Ray dashboard": f"http://127.0.0.1:{dashboard_port}",
                         "Serve API": f"http://127.0.0.1:{serve_port}",
                         "Streamlit app": f"http://127.0.0.1:{app_port}"}
@@ -132,12 +139,13 @@ def test_up_starts_the_stack_and_stops_everything(untrained_model_file, astronau
         serve_url = urls["Serve API"]
         assert client.get(f"{serve_url}/healthz", timeout=60).json() == {"status": "ok"}
         assert client.get(f"{serve_url}/docs", timeout=60).status_code == 200
-        result = client.post(f"{serve_url}/predict", data=astronaut_path.read_bytes(),
-                             headers={"Content-Type": "image/jpeg"}, timeout=120)
+        result = client.post(f"{serve_url}/predict", timeout=120,
+                             data=(installed["cwd"] / "astronaut.jpg").read_bytes(),
+                             headers={"Content-Type": "image/jpeg"})
         assert result.status_code == 200, result.text
-        faces = result.json()["faces"]
-        assert len(faces) == 1 and isinstance(faces[0]["age"], float)
-        assert result.json()["model"]["name"] == "faceage-untrained-test"
+        (face,) = result.json()["faces"]
+        assert isinstance(face["age"], float) and len(face["age_interval"]) == 2
+        assert result.json()["model"]["name"].startswith("faceage-")  # the shipped model
         assert client.get(f"{urls['Streamlit app']}/_stcore/health", timeout=60).status_code == 200
         # The dashboard's page loads without the token; its API wants it (Ray 2.60 token auth).
         dashboard = client.get(urls["Ray dashboard"], timeout=60)
@@ -146,9 +154,9 @@ def test_up_starts_the_stack_and_stops_everything(untrained_model_file, astronau
         # A second `faceage up` on this head (RAY_ADDRESS) must not replace the running app.
         (ray_address,) = [line.split()[2] for line in up.lines if "Ray address" in line]
         second = subprocess.run(
-            [sys.executable, "-m", "faceage.cli", "up", "--model", str(untrained_model_file),
-             "--serve-port", "0", "--no-app"], cwd=REPO, capture_output=True, text=True,
-            env=child_env(RAY_ADDRESS=ray_address), timeout=STOP_S)
+            [installed["faceage"], "up", "--model", str(untrained_model_file),
+             "--serve-port", "0", "--no-app"], cwd=installed["cwd"], capture_output=True,
+            text=True, env={**installed["env"], "RAY_ADDRESS": ray_address}, timeout=STOP_S)
         # A failed run keeps its log folder for the user; the test removes it.
         for line in second.stdout.splitlines():
             if line.split()[:1] == ["logs"]:
