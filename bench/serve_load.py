@@ -397,7 +397,7 @@ def main() -> int:
                         "answer is back; the webcam page keeps 2)")
     p.add_argument("--env-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also run the Serve rows on a second Serve instance started with these "
-                        "environment variables (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1), in the "
+                        "environment variables (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0), in the "
                         "same rounds; repeatable")
     args = p.parse_args()
     env_variants = []

@@ -318,6 +318,17 @@ def test_webcam_sender_keeps_two_frames_in_flight_and_reads_answers_in_order():
     assert stats["answers_per_s"] > 12, stats
 
 
+def test_frames_in_flight_come_from_the_environment(monkeypatch):
+    from faceage.webapp.live import IN_FLIGHT_ENV, LiveAnnotator
+
+    assert LiveAnnotator("http://127.0.0.1:1").in_flight == 2
+    monkeypatch.setenv(IN_FLIGHT_ENV, "1")
+    assert LiveAnnotator("http://127.0.0.1:1").in_flight == 1
+    monkeypatch.setenv(IN_FLIGHT_ENV, "two")
+    with pytest.raises(ValueError, match="FACEAGE_STREAM_IN_FLIGHT must be a whole number"):
+        LiveAnnotator("http://127.0.0.1:1")
+
+
 def test_drawing_helpers():
     rgb = np.full((100, 200, 3), 128, np.uint8)
     out = annotate(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")

@@ -8,6 +8,7 @@ detects one frame while the previous one is aged and sent back.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -28,7 +29,19 @@ RETRY_S = 1.0
 # Tracks shown without a fresh answer for this long are hidden rather than left floating.
 STALE_RESULT_S = 3.0
 # Frames out to /stream at once; Serve works on up to args.stream_in_flight (2) of a socket.
+# $FACEAGE_STREAM_IN_FLIGHT changes it (1: the next frame only when the answer is back, which
+# leaves more CPU to the video when Serve, Streamlit and the browser share a small machine).
+IN_FLIGHT_ENV = "FACEAGE_STREAM_IN_FLIGHT"
 IN_FLIGHT = 2
+
+
+def in_flight_from_env() -> int:
+    value = os.environ.get(IN_FLIGHT_ENV, "")
+    try:
+        return max(1, int(value)) if value.strip() else IN_FLIGHT
+    except ValueError:
+        raise ValueError(f"${IN_FLIGHT_ENV} must be a whole number of frames, not "
+                         f"{value!r}") from None
 # With room for another frame, the sender looks for an answer this often (a camera frame comes
 # every 33 ms at 30 fps) ...
 POLL_S = 0.01
@@ -59,10 +72,10 @@ class RateMeter:
 class LiveAnnotator:
     """Per-session webcam state shared by the WebRTC callback thread and the sender thread."""
 
-    def __init__(self, serve_url: str, jpeg_quality: int = 80, in_flight: int = IN_FLIGHT):
+    def __init__(self, serve_url: str, jpeg_quality: int = 80, in_flight: int | None = None):
         self.serve_url = serve_url
         self.jpeg_quality = jpeg_quality
-        self.in_flight = max(1, in_flight)
+        self.in_flight = max(1, in_flight_from_env() if in_flight is None else in_flight)
         self.tracker = FaceTracker(alpha=0.25, max_misses=3)
         self.frames_in = RateMeter()
         self.answers = RateMeter()

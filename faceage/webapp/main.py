@@ -326,7 +326,11 @@ def live_stats(annotator: LiveAnnotator) -> None:
 def webcam_tab(url: str | None, rtc_configuration: dict) -> None:
     annotator: LiveAnnotator | None = st.session_state.get("live-annotator")
     if annotator is None:
-        annotator = LiveAnnotator(url or serve_url_from_env())
+        try:
+            annotator = LiveAnnotator(url or serve_url_from_env())
+        except ValueError as exc:  # a bad $FACEAGE_STREAM_IN_FLIGHT
+            st.error(str(exc))
+            return
         st.session_state["live-annotator"] = annotator
     if url is not None:
         annotator.set_serve_url(url)
