@@ -312,7 +312,8 @@ class Ingress:
             while not queued.empty():
                 if (item := queued.get_nowait()) is not None:
                     item[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+            # Only to let it finish: a send that failed because the client left is no error.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
 
     @api.get("/healthz", responses={503: {"model": ErrorOut}})
