@@ -151,7 +151,7 @@ def run_stream_level(url: str, frames: list[bytes], clients: int, seconds: float
                     body = stream.receive(timeout=120)
                 except ServeError:
                     body = None
-                    if stream._ws is None:  # closed: what was out is lost
+                    if not stream.connected:  # closed: what was out is lost
                         errors[index] += len(out) if sent >= measure_from else 0
                         out.clear()
                 done = time.monotonic()

@@ -249,6 +249,11 @@ class StreamClient:
                                  "running at that address?", kind="unreachable") from None
         return self._ws
 
+    @property
+    def connected(self) -> bool:
+        """Whether the socket is open (a failure closes it; the next ``send`` reopens it)."""
+        return self._ws is not None
+
     def predict(self, jpeg: bytes, timeout: float = 10.0) -> dict:
         """The result for one JPEG frame; on any failure the socket is closed and reopened later."""
         self.send(jpeg)

@@ -33,20 +33,21 @@ STALE_RESULT_S = 3.0
 # leaves more CPU to the video when Serve, Streamlit and the browser share a small machine).
 IN_FLIGHT_ENV = "FACEAGE_STREAM_IN_FLIGHT"
 IN_FLIGHT = 2
+# With room for another frame, the sender looks for an answer this often (a camera frame comes
+# every 33 ms at 30 fps) ...
+POLL_S = 0.01
+# ... and gives up on an answer after this long.
+ANSWER_TIMEOUT_S = 10.0
 
 
 def in_flight_from_env() -> int:
+    """``$FACEAGE_STREAM_IN_FLIGHT``, else ``IN_FLIGHT``."""
     value = os.environ.get(IN_FLIGHT_ENV, "")
     try:
         return max(1, int(value)) if value.strip() else IN_FLIGHT
     except ValueError:
         raise ValueError(f"${IN_FLIGHT_ENV} must be a whole number of frames, not "
                          f"{value!r}") from None
-# With room for another frame, the sender looks for an answer this often (a camera frame comes
-# every 33 ms at 30 fps) ...
-POLL_S = 0.01
-# ... and gives up on an answer after this long.
-ANSWER_TIMEOUT_S = 10.0
 
 
 class RateMeter:
