@@ -87,32 +87,56 @@ def untrained_default_model(folder: Path) -> Path:
     })
 
 
+class Level:
+    """One level's clock and tally: ``seconds`` measured after ``warmup``; the latency and stage
+    timings of each good answer, and the errors, per client."""
+
+    def __init__(self, clients: int, seconds: float, warmup: float):
+        start = time.monotonic()
+        self.clients, self.seconds = clients, seconds
+        self.measure_from, self.deadline = start + warmup, start + warmup + seconds
+        self.latencies: list[list[float]] = [[] for _ in range(clients)]
+        self.stages: list[dict] = []
+        self.errors = [0] * clients
+
+    def record(self, index: int, sent: float, done: float, timings: dict | None) -> None:
+        """Client ``index``'s answer to what it sent at ``sent``: the stage timings of a good
+        answer (a dict of ms, maybe empty), or None for an error."""
+        if timings is None:
+            self.errors[index] += 1
+        else:
+            self.latencies[index].append(done - sent)
+            self.stages.append({**timings, "client": (done - sent) * 1000})
+
+    def row(self) -> dict:
+        """Frames/s, p50/p95/p99 latency (ms) and the median of each stage."""
+        lat = np.array([x for per in self.latencies for x in per])
+        row = {"clients": self.clients, "ok": len(lat), "errors": sum(self.errors),
+               "throughput": len(lat) / self.seconds,
+               "stages": {k: float(np.median([s[k] for s in self.stages if k in s]))
+                          for k in dict.fromkeys(k for s in self.stages for k in s)}}
+        for q in (50, 95, 99):
+            row[f"p{q}"] = float(np.percentile(lat, q) * 1000) if len(lat) else float("nan")
+        return row
+
+
 def run_level(call, frames: list[bytes], clients: int, seconds: float, warmup: float) -> dict:
     """``clients`` threads calling ``call(frame)`` back to back; latencies after ``warmup``.
 
     ``call`` returns the stage timings of a good answer (a dict of ms, maybe empty) or None;
     the row keeps their medians under ``stages``, with the client's own latency as ``client``.
     """
-    start = time.monotonic()
-    measure_from, deadline = start + warmup, start + warmup + seconds
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    stages: list[dict] = []
-    errors = [0] * clients
+    level = Level(clients, seconds, warmup)
 
     def client(index: int) -> None:
         i = index
-        while (now := time.monotonic()) < deadline:
+        while (now := time.monotonic()) < level.deadline:
             try:
                 timings = call(frames[i % len(frames)])
             except Exception:
                 timings = None
-            done = time.monotonic()
-            if now >= measure_from:
-                if timings is not None:
-                    latencies[index].append(done - now)
-                    stages.append({**timings, "client": (done - now) * 1000})
-                else:
-                    errors[index] += 1
+            if now >= level.measure_from:
+                level.record(index, now, time.monotonic(), timings)
             i += clients
 
     if clients == 1:
@@ -123,24 +147,20 @@ def run_level(call, frames: list[bytes], clients: int, seconds: float, warmup: f
     else:
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(client, range(clients)))
-    return level_row(clients, seconds, latencies, stages, errors)
+    return level.row()
 
 
 def run_stream_level(url: str, frames: list[bytes], clients: int, seconds: float,
                      warmup: float, in_flight: int) -> dict:
     """``clients`` /stream sockets, each keeping ``in_flight`` frames out: the next frame goes
     when an answer comes back (as the webcam page does). Latency: a frame's send to its answer."""
-    start = time.monotonic()
-    measure_from, deadline = start + warmup, start + warmup + seconds
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    stages: list[dict] = []
-    errors = [0] * clients
+    level = Level(clients, seconds, warmup)
 
     def client(index: int) -> None:
         stream, out, i = StreamClient(url), deque(), index
         try:
             while True:
-                while len(out) < in_flight and time.monotonic() < deadline:
+                while len(out) < in_flight and time.monotonic() < level.deadline:
                     stream.send(frames[i % len(frames)])
                     out.append(time.monotonic())
                     i += clients
@@ -152,34 +172,20 @@ def run_stream_level(url: str, frames: list[bytes], clients: int, seconds: float
                 except ServeError:
                     body = None
                     if not stream.connected:  # closed: what was out is lost
-                        errors[index] += len(out) if sent >= measure_from else 0
+                        if sent >= level.measure_from:
+                            level.errors[index] += len(out)
                         out.clear()
                 done = time.monotonic()
-                if sent < measure_from or done > deadline:
+                if sent < level.measure_from or done > level.deadline:
                     continue
-                if body is not None and len(body["faces"]) == 1:
-                    latencies[index].append(done - sent)
-                    stages.append({**body["timings_ms"], "client": (done - sent) * 1000})
-                else:
-                    errors[index] += 1
+                level.record(index, sent, done, body["timings_ms"]
+                             if body is not None and len(body["faces"]) == 1 else None)
         finally:
             stream.close()
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    return level_row(clients, seconds, latencies, stages, errors)
-
-
-def level_row(clients: int, seconds: float, latencies: list[list[float]], stages: list[dict],
-              errors: list[int]) -> dict:
-    lat = np.array([x for per in latencies for x in per])
-    row = {"clients": clients, "ok": len(lat), "errors": sum(errors),
-           "throughput": len(lat) / seconds,
-           "stages": {k: float(np.median([s[k] for s in stages if k in s]))
-                      for k in dict.fromkeys(k for s in stages for k in s)}}
-    for q in (50, 95, 99):
-        row[f"p{q}"] = float(np.percentile(lat, q) * 1000) if len(lat) else float("nan")
-    return row
+    return level.row()
 
 
 PATH_LABELS = {"predict": "Serve /predict", "stream": "Serve /stream",
@@ -307,9 +313,9 @@ def median_row(label: str, clients: int, rows: list[dict]) -> dict:
 
 def ratio_table(results: dict) -> str:
     """Each Serve row against the in-process row of its detection profile, per round."""
-    reference = {"Serve /predict": "in-process FacePipeline, photo profile",
+    by_prefix = {"Serve /predict": "in-process FacePipeline, photo profile",
                  "Serve /stream": "in-process FacePipeline, stream profile"}
-    reference = {label: next((ref for prefix, ref in reference.items()
+    reference = {label: next((ref for prefix, ref in by_prefix.items()
                               if label.startswith(prefix)), "")
                  for label, _ in results}
     head = ("| path | clients | frames/s ÷ in-process, median [min–max] | p50 minus in-process "
