@@ -164,10 +164,7 @@ class LiveAnnotator:
                         try:
                             client.send(encode_jpeg(small, self.jpeg_quality))
                         except ServeError as exc:
-                            self._failed(exc)
-                            client.close()
-                            out.clear()
-                            time.sleep(RETRY_S)
+                            self._failed(exc, client, out)
                             continue
                         out.append((time.monotonic(), scale))
                         continue
@@ -180,13 +177,7 @@ class LiveAnnotator:
                                          f"{ANSWER_TIMEOUT_S:.0f} s", kind="timeout")
                     result = client.receive(POLL_S if room else ANSWER_TIMEOUT_S, poll=room)
                 except ServeError as exc:
-                    self._failed(exc)
-                    if exc.kind in ("rejected", "overloaded"):  # that frame's answer
-                        out.popleft()
-                    if exc.kind != "rejected":
-                        client.close()
-                        out.clear()
-                        time.sleep(RETRY_S)
+                    self._failed(exc, client, out)
                     continue
                 if result is None:  # nothing yet: look for a new frame to send
                     continue
@@ -204,6 +195,15 @@ class LiveAnnotator:
             if client is not None:
                 client.close()
 
-    def _failed(self, exc: ServeError) -> None:
+    def _failed(self, exc: ServeError, client: StreamClient,
+                out: deque[tuple[float, float]]) -> None:
+        """Show the error. A rejected or shed frame's answer takes that frame off ``out``; any
+        other failure closes the socket (what was out is lost) and waits before the next try."""
         with self._lock:
             self.error = str(exc)
+        if exc.kind in ("rejected", "overloaded"):  # that frame's answer
+            out.popleft()
+        if exc.kind != "rejected":
+            client.close()
+            out.clear()
+            time.sleep(RETRY_S)
