@@ -103,13 +103,12 @@ def ray_local():
 
 # -- Serve (issue 4) -----------------------------------------------------------------------------
 
-# serve/config.yaml as the tests run it: their own model, a free port, and limits small enough
-# that the 413 and overload cases are cheap to reach. Requests may wait out a replica restart on
-# a loaded machine (the fault test) rather than time out at the proxy.
+# serve/config.yaml as the tests run it: their own model, a free port, the body and pixel
+# limits `faceage up` runs with (16 MiB, 64 MP: the phone-photo tests work at them), and a frame
+# count small enough that the overload cases are cheap to reach. Requests may wait out a replica
+# restart on a loaded machine (the fault test) rather than time out at the proxy.
 SERVE_TEST_OVERRIDES = {
     "http_options.request_timeout_s": 240,
-    "args.max_body_bytes": 2 * 1024 * 1024,
-    "args.max_pixels": 4_000_000,
     "args.max_frames": 8,
     "deployments.Ingress.max_ongoing_requests": 16,
     "deployments.Ingress.max_queued_requests": 16,

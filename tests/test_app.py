@@ -320,6 +320,31 @@ def test_photo_shows_the_age_serve_gives(page, serve_url, astronaut_path, artifa
     page.screenshot(path=str(artifacts / "photo.png"), full_page=True)
 
 
+def test_phone_photos_in_the_image_tab(page, serve_url, artifacts, tmp_path):
+    """A 12 MP JPEG and a 12 MP HEIC (as iPhones save them) dropped on the image tab: each shows
+    Serve's age for the photo, drawn on a copy at most 1600 px long."""
+    from testkit.photos import phone_heic, phone_jpeg
+
+    photos = [tmp_path / "phone.jpg", tmp_path / "phone.heic"]
+    photos[0].write_bytes(phone_jpeg(12))
+    photos[1].write_bytes(phone_heic())
+    upload(page, "photos", photos)
+    for index, path in enumerate(photos):
+        [face] = serve_faces(serve_url, path)
+        result = page.locator(f".st-key-photo-{index}")
+        result.locator("table").wait_for()
+        text = result.inner_text()
+        assert f"{path.name}: 1 face, age {face['age']:.1f}" in text, (face, text)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        with page.expect_download() as download:
+            result.get_by_role("button", name="Download annotated image").click()
+        saved = artifacts / f"{path.stem}-{path.suffix[1:]}-annotated.png"
+        download.value.save_as(saved)
+        annotated = np.asarray(Image.open(saved).convert("RGB"))
+        assert max(annotated.shape[:2]) == 1600 and green_box_pixels(annotated) > 200
+    page.screenshot(path=str(artifacts / "phone-photos.png"), full_page=True)
+
+
 def test_video_comes_back_annotated(page, face_video, artifacts):
     page.get_by_role("tab", name="Video").click()
     upload(page, "video", face_video)

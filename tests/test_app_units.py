@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 
+from faceage.inference.annotate import scale_faces
 from faceage.runtime import free_port
 from faceage.webapp.client import (
     ServeClient,
@@ -21,7 +22,7 @@ from faceage.webapp.client import (
     normalise_url,
     websocket_url,
 )
-from faceage.webapp.draw import annotate, encode_jpeg, scale_faces, shrink
+from faceage.webapp.draw import annotate, encode_jpeg, shrink
 from faceage.webapp.tracking import FaceTracker, iou
 from faceage.webapp.video import VideoError, probe_video, suggested_stride
 

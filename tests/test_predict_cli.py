@@ -288,3 +288,22 @@ def test_evaluate_breaks_errors_down_by_utkface_labels(capsys, untrained_model_f
     code, out, _ = _run(capsys, "evaluate", "--data", tiny_utkface, "--model",
                         untrained_model_file, "--limit", "40", "--report", report)
     assert code == 0 and "gender" in out and "race" in out
+
+
+def test_phone_photos_from_the_cli(capsys, untrained_model_file, tmp_path):
+    """A 12 MP HEIC and a 12 MP JPEG: one face each, boxes in the original's pixels, and the
+    annotated copy at the photo's full size."""
+    from testkit.photos import phone_heic, phone_jpeg
+
+    heic, jpeg = tmp_path / "phone.heic", tmp_path / "phone.jpg"
+    heic.write_bytes(phone_heic())
+    jpeg.write_bytes(phone_jpeg(12))
+    code, out, _ = _run(capsys, "predict", heic, jpeg, "--model", untrained_model_file, "--json")
+    assert code == 0
+    for line, width in zip(_json_lines(out), (4032, 4000), strict=True):
+        [face] = line["faces"]
+        x1, _, x2, _ = face["box"]
+        assert width * 0.35 < (x1 + x2) / 2 < width * 0.65, (line["path"], face["box"])
+    code, _, _ = _run(capsys, "predict", jpeg, "--model", untrained_model_file,
+                      "--output", tmp_path / "annotated.jpg")
+    assert code == 0 and Image.open(tmp_path / "annotated.jpg").size == (4000, 3000)

@@ -141,14 +141,16 @@ def test_detector_finds_faces_and_returns_bad_images_as_errors(replicas, astrona
     found = run_coroutine(detector.find(astronaut_path.read_bytes(), "astronaut.jpg"))
     assert (found["width"], found["height"]) == (512, 512)
     size = detector.finders["photo"].size
-    assert len(found["faces"]) == 1 and found["faces"][0].crop.shape == (size, size, 3)
+    # The crops travel as one stack beside the faces (in the object store when large).
+    assert len(found["faces"]) == 1 and found["faces"][0].crop is None
+    assert found["crops"].shape == (1, size, size, 3)
     assert set(found["timings_ms"]) == {"decode", "detect"}
     assert run_coroutine(detector.find(b"not an image", "upload")) == {
         "error": "upload: not an image, or not one of the supported formats "
-                 "(JPEG, PNG, WEBP, AVIF, BMP, GIF, TIFF, PPM)", "status": 400}
+                 "(JPEG, PNG, WEBP, AVIF, HEIF, BMP, GIF, TIFF, PPM)", "status": 400}
     info = detector.info()
     assert info["crop_size"] == size and info["threads"] >= 1
-    assert info["stream_detector"]["min_face_fraction"] > 0 == info["detector"]["min_face_fraction"]
+    assert info["stream_detector"]["min_face_fraction"] > info["detector"]["min_face_fraction"] > 0
 
 
 def test_the_stream_profile_finds_the_photo_profiles_large_face(replicas, astronaut_path):
@@ -165,7 +167,7 @@ def test_the_stream_profile_finds_the_photo_profiles_large_face(replicas, astron
 
 def test_age_regressor_ages_a_batch_of_requests_in_one_model_call(replicas, astronaut_path):
     detector, regressor, _ = replicas
-    crop = run_coroutine(detector.find(astronaut_path.read_bytes()))["faces"][0].crop
+    crop = run_coroutine(detector.find(astronaut_path.read_bytes()))["crops"][0]
     stacks = [np.stack([crop]), np.stack([crop, crop[:, ::-1]]), np.stack([crop[::-1]])]
     for s in stacks:
         s.flags.writeable = False  # as arrays arrive from Ray's object store
@@ -246,3 +248,34 @@ def test_ingress_turns_bad_images_and_overload_into_status_codes(replicas):
     with pytest.raises(ApiError) as overloaded:
         run_coroutine(ingress._call(shed()))
     assert overloaded.value.status == 503 and "capacity" in overloaded.value.message
+
+
+def test_a_failing_downstream_call_is_a_json_500(replicas):
+    """Whatever fails below the Ingress reaches the client as the JSON error form with its
+    status, never Starlette's plain-text 500."""
+    import json
+
+    from faceage.serving.app import api
+    from faceage.serving.schemas import ApiError
+
+    detector, regressor, args = replicas
+
+    class Broken:
+        async def find(self, *args):
+            raise RuntimeError("the Detector broke")
+
+    ingress = make_ingress(Broken(), regressor, args)
+    with pytest.raises(ApiError) as failed:
+        run_coroutine(ingress.predict_image(b"bytes", "upload.jpg"))
+    assert failed.value.status == 500 and "RuntimeError" in failed.value.message
+    frame = run_coroutine(ingress._frame(0, b"bytes"))
+    assert frame["status"] == 500 and "RuntimeError" in frame["error"]
+
+    class Request:  # what the handler reads of the request
+        method, url = "POST", type("URL", (), {"path": "/predict"})()
+
+    handler = api.exception_handlers[Exception]
+    response = run_coroutine(handler(Request(), KeyError("a bug in the Ingress")))
+    assert response.status_code == 500 and response.media_type == "application/json"
+    body = json.loads(response.body)
+    assert body["status"] == 500 and "KeyError" in body["error"]

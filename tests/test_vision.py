@@ -442,3 +442,64 @@ def test_no_face_whole_uses_the_image(untrained_model_file, rocket_path):
     assert len(records) == 1
     assert records[0]["box"] == [0.0, 0.0, float(rocket.shape[1]), float(rocket.shape[0])]
     assert records[0]["score"] == 0.0 and records[0]["landmarks"] == []
+
+
+# -- photos as phones take them: reduced JPEG decoding, HEIC ---------------------------------------
+
+
+def test_large_jpegs_decode_reduced_and_keep_the_original_size():
+    """A 12 MP JPEG decodes at half size with ``reduce_to`` (libjpeg's DCT scaling), and the
+    Photo keeps the original size; smaller JPEGs and other formats decode whole."""
+    from faceage.inference.images import load_photo
+    from testkit.photos import phone_jpeg, phone_scene
+
+    data = phone_jpeg(12)
+    photo = load_photo(data, reduce_to=1600)
+    assert (photo.width, photo.height, photo.pixels.shape) == (4000, 3000, (1500, 2000, 3))
+    assert photo.scale == (2.0, 2.0)
+    assert load_photo(data).pixels.shape == (3000, 4000, 3)
+    assert load_photo(data, reduce_to=2100).pixels.shape == (3000, 4000, 3)  # 1/2 < 2100
+    # Stored a quarter turn off, EXIF orientation 6: upright, and the original size swapped.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    phone_scene(4000, 3000).transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", exif=exif)
+    turned = load_photo(buf.getvalue(), reduce_to=1000)
+    assert (turned.width, turned.height, turned.pixels.shape) == (4000, 3000, (750, 1000, 3))
+    png = io.BytesIO()
+    phone_scene(3200, 2400).save(png, "PNG")
+    assert load_photo(png.getvalue(), reduce_to=1000).scale == (1.0, 1.0)
+
+
+def test_faces_of_a_reduced_decode_are_in_the_original_pixels():
+    """FaceFinder.find_photo on the half-size decode of a 12 MP photo gives the face the full
+    decode gives, in the original's pixels, and crops of the model's size."""
+    from faceage.inference.images import Photo, load_photo
+    from testkit.photos import phone_jpeg
+
+    data = phone_jpeg(12)
+    finder = FaceFinder(None, 96)
+    reduced, _ = finder.find_photo(load_photo(data, reduce_to=1600))
+    full, _ = finder.find_photo(Photo(load_image(data), 4000, 3000))
+    assert len(reduced) == len(full) == 1 and reduced[0].crop.shape == (96, 96, 3)
+    assert np.abs(reduced[0].box - full[0].box).max() < 0.01 * 4000
+    assert np.abs(reduced[0].landmarks - full[0].landmarks).max() < 0.01 * 4000
+    # The portrait is scaled 3000/512 and shifted 500 px right in the scene.
+    expected = np.array(ASTRONAUT_BOX) * 3000 / 512 + [500, 0, 500, 0]
+    assert np.allclose(reduced[0].box, expected, atol=0.03 * 3000)
+    # Tracking boxes (``near``) are taken in the original's pixels too.
+    near, tracked = finder.find_photo(load_photo(data, reduce_to=1600), [reduced[0].box])
+    assert tracked and np.abs(near[0].box - reduced[0].box).max() < 0.01 * 4000
+
+
+def test_heic_decodes_upright(detector):
+    """A 12 MP HEIC stored a quarter turn off with orientation 6 (as phones save them) decodes
+    upright: one face, eyes level and above the mouth."""
+    from testkit.photos import phone_heic
+
+    image = load_image(phone_heic())
+    assert image.shape == (3024, 4032, 3)
+    [face] = detector.detect(image)
+    left_eye, right_eye, _, mouth_left, mouth_right = face.landmarks
+    assert abs(left_eye[1] - right_eye[1]) < 0.2 * abs(right_eye[0] - left_eye[0])
+    assert max(left_eye[1], right_eye[1]) < min(mouth_left[1], mouth_right[1])

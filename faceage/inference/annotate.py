@@ -49,3 +49,17 @@ def draw_faces(image: np.ndarray | Image.Image, faces: Sequence[dict[str, Any]])
         draw.rectangle([x1, ty, x1 + tw + 2 * width, ty + th + 2 * width], fill=BOX_COLOUR)
         draw.text((x1 + width - left, ty + width - top), label, fill=TEXT_COLOUR, font=font)
     return im
+
+
+def scale_faces(faces: Sequence[dict[str, Any]], factor: float) -> list[dict[str, Any]]:
+    """Face records with boxes and landmarks multiplied by ``factor`` (back to full size)."""
+    if factor == 1.0:
+        return [dict(f) for f in faces]
+    out = []
+    for f in faces:
+        g = dict(f)
+        g["box"] = [v * factor for v in f["box"]]
+        if f.get("landmarks"):
+            g["landmarks"] = [[x * factor, y * factor] for x, y in f["landmarks"]]
+        out.append(g)
+    return out

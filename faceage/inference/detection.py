@@ -28,15 +28,20 @@ class DetectorConfig(BaseModel):
     min_face_size: int = Field(20, ge=8, description="smallest face searched for, in pixels of "
                                                      "the original image")
     min_face_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="also skip faces smaller than this share of the "
-        "image's shorter side (0: off); bounds the detection pyramid for video, where faces "
-        "are large")
+        0.03, ge=0.0, lt=1.0, description="also skip faces smaller than this share of the "
+        "image's shorter side (0: off): 90 px of a 12-megapixel photo, where 20 px alone would "
+        "cost 8x the detection time (docs/serve.md, \"Phone photos\"); no change below "
+        "about 670 px, where min_face_size is larger. The live-stream profile uses 0.1")
     thresholds: tuple[float, float, float] = Field(
         (0.6, 0.7, 0.7), description="P-, R- and O-net score thresholds")
     min_score: float = Field(0.9, ge=0.0, le=1.0, description="faces scoring below are dropped")
     factor: float = Field(0.709, gt=0.1, lt=1.0, description="image pyramid scale step")
     max_side: int = Field(1280, ge=64, description="larger images are detected on a copy "
                                                    "downscaled to this longer side")
+    decode_side: int = Field(
+        1600, ge=0, description="a JPEG at least twice this long is decoded at 1/2, 1/4 or 1/8 "
+        "scale, keeping at least this longer side (faceage.inference.images.load_photo): a "
+        "12-megapixel photo decodes 3-4x faster; 0: always at full size")
     pad: Literal["auto", "always", "never"] = Field(
         "auto", description="pad the frame before detecting; auto: only when a face (nearly) "
                             "fills it or none is found, where MTCNN otherwise misses or misframes")
@@ -130,10 +135,11 @@ class FaceDetector:
         points = (points - offset) / scale
         return boxes, points
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """All faces in an HxWx3 uint8 RGB image, largest first."""
+    def detect(self, image: np.ndarray, min_face: float | None = None) -> list[Face]:
+        """All faces in an HxWx3 uint8 RGB image, largest first; ``min_face``: the smallest
+        face in its pixels (default: ``min_face(h, w)``)."""
         image = check_image_array(image)
-        return self._detect(image, self.min_face(*image.shape[:2]), None)
+        return self._detect(image, min_face or self.min_face(*image.shape[:2]), None)
 
     def _detect(self, image: np.ndarray, min_face: float, scale: float | None) -> list[Face]:
         cfg = self.config
@@ -163,7 +169,7 @@ class FaceDetector:
         return faces[: cfg.max_faces]
 
     def detect_near(self, image: np.ndarray, boxes: Sequence[Sequence[float]],
-                    margin: float = 0.5) -> list[Face]:
+                    margin: float = 0.5, min_face: float | None = None) -> list[Face]:
         """Faces in the region around ``boxes`` (``[x1, y1, x2, y2]``: where faces were in the
         previous frame of a video), each box widened by ``margin`` x its longer side on every
         side; [] when none is found there. Detected at the scale a whole-frame detection would
@@ -173,7 +179,7 @@ class FaceDetector:
         h, w = image.shape[:2]
         b = np.asarray(boxes, np.float64).reshape(-1, 4)
         side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
-        min_face = max(self.min_face(h, w), 0.5 * float(side.min(initial=0.0)))
+        min_face = max(min_face or self.min_face(h, w), 0.5 * float(side.min(initial=0.0)))
         scale = min(1.0, self.config.max_side / max(h, w))
         x1 = int(np.clip(np.floor((b[:, 0] - margin * side).min()), 0, w))
         y1 = int(np.clip(np.floor((b[:, 1] - margin * side).min()), 0, h))

@@ -1,23 +1,53 @@
 """Decoding photos: a path, bytes or file to an upright HxWx3 uint8 RGB array, with the size and
-format checks every entry point (CLI, Serve, prepare, evaluate) shares."""
+format checks every entry point (CLI, Serve, prepare, evaluate) shares.
+
+``load_photo`` may decode a large JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling,
+Pillow's ``draft``): a 12-megapixel phone photo decodes in a quarter of the time, a 48-megapixel
+one in an eighth (docs/serve.md, "Phone photos"), and detection works on a copy at most
+``DetectorConfig.max_side`` long anyway. ``Photo`` keeps the original size, so boxes and
+landmarks are reported in the original photo's pixels.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from faceage.errors import ImageError
 
+# HEIC/HEIF, what iPhones save by default (libheif, through pillow-heif). It applies the file's
+# rotation itself and resets the EXIF orientation to 1, so exif_transpose below does no harm.
+pillow_heif.register_heif_opener()
+
 # Enough for a 60-megapixel camera; a decoded image costs 3 bytes per pixel.
 DEFAULT_MAX_PIXELS = 64_000_000
 # Pillow plugins that decode in-process; EPS (Ghostscript) and exotic formats are not accepted.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "GIF", "TIFF", "PPM")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "HEIF", "BMP", "GIF", "TIFF", "PPM")
+# EXIF orientations that swap width and height (a quarter turn).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+@dataclass
+class Photo:
+    """A decoded photo: ``pixels`` (upright HxWx3 uint8 RGB), maybe decoded at a reduced scale,
+    and the upright size of the original, ``width`` x ``height``."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per decoded pixel, (x, y): 1.0 for a full-size decode."""
+        return self.width / self.pixels.shape[1], self.height / self.pixels.shape[0]
 
 
 def _describe(source: Any, name: str | None) -> str:
@@ -28,14 +58,25 @@ def _describe(source: Any, name: str | None) -> str:
     return "image"
 
 
-def load_image(source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, *,
-               name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+
+
+def load_image(source: ImageSource, *, name: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a photo (path, bytes or binary file) to an upright HxWx3 uint8 RGB array.
 
     Honours EXIF orientation and converts grayscale, alpha, palette, CMYK and 16-bit images.
     Raises ``ImageError`` (status 400) for anything that is not a complete image and
     (status 413) for one above ``max_pixels``, checked before the pixels are decoded.
     """
+    return load_photo(source, name=name, max_pixels=max_pixels).pixels
+
+
+def load_photo(source: ImageSource, *, name: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int = 0) -> Photo:
+    """``load_image``, keeping the original size; with ``reduce_to`` > 0, a JPEG whose longer
+    side is at least twice that is decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps
+    its longer side at least ``reduce_to`` (other formats always decode at full size)."""
     label = _describe(source, name)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
@@ -74,15 +115,22 @@ def load_image(source: str | os.PathLike | bytes | bytearray | memoryview | Bina
                 f"limit of {max_pixels / 1e6:.0f}; resize it first", status=413)
         if width == 0 or height == 0:
             raise ImageError(f"{label}: the image has no pixels ({width}x{height})")
+        if reduce_to and im.format == "JPEG" and max(width, height) >= 2 * reduce_to:
+            k = reduce_to / max(width, height)
+            im.draft(im.mode, (max(1, int(width * k)), max(1, int(height * k))))
         try:
             im.load()
         except Exception as exc:
             raise ImageError(f"{label}: the image data is truncated or corrupt ({exc})") from None
     try:
+        turned = im.getexif().get(0x0112) in _QUARTER_TURNS
         im = ImageOps.exif_transpose(im)
     except Exception:  # a malformed EXIF block should not cost the picture
-        pass
-    return to_rgb_array(im)
+        turned = False
+    pixels = to_rgb_array(im)
+    if turned:
+        width, height = height, width
+    return Photo(pixels, width, height)
 
 
 def to_rgb_array(im: Image.Image) -> np.ndarray:

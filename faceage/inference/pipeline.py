@@ -3,9 +3,9 @@
 Used by ``faceage prepare``, ``faceage evaluate``, ``faceage predict`` and the Serve Detector, so a
 face is framed the same way in training data, evaluation and serving:
 
-    load_image(path | bytes) ─▶ FaceDetector.detect(image) ─▶ align_face(image, face, policy, size)
+    load_photo(path | bytes) ─▶ FaceDetector.detect(image) ─▶ align_face(image, face, policy, size)
     (images)                    (detection)                   (alignment)
-                                 FaceFinder.find(image) does both ─▶ AgeModel.predict_groups(crops)
+                        FaceFinder.find_photo(photo) does both ─▶ AgeModel.predict_groups(crops)
 
 The crop policy (where the landmarks land in the crop) is model-file metadata; see ``CropPolicy``.
 """
@@ -20,6 +20,7 @@ import numpy as np
 from faceage.errors import UserError
 from faceage.inference.alignment import CropPolicy, align_face, whole_image_face
 from faceage.inference.detection import DetectorConfig, Face, FaceDetector
+from faceage.inference.images import ImageSource, Photo, load_photo
 from faceage.inference.interval import DEFAULT_COVERAGE, check_coverage
 
 NoFace = Literal["skip", "whole"]
@@ -54,18 +55,43 @@ class FaceFinder:
         """
         return self.find_tracked(image, near)[0]
 
-    def find_tracked(self, image: np.ndarray, near: Sequence[Sequence[float]] | None = None
-                     ) -> tuple[list[Face], bool]:
+    def find_tracked(self, image: np.ndarray, near: Sequence[Sequence[float]] | None = None,
+                     min_face: float | None = None) -> tuple[list[Face], bool]:
         """``find``, and whether the faces were found near ``near`` (False: the whole frame
         was searched)."""
-        faces = self.detector.detect_near(image, near) if near else []
+        faces = self.detector.detect_near(image, near, min_face=min_face) if near else []
         tracked = bool(faces)
         if not faces:
-            faces = self.detector.detect(image)
+            faces = self.detector.detect(image, min_face)
         for f in faces:
             f.crop = align_face(image, f, self.policy, self.size)
         if not faces and self.no_face == "whole":
             faces = [whole_image_face(image, self.size)]
+        return faces, tracked
+
+    def load(self, source: ImageSource, name: str | None = None,
+             max_pixels: int | None = None) -> Photo:
+        """Decode a photo as this finder wants it (large JPEGs at a reduced scale: the
+        detector's ``decode_side``)."""
+        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return load_photo(source, name=name, reduce_to=self.detector.config.decode_side,
+                          **kwargs)
+
+    def find_photo(self, photo: Photo, near: Sequence[Sequence[float]] | None = None
+                   ) -> tuple[list[Face], bool]:
+        """``find_tracked`` on a ``Photo``: boxes and landmarks (and ``near``) in the original
+        photo's pixels, crops from its decoded pixels."""
+        sx, sy = photo.scale
+        if (sx, sy) == (1.0, 1.0):
+            return self.find_tracked(photo.pixels, near)
+        to_pixels = np.array([1 / sx, 1 / sy] * 2)
+        near = [np.asarray(b, np.float64) * to_pixels for b in near] if near else None
+        # The smallest face is the original photo's min face, in decoded pixels.
+        min_face = self.detector.min_face(photo.height, photo.width) / max(sx, sy)
+        faces, tracked = self.find_tracked(photo.pixels, near, min_face)
+        for f in faces:
+            f.box = (f.box * np.array([sx, sy] * 2)).astype(np.float32)
+            f.landmarks = (f.landmarks * np.array([sx, sy])).astype(np.float32)
         return faces, tracked
 
 
@@ -102,18 +128,22 @@ class FacePipeline:
         self.tta = tta
         self.coverage = check_coverage(coverage)  # of each face's age interval
 
-    def find_faces(self, image: np.ndarray) -> list[Face]:
+    def find_faces(self, image: np.ndarray | Photo) -> list[Face]:
+        if isinstance(image, Photo):
+            return self.finder.find_photo(image)[0]
         return self.finder.find(image)
 
-    def predict_faces(self, images: Sequence[np.ndarray]) -> list[tuple[list[Face], Any]]:
-        """Faces and their ``AgeEstimates`` (ages, interval ends) for each image; the model runs
-        once over all their crops."""
+    def predict_faces(self, images: Sequence[np.ndarray | Photo]
+                      ) -> list[tuple[list[Face], Any]]:
+        """Faces and their ``AgeEstimates`` (ages, interval ends) for each image (an array, or
+        a ``Photo`` with boxes in its original pixels); the model runs once over all their
+        crops."""
         found = [self.find_faces(im) for im in images]
         ages = self.model.predict_groups([[f.crop for f in faces] for faces in found],
                                          tta=self.tta, coverage=self.coverage)
         return list(zip(found, ages, strict=True))
 
-    def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def predict(self, image: np.ndarray | Photo) -> list[dict[str, Any]]:
         """Face records for one image."""
         faces, estimates = self.predict_faces([image])[0]
         return face_records(faces, estimates)

@@ -14,11 +14,12 @@ import numpy as np
 
 from faceage.errors import ImageError, UserError
 from faceage.inference.detection import DetectorConfig
-from faceage.inference.images import load_image
+from faceage.inference.images import Photo, load_image
 from faceage.inference.interval import DEFAULT_COVERAGE, check_coverage
 from faceage.inference.pipeline import FacePipeline, face_records
 
-PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
+                    ".heic", ".heif", ".avif")
 BATCH_IMAGES = 8
 
 
@@ -52,16 +53,15 @@ def image_result(path: str, faces: list[dict[str, Any]] | None, error: str | Non
 
 
 def predict_files(pipeline: FacePipeline, paths: Sequence[Path], keep_images: bool = False,
-                  max_pixels: int | None = None) -> Iterator[tuple[dict, np.ndarray | None]]:
-    """``(result, image)`` per path, in order; the model runs once per batch of images."""
-    kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+                  max_pixels: int | None = None) -> Iterator[tuple[dict, Photo | None]]:
+    """``(result, photo)`` per path, in order; the model runs once per batch of images."""
     for start in range(0, len(paths), BATCH_IMAGES):
         chunk = paths[start:start + BATCH_IMAGES]
-        images: list[np.ndarray | None] = []
+        images: list[Photo | None] = []
         errors: list[str | None] = []
         for p in chunk:
             try:
-                images.append(load_image(p, **kwargs))
+                images.append(pipeline.finder.load(p, max_pixels=max_pixels))
                 errors.append(None)
             except ImageError as exc:
                 images.append(None)
@@ -126,7 +126,7 @@ def run_predict(args: argparse.Namespace, out=None, err=None) -> int:
     pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta,
                             coverage=args.coverage)
     failures = 0
-    for result, image in predict_files(pipeline, paths, keep_images=output is not None):
+    for result, photo in predict_files(pipeline, paths, keep_images=output is not None):
         if result["error"]:
             failures += 1
             print(f"error: {result['error']}", file=err)
@@ -135,9 +135,11 @@ def run_predict(args: argparse.Namespace, out=None, err=None) -> int:
         else:
             for line in _human_lines(result):
                 print(line, file=out, flush=True)
-        if output is not None and image is not None:
+        if output is not None and photo is not None:
             target = _annotated_path(output, Path(result["path"]), len(paths) > 1)
-            draw_faces(image, result["faces"]).save(target)
+            # A large JPEG was decoded at a reduced scale: draw on the whole photo.
+            full = photo.pixels if photo.scale == (1.0, 1.0) else load_image(result["path"])
+            draw_faces(full, result["faces"]).save(target)
     if output is not None and not args.json:
         print(f"annotated: {output}", file=err)
     return 2 if failures else 0
@@ -149,6 +151,8 @@ def detector_config(args: argparse.Namespace) -> DetectorConfig:
         cfg["min_face_size"] = args.min_face_size
     if getattr(args, "min_score", None) is not None:
         cfg["min_score"] = args.min_score
+    if getattr(args, "min_face_fraction", None) is not None:
+        cfg["min_face_fraction"] = args.min_face_fraction
     return DetectorConfig(**cfg)
 
 
@@ -240,3 +244,6 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="a video file to annotate frame by frame (needs --output)")
     p.add_argument("--min-face-size", type=int, help="smallest face in pixels (default 20)")
     p.add_argument("--min-score", type=float, help="detection score threshold (default 0.9)")
+    p.add_argument("--min-face-fraction", type=float,
+                   help="smallest face as a share of the photo's shorter side (default 0.03; "
+                        "0 finds smaller faces in large photos, more slowly)")

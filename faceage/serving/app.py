@@ -25,12 +25,11 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -53,6 +52,7 @@ from faceage.serving.feedback import (
     feedback_info,
     read_correction,
 )
+from faceage.serving.payload import pack
 from faceage.serving.schemas import (
     BINARY_BODY,
     ERROR_RESPONSES,
@@ -106,6 +106,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400, f"invalid request: {exc.errors()}")
 
 
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else that fails in the Ingress: the JSON error form, never Starlette's plain
+    text (the traceback goes to the replica's log)."""
+    LOGGER.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"the request failed on the server ({type(exc).__name__}); "
+                               "it was logged, and a retry may succeed")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
                   max_queued_requests=64)
 @serve.ingress(api)
@@ -122,13 +131,22 @@ class Ingress:
         self._model_ref: dict[str, str] | None = None
 
     async def _call(self, response) -> Any:
-        """Await a handle call; overload and replica failures become 503, not 500."""
+        """Await a handle call; overload and replica failures become 503, and anything else
+        that fails downstream a 500, each an ``ApiError`` (the JSON error form)."""
         try:
             return await response
         except BackPressureError:
             raise ApiError(503, "the service is at capacity; retry in a moment") from None
-        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
+        # ObjectLostError: a payload (payload.py) whose owner, a replica, died in between.
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError,
+                ObjectLostError):
             raise ApiError(503, "a model replica is restarting; retry in a moment") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            LOGGER.exception("a call to a model deployment failed")
+            raise ApiError(500, f"a model deployment failed ({type(exc).__name__}); it was "
+                                "logged, and a retry may succeed") from None
 
     async def _model(self) -> dict[str, str]:
         if self._model_ref is None:
@@ -136,15 +154,14 @@ class Ingress:
             self._model_ref = {"name": info["name"], "version": info["version"]}
         return self._model_ref
 
-    async def _remember(self, faces: list[Face], records: list[dict],
+    async def _remember(self, crops: Any, records: list[dict],
                         model: dict[str, str]) -> dict[str, Any] | None:
-        """Hand the faces' crops and answers to the FeedbackStore under new ids; the ids, or
-        None when the store fails (the prediction stands without them)."""
-        ids = [new_face_id() for _ in faces]
+        """Hand the faces' crops (the Detector's stack) and answers to the FeedbackStore under
+        new ids; the ids, or None when the store fails (the prediction stands without them)."""
+        ids = [new_face_id() for _ in records]
         try:
             await self._call(self.feedback.remember.remote(
-                ids, [f.crop for f in faces],
-                [(r["age"], *r["age_interval"]) for r in records], model))
+                ids, crops, [(r["age"], *r["age_interval"]) for r in records], model))
         except Exception as exc:  # a failed store must not fail the prediction
             LOGGER.warning("the FeedbackStore did not take %d faces: %s", len(ids), exc)
             return None
@@ -163,15 +180,15 @@ class Ingress:
         FeedbackStore (corrections on), ``total`` all of it in the Ingress.
         """
         start = time.perf_counter()
-        found = await self._call(self.detector.find.remote(data, name, profile, near))
+        found = await self._call(self.detector.find.remote(pack(data), name, profile, near))
         if "error" in found:
             raise ApiError(found["status"], found["error"])
         faces: list[Face] = found["faces"]
         aged = time.perf_counter()
         estimates = AgeEstimates.empty()
         if faces:
-            estimates = await self._call(
-                self.regressor.ages.remote(np.stack([f.crop for f in faces])))
+            # The crops go on as the Detector sent them: the Ingress never unpacks them.
+            estimates = await self._call(self.regressor.ages.remote(found["crops"]))
         done = time.perf_counter()
         records, model = face_records(faces, estimates), await self._model()
         timings = {**found["timings_ms"], "detect_call": _ms(aged - start),
@@ -179,7 +196,7 @@ class Ingress:
         result = {"faces": records, "image": {"width": found["width"], "height": found["height"]},
                   "model": model, "detection": found["detection"], "timings_ms": timings}
         if self.feedback is not None and remember and faces:
-            result["feedback"] = await self._remember(faces, records, model)
+            result["feedback"] = await self._remember(found["crops"], records, model)
             timings["remember"] = _ms(time.perf_counter() - done)
         timings["total"] = _ms(time.perf_counter() - start)
         return result
@@ -205,7 +222,7 @@ class Ingress:
               responses=ERROR_RESPONSES, openapi_extra={
         "requestBody": {"required": True, "content": {
             **{t: BINARY_BODY for t in ("image/jpeg", "image/png", "image/webp",
-                                    "application/octet-stream")},
+                                    "image/heic", "image/heif", "application/octet-stream")},
             MULTIPART: {"schema": {"type": "object", "required": ["file"],
                                    "properties": {"file": {"type": "string",
                                                            "format": "binary"}}}},

@@ -22,10 +22,10 @@ from ray import serve
 
 from faceage.errors import ImageError
 from faceage.inference.detection import DetectorConfig, FaceDetector
-from faceage.inference.images import load_image
 from faceage.inference.interval import DEFAULT_COVERAGE, AgeEstimates
 from faceage.inference.modelfile import load_model_file, read_model_file
 from faceage.inference.pipeline import FaceFinder
+from faceage.serving.payload import pack, unpack
 
 T = TypeVar("T")
 
@@ -117,24 +117,32 @@ class Detector:
             finder.find(np.full((160, 160, 3), 128, np.uint8))
         return finders
 
-    async def find(self, data: bytes, name: str = "image", profile: str = "photo",
+    async def find(self, data: Any, name: str = "image", profile: str = "photo",
                    near: list[list[float]] | None = None) -> dict[str, Any]:
-        """Faces in an encoded image, or ``{"error", "status"}`` for one that cannot be used.
-        ``near``: the previous frame's boxes of a stream, searched around first
-        (``FaceFinder.find``)."""
-        return await self.torch.call(self._find, data, name, profile, near)
+        """Faces in an encoded image (bytes, or ``Stored`` bytes: payload.py), or
+        ``{"error", "status"}`` for one that cannot be used. ``near``: the previous frame's
+        boxes of a stream, searched around first (``FaceFinder.find``).
+
+        The faces come without their crops: those are ``crops``, one (N, S, S, 3) stack (None
+        without faces), sent through the object store when large."""
+        return await self.torch.call(self._find, await unpack(data), name, profile, near)
 
     def _find(self, data: bytes, name: str, profile: str,
               near: list[list[float]] | None) -> dict[str, Any]:
         start = time.perf_counter()
+        finder = self.finders[profile]
         try:
-            image = load_image(data, name=name, max_pixels=self.max_pixels)
+            photo = finder.load(data, name=name, max_pixels=self.max_pixels)
         except ImageError as exc:
             # Returned, not raised: a bad upload is the client's error, not a replica failure.
             return {"error": str(exc), "status": exc.status}
         decoded = time.perf_counter()
-        faces, tracked = self.finders[profile].find_tracked(image, near)
-        return {"faces": faces, "width": int(image.shape[1]), "height": int(image.shape[0]),
+        faces, tracked = finder.find_photo(photo, near)
+        crops = np.stack([f.crop for f in faces]) if faces else None
+        for f in faces:
+            f.crop = None
+        return {"faces": faces, "crops": None if crops is None else pack(crops),
+                "width": photo.width, "height": photo.height,
                 "detection": "near previous faces" if tracked else "whole frame",
                 "timings_ms": {"decode": _ms(decoded - start),
                                "detect": _ms(time.perf_counter() - decoded)}}
@@ -175,11 +183,12 @@ class AgeRegressor:
         self.ages.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def ages(self, crop_stacks: list[np.ndarray]) -> list[AgeEstimates]:
-        """Ages and intervals for each request's (N, S, S, 3) crops; one model call for the
-        whole batch."""
+    async def ages(self, crop_stacks: list[Any]) -> list[AgeEstimates]:
+        """Ages and intervals for each request's (N, S, S, 3) crops (an array, or a ``Stored``
+        one: payload.py); one model call for the whole batch."""
+        stacks = list(await asyncio.gather(*(unpack(s) for s in crop_stacks)))
         # On the torch thread, so the event loop keeps queueing the next batch meanwhile.
-        return await self.torch.call(self.model.predict_groups, crop_stacks, self.tta,
+        return await self.torch.call(self.model.predict_groups, stacks, self.tta,
                                      self.coverage)
 
     def info(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from faceage.feedback import (
     check_age,
     encode_crop,
 )
+from faceage.serving.payload import unpack
 from faceage.serving.schemas import ApiError
 from faceage.serving.uploads import media_type, read_body
 
@@ -115,9 +116,15 @@ class FeedbackStore:
         self.memory = FaceMemory(keep_faces, keep_s)
         encode_crop(np.zeros((8, 8, 3), np.uint8))  # OpenCV's import, before the first face
 
-    def remember(self, face_ids: list[str], crops: list[np.ndarray],
-                 answers: list[tuple[float, float, float]], model: dict[str, str]) -> int:
-        """Keep each face's crop (as JPEG) and the model's ``(age, low, high)``; how many kept."""
+    async def remember(self, face_ids: list[str], crops: Any,
+                       answers: list[tuple[float, float, float]], model: dict[str, str]) -> int:
+        """Keep each face's crop (as JPEG) and the model's ``(age, low, high)``; how many kept.
+        ``crops``: the faces' (N, S, S, 3) stack, or a ``Stored`` one (payload.py)."""
+        return await asyncio.to_thread(self._remember, face_ids, await unpack(crops), answers,
+                                       model)
+
+    def _remember(self, face_ids: list[str], crops: np.ndarray,
+                  answers: list[tuple[float, float, float]], model: dict[str, str]) -> int:
         for face_id, crop, (age, low, high) in zip(face_ids, crops, answers, strict=True):
             self.memory.remember(face_id, RememberedFace(
                 encode_crop(crop), age, low, high, model["name"], model["version"]))

@@ -57,6 +57,10 @@ SERVE_ENV_DEFAULTS = {
     # access logs, direct ingress: the Detector hop 8.1 -> 4.3 ms, the age call 25.1 -> 19.1 ms,
     # one /stream socket 1.21x -> 1.54x in-process (docs/serve.md, bench/serve_load.py).
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # That gRPC stops messages at 4 MiB. Photos and crops above 1 MiB travel through the object
+    # store (faceage/serving/payload.py), so this is a margin for the rest (a reply listing
+    # many faces), well above the 16 MiB body limit.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
 }
 
 

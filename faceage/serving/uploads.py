@@ -10,11 +10,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from faceage.serving.schemas import ApiError
 
 # Content types /predict takes as a raw body: the formats faceage.inference.images decodes.
-# Anything else (text, JSON, SVG, HEIC) is a 415; octet-stream is sniffed like a file.
+# Anything else (text, JSON, SVG) is a 415; octet-stream is sniffed like a file.
 RAW_IMAGE_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/avif",
-    "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff", "image/x-portable-pixmap",
-    "application/octet-stream",
+    "image/heic", "image/heif", "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff",
+    "image/x-portable-pixmap", "application/octet-stream",
 })
 MULTIPART = "multipart/form-data"
 
@@ -63,7 +63,7 @@ async def read_file_parts(request: Request, body: bytes, max_parts: int) -> list
                 part_type = media_type(value.content_type)
                 if part_type and part_type not in RAW_IMAGE_TYPES:
                     raise ApiError(415, f"part {key!r} is {part_type}; send an image "
-                                        "(JPEG, PNG, WebP, ...)")
+                                        "(JPEG, PNG, WebP, HEIC, ...)")
                 parts.append((key, await value.read()))
             else:
                 parts.append((key, value))

@@ -71,20 +71,6 @@ def shrink(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), scale
 
 
-def scale_faces(faces: Sequence[dict[str, Any]], factor: float) -> list[dict[str, Any]]:
-    """Face records with boxes and landmarks multiplied by ``factor`` (back to full size)."""
-    if factor == 1.0:
-        return [dict(f) for f in faces]
-    out = []
-    for f in faces:
-        g = dict(f)
-        g["box"] = [v * factor for v in f["box"]]
-        if f.get("landmarks"):
-            g["landmarks"] = [[x * factor, y * factor] for x, y in f["landmarks"]]
-        out.append(g)
-    return out
-
-
 def face_thumbnail(rgb: np.ndarray, box: Sequence[float], height: int = 96,
                    margin: float = 0.2) -> np.ndarray:
     """The face in ``box`` (widened by ``margin`` of its size on each side), ``height`` px high:

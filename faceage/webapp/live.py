@@ -17,8 +17,9 @@ from typing import Any
 import av
 import numpy as np
 
+from faceage.inference.annotate import scale_faces
 from faceage.webapp.client import ServeError, StreamClient
-from faceage.webapp.draw import annotate, encode_jpeg, scale_faces, shrink
+from faceage.webapp.draw import annotate, encode_jpeg, shrink
 from faceage.webapp.tracking import FaceTracker
 
 SEND_MAX_SIDE = 640

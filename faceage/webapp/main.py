@@ -21,8 +21,8 @@ import streamlit as st
 from streamlit_webrtc import WebRtcMode, webrtc_streamer
 
 from faceage.errors import ImageError
-from faceage.inference.annotate import age_label  # (Pillow only)
-from faceage.inference.images import load_image  # (Pillow only; no torch)
+from faceage.inference.annotate import age_label, scale_faces  # (Pillow only)
+from faceage.inference.images import load_photo  # (Pillow only; no torch)
 from faceage.webapp.client import ServeClient, ServeError, normalise_url, serve_url_from_env
 from faceage.webapp.corrections import (
     correction_form,
@@ -30,12 +30,15 @@ from faceage.webapp.corrections import (
     feedback_settings,
     privacy_note,
 )
-from faceage.webapp.draw import annotate, encode_image, face_thumbnail, interval_text
+from faceage.webapp.draw import annotate, encode_image, face_thumbnail, interval_text, shrink
 from faceage.webapp.live import LiveAnnotator
 from faceage.webapp.video import VideoError, annotate_video, probe_video, suggested_stride
 from faceage.webapp.webrtc_guard import disarm_orphan_check
 
-PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "heic", "heif", "avif", "bmp", "gif", "tif", "tiff"]
+# Photos are shown, drawn on and offered for download at most this long: a 12 MP phone photo
+# would cost seconds to draw and encode, and the page shows it smaller anyway.
+DISPLAY_SIDE = 1600
 VIDEO_TYPES = ["mp4", "mov", "m4v", "webm", "mkv", "avi"]
 WEBCAM_KEY = "webcam"
 ICE_SERVERS_ENV = "FACEAGE_ICE_SERVERS"
@@ -148,7 +151,7 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
     with st.container(border=True, key=f"photo-{index}"):
         try:
             result = predict_photo(url, data, content_type)
-            rgb = load_image(data, name=name)
+            photo = load_photo(data, name=name, reduce_to=DISPLAY_SIDE)
         except ServeError as exc:
             st.error(f"{name}: {exc}")
             return
@@ -167,7 +170,10 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
                            f"{interval_coverage(url)} like the model's validation faces.")
         else:
             st.info(f"{name}: no face found.")
-        annotated = annotate(rgb, faces)
+        # Serve's boxes are in the original photo's pixels; drawn on a copy at most DISPLAY_SIDE.
+        rgb, shrunk = shrink(photo.pixels, DISPLAY_SIDE)
+        drawn_faces = scale_faces(faces, shrunk / photo.scale[0])
+        annotated = annotate(rgb, drawn_faces)
         left, right = st.columns([3, 2])
         left.image(annotated, caption=name, width="stretch")
         with right:
@@ -181,7 +187,7 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
             if timings:
                 st.caption(" · ".join(f"{k} {v:.0f} ms" for k, v in timings.items()
                                       if isinstance(v, (int, float))))
-        photo_corrections(url, f"photo-{_digest(data)}", rgb, faces, face_ids(result))
+        photo_corrections(url, f"photo-{_digest(data)}", rgb, drawn_faces, face_ids(result))
 
 
 def photo_corrections(url: str, key: str, rgb, faces: list[dict], ids: list[str]) -> None:
@@ -212,7 +218,9 @@ def image_tab(url: str | None) -> None:
         st.error("Set a valid Serve URL in the sidebar first.")
         return
     for index, upload in enumerate(uploads):
-        show_photo(index, upload.name, upload.getvalue(), upload.type or "image/jpeg", url)
+        # A browser that does not know the type (HEIC on some systems) sends none: Serve sniffs.
+        show_photo(index, upload.name, upload.getvalue(),
+                   upload.type or "application/octet-stream", url)
 
 
 # -- video ---------------------------------------------------------------------------------------

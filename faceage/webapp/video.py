@@ -18,8 +18,9 @@ from typing import Any
 import av
 import numpy as np
 
+from faceage.inference.annotate import scale_faces
 from faceage.webapp.client import ServeClient, ServeError
-from faceage.webapp.draw import annotate, encode_jpeg, face_thumbnail, scale_faces, shrink
+from faceage.webapp.draw import annotate, encode_jpeg, face_thumbnail, shrink
 from faceage.webapp.tracking import FaceTracker
 
 # Frames above this many pixels on the long side are scaled down for the output video, and
