@@ -230,6 +230,12 @@ class TrainConfig(_Strict):
     channels_last: bool = True
     eval_tta: bool = Field(False, description="average with the flipped image when validating")
     keep_checkpoints: int = Field(2, ge=1, description="best N checkpoints kept, by val MAE")
+    checkpoint_every: int = Field(
+        5, ge=1, description="an epoch writes a checkpoint when val MAE improves, at the last "
+        "epoch, and otherwise at least every this many epochs (metrics go to Ray every epoch)")
+    checkpoint_minutes: float = Field(
+        10.0, gt=0, description="... and when this long has passed since the last one: a "
+        "stopped run resumes having lost at most about this much training")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs, tests)")
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console logs (INFO adds a line per report)"

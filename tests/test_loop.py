@@ -245,3 +245,22 @@ def test_write_summary(tmp_path):
     assert summary["resumes"] == [{"epoch": 1}] and summary["data"] == {"train": 2}
     assert summary["wall_seconds"] == 12.5 and summary["model"] == str(tmp_path / "model.pt")
 
+
+
+def test_an_epoch_checkpoints_when_val_improves_at_the_end_and_every_n():
+    """Checkpoints only where one is needed (issue 32): a better val MAE, the last epoch,
+    every ``checkpoint_every`` epochs, or ``checkpoint_minutes`` after the last one."""
+    from faceage.training.worker import Progress, checkpoint_due
+
+    def due(epoch, mae, best=5.0, last=0, since_s=0.0, total=10, every=3, minutes=10.0):
+        progress = Progress(best_val=best, checkpoint_epoch=last, checkpoint_time=100.0)
+        return checkpoint_due(progress, {"epoch": epoch, "val_mae": mae}, total, every, minutes,
+                              100.0 + since_s)
+
+    assert due(1, 4.9)  # better than the best so far
+    assert not due(1, 5.0) and not due(2, 5.3)  # no better, 1-2 epochs after the last one
+    assert due(3, 5.3)  # three epochs after the last one
+    assert due(9, 6.0)  # the last epoch: export reads the run's history off it
+    assert due(1, 5.3, since_s=600) and not due(1, 5.3, since_s=599)
+    assert not due(1, float("nan"))  # no val MAE is no improvement
+    assert due(0, 7.0, best=float("inf"), last=-1)  # the first epoch of a run

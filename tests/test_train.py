@@ -129,8 +129,9 @@ def assert_epochs_once_in_order(history: list[dict], stages: list[int]) -> None:
 @pytest.mark.timeout(1200)
 def test_killed_worker_resumes_at_the_right_epoch_and_exports(ray_local, tiny_utkface,
                                                               decode_cache, tmp_path):
+    # A checkpoint every epoch: the kill must fall between two of them, mid-stage.
     cfg = tiny_config(tiny_utkface, tmp_path, "fault", decode_cache,
-                      "max_failures=1", TWO_STAGES % (1, 4))
+                      "max_failures=1", TWO_STAGES % (1, 4), "train.checkpoint_every=1")
     reported = tmp_path / "reported.txt"
     run, box = start_run(cfg, [reported_epochs_callback(reported)])
     last_saved = kill_a_worker_after(reported, epoch=1, run=run)
@@ -173,7 +174,7 @@ def test_killed_worker_resumes_at_the_right_epoch_and_exports(ray_local, tiny_ut
 def test_crashed_run_fails_readably_and_resumes_when_run_again(ray_local, tiny_utkface,
                                                                 decode_cache, tmp_path, capsys):
     cfg = tiny_config(tiny_utkface, tmp_path, "rerun", decode_cache,
-                      "max_failures=0", TWO_STAGES % (2, 3))
+                      "max_failures=0", TWO_STAGES % (2, 3), "train.checkpoint_every=1")
     reported = tmp_path / "reported.txt"
     run, box = start_run(cfg, [reported_epochs_callback(reported)])
     last_saved = kill_a_worker_after(reported, epoch=1, run=run)

@@ -10,7 +10,9 @@ the interval calibration), prints its ``epoch_line`` and ``report_epoch``s a che
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +104,29 @@ class WorkerRun:
 
 @dataclass
 class Progress:
-    """Where the run stands: the next epoch, the epochs trained and the resumes so far."""
+    """Where the run stands: the next epoch, the epochs trained and the resumes so far, and
+    the last checkpoint (its epoch and time) and best val MAE."""
 
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     resumes: list[dict] = field(default_factory=list)
     opt_state: dict | None = None  # the checkpoint's optimizer state, for the stage it resumes
+    best_val: float = math.inf
+    checkpoint_epoch: int = -1
+    checkpoint_time: float = field(default_factory=time.monotonic)
+
+
+def checkpoint_due(progress: Progress, metrics: dict, total_epochs: int, every: int,
+                   minutes: float, now: float) -> bool:
+    """Whether this epoch's report carries a checkpoint: when val MAE improved (the best epoch
+    is what export wants), at the last epoch (export reads the run's history off it), every
+    ``every`` epochs and after ``minutes`` (what a resume may lose). Other epochs report their
+    metrics alone: a checkpoint that will not be kept costs a save and an upload for nothing
+    (issue 32)."""
+    epoch = metrics["epoch"]
+    return (epoch + 1 >= total_epochs or metrics[METRIC] < progress.best_val
+            or epoch - progress.checkpoint_epoch >= every
+            or now - progress.checkpoint_time >= 60 * minutes)
 
 
 def _configure_process(cfg: Config, device: torch.device) -> None:
@@ -218,8 +237,11 @@ def resume(run: WorkerRun, checkpoint) -> Progress:
     run.model.load_state_dict(state["model"])
     schedule.load_state_dict(state["schedule"])
     start = state["epoch"] + 1
-    progress = Progress(start, [h for h in state["history"] if h["epoch"] < start],
-                        list(state.get("resumes", [])))
+    history = [h for h in state["history"] if h["epoch"] < start]
+    progress = Progress(start, history, list(state.get("resumes", [])),
+                        best_val=min((h[METRIC] for h in history if math.isfinite(h[METRIC])),
+                                     default=math.inf),
+                        checkpoint_epoch=state["epoch"])
     if start >= run.total_epochs:
         run.out(f"[faceage] all {run.total_epochs} epochs were trained already; "
                 "nothing left to do")
@@ -296,9 +318,16 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
             "cpus_busy": stats["cpu_seconds"] / max(stats["seconds"], 1e-9), **lrs,
             "val_interval_coverage": band["coverage"], "val_interval_width": band["mean_width"],
         }
+        train = run.cfg.train
+        now = time.monotonic()
+        due = checkpoint_due(progress, metrics, run.total_epochs, train.checkpoint_every,
+                             train.checkpoint_minutes, now)
+        if due:
+            progress.checkpoint_epoch, progress.checkpoint_time = epoch, now
+        progress.best_val = min(progress.best_val, metrics[METRIC])
         progress.history.append(metrics)
         run.out(epoch_line(run, stage, metrics))
-        report_epoch(run, progress, optimizer, calibration)
+        report_epoch(run, progress, optimizer, calibration, due)
 
 
 def validate(run: WorkerRun) -> tuple[dict, IntervalCalibration, dict]:
@@ -347,11 +376,15 @@ def epoch_line(run: WorkerRun, stage: Stage, m: dict) -> str:
 
 
 def report_epoch(run: WorkerRun, progress: Progress, optimizer,
-                 calibration: IntervalCalibration) -> None:
-    """Report the last epoch's metrics to Ray Train, with rank 0's checkpoint of the run."""
+                 calibration: IntervalCalibration, checkpoint: bool = True) -> None:
+    """Report the last epoch's metrics to Ray Train, with rank 0's checkpoint of the run when
+    ``checkpoint``."""
     import ray.train
 
     metrics = progress.history[-1]
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if run.rank == 0:
