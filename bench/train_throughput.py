@@ -53,7 +53,7 @@ def plain_loop(cfg, threads: int) -> dict:
     import torch
 
     from faceage.data.augment import BatchAugment
-    from faceage.data.datasets import make_dataset, prepare_data
+    from faceage.data.run_data import RunData
     from faceage.models.network import build_model_from
     from faceage.training.loop import (
         StepContext,
@@ -66,8 +66,8 @@ def plain_loop(cfg, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    data = prepare_data(cfg.data, cfg.model.input_size)
-    loader = torch.utils.data.DataLoader(make_dataset(data, "train"), shuffle=True,
+    data = RunData.read(cfg.data).decoded(cfg.data, cfg.model.input_size)
+    loader = torch.utils.data.DataLoader(data.dataset("train"), shuffle=True,
                                          batch_size=cfg.train.batch_size, drop_last=True)
     model = build_model_from(cfg.model)  # make_config sets model.pretrained=none
     model = model.to(memory_format=torch.channels_last)

@@ -18,7 +18,6 @@ import torch
 
 from faceage.cli import main
 from faceage.config import DataConfig, SourceConfig, SplitConfig, load_config
-from faceage.data.datasets import make_dataset
 from faceage.data.readers import LoadReport, read_manifest, read_prepared
 from faceage.data.run_data import SPLIT_COLUMNS, RunData
 from faceage.data.sources import prepare_key, prepare_source, read_sources
@@ -123,7 +122,7 @@ def test_the_decoded_target_is_the_range(tmp_path, utkface_images):
                      cache_dir=str(tmp_path / "cache"), split=SplitConfig(val=0.0, test=0.0))
     data = RunData.read(cfg).decoded(cfg, input_size=32, progress=False)
     train = data.subset("train")
-    targets = np.stack([t.numpy() for _, t in make_dataset(data.images, "train")])
+    targets = np.stack([t.numpy() for _, t in data.dataset("train")])
     assert np.array_equal(targets, train[["age_low", "age_high"]].to_numpy(np.float32))
     assert (targets[:, 0] < targets[:, 1]).any() and (targets[:, 0] == targets[:, 1]).any()
     summary = data.summary()

@@ -14,15 +14,7 @@ import torch
 
 from faceage.config import AugmentConfig, DataConfig, SplitConfig
 from faceage.data.augment import BatchAugment
-from faceage.data.datasets import (
-    DecodedCache,
-    cache_size_for,
-    eval_transform,
-    make_dataset,
-    open_shipped,
-    prepare_data,
-    shippable,
-)
+from faceage.data.datasets import DecodedCache, cache_size_for, eval_transform
 from faceage.data.readers import (
     FORMATS,
     parse_utkface_name,
@@ -30,6 +22,7 @@ from faceage.data.readers import (
     read_manifest,
     read_utkface,
 )
+from faceage.data.run_data import RunData
 from faceage.data.split import assign_split
 from faceage.errors import UserError
 
@@ -104,7 +97,7 @@ def test_truncated_and_unreadable_images_are_skipped_and_reported_once(tmp_path,
     bad = sorted(str(images[i]) for i in (3, 7, 9))
     cfg = DataConfig(path=str(tmp_path / "faces"), limit=None, cache_dir=str(tmp_path / "cache"))
 
-    data = prepare_data(cfg, input_size=32, progress=False)
+    data = RunData.read(cfg).decoded(cfg, input_size=32, progress=False)
 
     assert len(data.table) == 9
     assert not set(bad) & set(data.table["path"])
@@ -116,7 +109,7 @@ def test_truncated_and_unreadable_images_are_skipped_and_reported_once(tmp_path,
     assert summary.count(str(tmp_path)) == 2 and summary.endswith(", ...)")
     assert data.summary()["skipped"] == {"unreadable or truncated files": 3}
     # The cache remembers what could not be read: a second run reports the same, decodes nothing.
-    again = prepare_data(cfg, input_size=32, progress=False)
+    again = RunData.read(cfg).decoded(cfg, input_size=32, progress=False)
     assert sorted(again.report.skipped["unreadable or truncated files"]) == bad
     assert again.cache.array_path == data.cache.array_path
 
@@ -125,23 +118,23 @@ def test_workers_get_the_drivers_table_and_reuse_its_cache(tmp_path, utkface_ima
     images = utkface_images(tmp_path / "faces", 12)
     _truncate(images[4])
     cfg = DataConfig(path=str(tmp_path / "faces"), limit=None, cache_dir=str(tmp_path / "cache"))
-    data = prepare_data(cfg, input_size=32, progress=False)
+    data = RunData.read(cfg).decoded(cfg, input_size=32, progress=False)
     built = data.cache.meta_path.stat().st_mtime_ns
 
-    shipped = shippable(data)
-    assert shipped["summary"]["skipped"] == {"unreadable or truncated files": 1}
-    worker = open_shipped(shipped)
+    shipped = data.ship()
+    worker = RunData.from_shipped(shipped)
+    assert worker.summary()["skipped"] == {"unreadable or truncated files": 1}
     pd.testing.assert_frame_equal(worker.table, data.table)
     assert worker.cache.meta_path == data.cache.meta_path  # the same cache, not decoded again
     assert data.cache.meta_path.stat().st_mtime_ns == built
-    assert np.array_equal(make_dataset(worker, "val")[0][0], make_dataset(data, "val")[0][0])
+    assert np.array_equal(worker.dataset("val")[0][0], data.dataset("val")[0][0])
 
     # A node that cannot read what the driver read stops with the files' names.
     lost = dict(shipped, cache_dir=str(tmp_path / "other-node"))
     _truncate(images[0])
     os.utime(images[0], ns=(1, 1))
     with pytest.raises(UserError, match=f"1 images that the driver read.*{images[0].name}"):
-        open_shipped(lost)
+        RunData.from_shipped(lost)
 
 
 def test_decoded_cache_is_rebuilt_when_a_file_changes(tmp_path, utkface_images):
@@ -231,8 +224,8 @@ def test_limit_takes_a_stable_subset(tmp_path, utkface_images):
 def test_dataset_yields_uint8_and_eval_transform_batches_as_one_by_one(tmp_path, utkface_images):
     utkface_images(tmp_path / "faces", 20, size=56)
     cfg = DataConfig(path=str(tmp_path / "faces"), limit=None, cache_dir=str(tmp_path / "cache"))
-    data = prepare_data(cfg, input_size=48, progress=False)
-    ds = make_dataset(data, "train")
+    data = RunData.read(cfg).decoded(cfg, input_size=48, progress=False)
+    ds = data.dataset("train")
     img, target = ds[0]
     assert img.dtype == torch.uint8 and img.shape == (3, cache_size_for(48), cache_size_for(48))
     age = float(data.subset("train")["age"].iloc[0])

@@ -250,7 +250,7 @@ def test_write_summary(tmp_path):
 def test_an_epoch_checkpoints_when_val_improves_at_the_end_and_every_n():
     """Checkpoints only where one is needed (issue 32): a better val MAE, the last epoch,
     every ``checkpoint_every`` epochs, or ``checkpoint_minutes`` after the last one."""
-    from faceage.training.worker import Progress, checkpoint_due
+    from faceage.training.checkpoints import Progress, checkpoint_due
 
     def due(epoch, mae, best=5.0, last=0, since_s=0.0, total=10, every=3, minutes=10.0):
         progress = Progress(best_val=best, checkpoint_epoch=last, checkpoint_time=100.0)

@@ -25,7 +25,7 @@ def two_sources(tmp_path, utkface_images, weight: float = 1.0) -> DataConfig:
 
 def test_read_splits_every_source_without_opening_an_image(tmp_path, utkface_images):
     data = RunData.read(two_sources(tmp_path, utkface_images, weight=3.0))
-    assert list(data.table.columns) == TABLE_COLUMNS and data.images is None
+    assert list(data.table.columns) == TABLE_COLUMNS and data.cache is None
     assert data.source_names == ["utkface", "other"]
     assert data.source_weights == {"utkface": 1.0, "other": 3.0}
     counts = data.counts()
@@ -51,7 +51,7 @@ def test_the_crop_policy_of_a_prepared_source_is_its_prepare_json(tmp_path, utkf
 def test_decoded_data_ships_to_a_worker_whole(tmp_path, utkface_images):
     cfg = two_sources(tmp_path, utkface_images)
     data = RunData.read(cfg).decoded(cfg, input_size=32, progress=False)
-    assert data.images is not None and "cache_index" in data.table.columns
+    assert data.cache is not None and "cache_index" in data.table.columns
     summary = data.summary()
     assert summary["images"] == 50 and set(summary["sources"]) == {"utkface", "other"}
 

@@ -1,6 +1,6 @@
-"""The top of the data layer: the decode cache, the datasets of training, and the decoded table a
-run trains on (``PreparedData``). Augmentation: ``faceage.data.augment``; which images an epoch
-draws: ``faceage.data.sampling``."""
+"""The top of the data layer: the decode cache and the dataset of training. The run's table and
+its cache live together in ``faceage.data.run_data.RunData``; augmentation:
+``faceage.data.augment``; which images an epoch draws: ``faceage.data.sampling``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from PIL import Image
 
 from faceage.config import DataConfig
 from faceage.data.readers import LoadReport
-from faceage.data.sources import prepare_raw_sources, range_rows, read_sources, source_counts
 from faceage.errors import UserError
 from faceage.inference.preprocess import eval_transform
 
@@ -144,38 +142,10 @@ class FaceAgeDataset(torch.utils.data.Dataset):
         return img, torch.tensor(self.ages[i])
 
 
-@dataclass
-class PreparedData:
-    """The table of images with their split, the decoded cache, and what was skipped."""
-
-    table: pd.DataFrame  # faceage.data.sources.TABLE_COLUMNS and cache_index
-    cache: DecodedCache
-    report: LoadReport
-
-    def subset(self, split: str) -> pd.DataFrame:
-        return self.table[self.table["split"] == split]
-
-    def summary(self) -> dict:
-        counts = self.table["split"].value_counts().to_dict()
-        train = self.subset("train")
-        return {
-            "images": int(len(self.table)),
-            "train": int(counts.get("train", 0)),
-            "val": int(counts.get("val", 0)),
-            "test": int(counts.get("test", 0)),
-            "train_age_mean": float(train["age"].mean()) if len(train) else None,
-            "train_age_std": float(train["age"].std()) if len(train) > 1 else None,
-            "skipped": {k: len(v) for k, v in self.report.skipped.items()},
-            # Images labelled by an age range (their age above is the range's middle).
-            **({"ranges": n} if (n := int(range_rows(self.table).sum())) else {}),
-            **({"sources": source_counts(self.table)} if "source" in self.table.columns
-               else {}),
-        }
-
-
 def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_size: int,
-                 progress: bool = True) -> PreparedData:
-    """Decode-cache the images of a split table; unreadable ones are dropped and reported."""
+                 progress: bool = True) -> tuple[pd.DataFrame, DecodedCache]:
+    """Decode-cache the images of a split table: the table of the readable ones (with their
+    ``cache_index``) and the cache; unreadable ones are dropped and reported."""
     df = df.copy()
     cache = DecodedCache(df["path"].tolist(), cache_size_for(input_size), cfg.cache_dir)
     cache.build(progress=progress)
@@ -190,42 +160,4 @@ def decode_table(df: pd.DataFrame, report: LoadReport, cfg: DataConfig, input_si
         raise UserError(f"none of the images in {where} could be read")
     if (df["split"] == "train").sum() == 0:
         raise UserError(f"no images fell into the training split of {where}; add more data")
-    return PreparedData(df, cache, report)
-
-
-def prepare_data(cfg: DataConfig, input_size: int, progress: bool = True) -> PreparedData:
-    """Read, split, prepare (sources of photos) and decode-cache a run's sources, as the driver
-    does; faceless and unreadable images are dropped and reported."""
-    table, report, _ = read_sources(cfg)
-    table = prepare_raw_sources(table, cfg, report)
-    return decode_table(table, report, cfg, input_size, progress)
-
-
-def shippable(data: PreparedData) -> dict:
-    """What a worker needs to use ``data`` without reading the folder again: the table, the
-    cache's file list (its key) and the summary (with what the driver skipped)."""
-    return {"table": data.table, "cache_paths": data.cache.paths, "cache_size": data.cache.size,
-            "cache_dir": data.cache.cache_dir, "summary": data.summary()}
-
-
-def open_shipped(shipped: dict, progress: bool = False) -> PreparedData:
-    """The driver's table on a worker, with the decode cache for exactly its files (reused
-    where the driver built it, built on another node)."""
-    cache = DecodedCache(shipped["cache_paths"], shipped["cache_size"], shipped["cache_dir"])
-    cache.build(progress=progress)
-    assert cache.valid is not None
-    table = shipped["table"]
-    lost = table.loc[~cache.valid[table["cache_index"].to_numpy()], "path"].tolist()
-    if lost:
-        raise UserError(f"{len(lost)} images that the driver read cannot be read on this "
-                        f"worker's node ({', '.join(lost[:3])}); check that every node sees "
-                        "the data at the same paths")
-    return PreparedData(table, cache, LoadReport(kept=len(table)))
-
-
-def make_dataset(data: PreparedData, split: str, transform=None) -> FaceAgeDataset:
-    """The images of ``split`` with their age ranges (exact ages: low == high) as targets."""
-    rows = data.subset(split)
-    ranges = rows[["age_low", "age_high"]] if "age_low" in rows.columns else rows[["age", "age"]]
-    return FaceAgeDataset(data.cache, rows["cache_index"].to_numpy(), ranges.to_numpy(),
-                          transform)
+    return df, cache

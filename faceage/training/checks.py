@@ -1,8 +1,11 @@
 """Checks on the driver before any worker starts, so mistakes end in one clear message.
 
-Paths inside a Ray job, the storage path, the backbone, its weights and the schedule's groups,
-the split's counts against the batch size, an earlier run of the same name, and whether the
-local machine can hold the workers. Reading the data is ``faceage.data.run_data.RunData``'s job.
+``preflight`` is the one place a training run (and every shape of a Tune search) is checked
+before Ray starts: paths inside a Ray job, the storage path, the backbone, its weights and the
+schedule's groups, the data (read and split: ``RunData.read``) and its split's counts against the
+batch size, and an earlier run of the same name. It creates nothing. Two checks need more than
+that and run where they can: ``check_cluster_fits`` once Ray is up, ``check_split_counts`` again
+once the images are decoded (faceless and unreadable ones dropped).
 """
 
 from __future__ import annotations
@@ -10,15 +13,44 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from faceage.config import Config
+from faceage.data.run_data import RunData
 from faceage.errors import UserError
 from faceage.models.network import build_model_from
 from faceage.training.schedule import UnfreezeSchedule
+
+
+@dataclass
+class Preflight:
+    """What ``preflight`` found: the config with absolute paths, the run's data read and split
+    (no image decoded yet), and whether an earlier run of this name is resumed."""
+
+    cfg: Config
+    data: RunData
+    resuming: bool
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Every check that needs neither Ray nor decoded images, in one place; creates nothing.
+
+    A relative path inside a Ray job, object storage, an unknown backbone, unavailable
+    pretrained weights, stages naming groups the backbone lacks, missing or empty data, too
+    little data for the batch size and an incompatible earlier run of the same name all end
+    here with one message.
+    """
+    check_job_paths(cfg)
+    cfg = cfg.with_absolute_paths()
+    check_storage_path(cfg)
+    check_model_and_schedule(cfg)
+    data = RunData.read(cfg.data)
+    check_split_counts(cfg, data.table)
+    return Preflight(cfg, data, check_resume_compatible(cfg, cfg.run_dir()))
 
 
 def _ray_job_working_dir() -> str | None:
@@ -125,16 +157,6 @@ def check_model_and_schedule(cfg: Config) -> None:
     groups."""
     model = build_model_from(cfg.model)
     UnfreezeSchedule(cfg.schedule, model.group_names(), steps_per_epoch=1)
-
-
-def check_run_folder(cfg: Config) -> bool:
-    """Create the run folder; True when it holds an earlier run of this name to resume."""
-    run_dir = cfg.run_dir()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the run folder {run_dir}: {exc}") from None
-    return check_resume_compatible(cfg, run_dir)
 
 
 def check_cluster_fits(cfg: Config) -> None:

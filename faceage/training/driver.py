@@ -1,8 +1,8 @@
-"""Training on Ray Train, the driver: check, read and split the data once, fit, export.
+"""Training on Ray Train, the driver: ``run_training`` checks everything once (``preflight``,
+which reads and splits the data), opens the run, fits and exports.
 
-The run's data is one ``RunData`` (``faceage.data.run_data``): read and split before Ray starts
-(``check_and_read``), prepared and decoded once Ray is up, shipped to the workers and handed to
-the export.
+The run's data is one ``RunData`` (``faceage.data.run_data``): read and split by the preflight,
+prepared and decoded once Ray is up, shipped to the workers and handed to the export.
 
 Run locally with ``faceage train --config configs/train.yaml`` or on a cluster with
 ``ray job submit --working-dir . -- python -m faceage.train --config configs/train.yaml``.
@@ -25,16 +25,10 @@ from pathlib import Path
 from faceage.config import Config, save_config
 from faceage.data.run_data import RunData
 from faceage.errors import TrainingFailed, UserError
-from faceage.training.checks import (
-    check_cluster_fits,
-    check_job_paths,
-    check_model_and_schedule,
-    check_run_folder,
-    check_split_counts,
-    check_storage_path,
-)
+from faceage.training.checkpoints import METRIC
+from faceage.training.checks import check_cluster_fits, check_split_counts, preflight
 from faceage.training.export import export_best, summary_table, write_summary
-from faceage.training.worker import METRIC, train_loop_per_worker
+from faceage.training.worker import train_loop_per_worker
 
 # -- the driver ----------------------------------------------------------------------------------
 
@@ -130,33 +124,36 @@ def ray_for_run(cfg: Config):
         ray.shutdown()
 
 
-def check_and_read(cfg: Config) -> tuple[RunData, bool]:
-    """The checks before Ray starts, and the run's data read and split once (not decoded yet).
+def open_run_folder(cfg: Config, resuming: bool) -> Path:
+    """The run folder, created, with the effective config saved in it."""
+    run_dir = cfg.run_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run folder {run_dir}: {exc}") from None
+    if resuming:
+        print(f"[faceage] {run_dir} has checkpoints of an earlier run: resuming it "
+              "(choose another name or delete the folder to start over)")
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
 
-    Unknown backbone, bad stage groups, missing or empty data, unavailable pretrained weights,
-    too little data for the batch size and an incompatible earlier run of the same name all end
-    here with one message. Returns the data and whether an earlier run is resumed.
-    """
-    check_storage_path(cfg)
-    check_model_and_schedule(cfg)
-    data = RunData.read(cfg.data)
-    check_split_counts(cfg, data.table)
-    return data, check_run_folder(cfg)
+
+def run_train_command(args) -> int:
+    """``faceage train``: the config file and ``--set`` overrides, trained."""
+    from faceage.config import load_config
+
+    run_training(load_config(args.config, args.overrides))
+    return 0
 
 
 def run_training(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
     """Train with Ray Train, export the best checkpoint, write curves and a summary; with
     ``tracking.mlflow`` the run is an MLflow run too (``faceage.training.experiment``)."""
-    check_job_paths(cfg)
-    cfg = cfg.with_absolute_paths()
-    data, resuming = check_and_read(cfg)
-    run_dir = cfg.run_dir()
-    if resuming:
-        print(f"[faceage] {run_dir} has checkpoints of an earlier run: resuming it "
-              "(choose another name or delete the folder to start over)")
-    save_config(cfg, run_dir / "config.yaml")
     from faceage.training.experiment import open_run
 
+    checked = preflight(cfg)
+    cfg, data = checked.cfg, checked.data
+    run_dir = open_run_folder(cfg, checked.resuming)
     tracked = open_run(cfg)  # a bad tracking URI stops here, before Ray starts
     if tracked is not None:
         # First: Tune's report callback does not return when ASHA stops the trial.

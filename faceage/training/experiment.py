@@ -202,7 +202,8 @@ def check_store(cfg: Config) -> str | None:
 def open_run(cfg: Config) -> TrackedRun | None:
     """Check the store, find or create the experiment and open this run's MLflow run.
 
-    ``cfg`` has absolute paths and its run folder exists (after ``check_and_read``). A run folder
+    ``cfg`` has absolute paths and its run folder exists (after ``preflight`` and
+    ``open_run_folder``). A run folder
     with an MLflow run of an earlier attempt (a resume) continues that run.
     """
     if not cfg.tracking.mlflow:

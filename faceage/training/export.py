@@ -13,7 +13,7 @@ from faceage.data.run_data import RunData
 from faceage.errors import TrainingFailed
 from faceage.inference.preprocess import preprocessing_metadata
 from faceage.models.network import build_model_from, head_uncertainty
-from faceage.training.worker import METRIC, load_checkpoint
+from faceage.training.checkpoints import METRIC, load_checkpoint
 
 
 def data_metadata(run_data: RunData, split: SplitConfig, summary: dict) -> dict:

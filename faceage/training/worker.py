@@ -14,8 +14,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,13 +22,19 @@ import torch
 from faceage.compat import quiet_train_report_log
 from faceage.config import AGE_BANDS, Config
 from faceage.data.augment import BatchAugment
-from faceage.data.datasets import make_dataset
 from faceage.data.run_data import RunData
 from faceage.data.sampling import train_sampler
 from faceage.errors import UserError
 from faceage.inference.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
 from faceage.inference.preprocess import eval_transform
 from faceage.models.network import AgeNet, build_model_from, head_uncertainty
+from faceage.training.checkpoints import (
+    METRIC,
+    Progress,
+    checkpoint_due,
+    load_checkpoint,
+    save_checkpoint,
+)
 from faceage.training.loop import (
     StepContext,
     autocast_dtype,
@@ -45,30 +50,6 @@ from faceage.training.loop import (
 )
 from faceage.training.metrics import band_val_metrics, range_val_metrics, source_val_metrics
 from faceage.training.schedule import Stage, UnfreezeSchedule
-
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "faceage-checkpoint"
-METRIC = "val_mae"
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
-
-
-def save_checkpoint(directory: str | Path, state: dict) -> Path:
-    """Write a training checkpoint (plain types and tensors, so it loads with weights_only)."""
-    path = Path(directory) / CHECKPOINT_FILE
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, path)
-    return path
-
-
-def load_checkpoint(checkpoint) -> dict:
-    """The state dict saved by ``save_checkpoint`` in a ``ray.train.Checkpoint``."""
-    with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{checkpoint.path} is not a faceage training checkpoint")
-    return state
-
 
 # -- setup ---------------------------------------------------------------------------------------
 
@@ -102,33 +83,6 @@ class WorkerRun:
         return self.schedule.total_epochs
 
 
-@dataclass
-class Progress:
-    """Where the run stands: the next epoch, the epochs trained and the resumes so far, and
-    the last checkpoint (its epoch and time) and best val MAE."""
-
-    start_epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    resumes: list[dict] = field(default_factory=list)
-    opt_state: dict | None = None  # the checkpoint's optimizer state, for the stage it resumes
-    best_val: float = math.inf
-    checkpoint_epoch: int = -1
-    checkpoint_time: float = field(default_factory=time.monotonic)
-
-
-def checkpoint_due(progress: Progress, metrics: dict, total_epochs: int, every: int,
-                   minutes: float, now: float) -> bool:
-    """Whether this epoch's report carries a checkpoint: when val MAE improved (the best epoch
-    is what export wants), at the last epoch (export reads the run's history off it), every
-    ``every`` epochs and after ``minutes`` (what a resume may lose). Other epochs report their
-    metrics alone: a checkpoint that will not be kept costs a save and an upload for nothing
-    (issue 32)."""
-    epoch = metrics["epoch"]
-    return (epoch + 1 >= total_epochs or metrics[METRIC] < progress.best_val
-            or epoch - progress.checkpoint_epoch >= every
-            or now - progress.checkpoint_time >= 60 * minutes)
-
-
 def _configure_process(cfg: Config, device: torch.device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -141,8 +95,8 @@ def _configure_process(cfg: Config, device: torch.device) -> None:
 
 def _loaders(data: RunData, cfg: Config, rank: int, world: int, device: torch.device):
     """This worker's train loader (a distributed sampler) and validation shard loader."""
-    train_ds = make_dataset(data.images, "train")
-    val_ds = make_dataset(data.images, "val")
+    train_ds = data.dataset("train")
+    val_ds = data.dataset("val")
     val_shard = torch.utils.data.Subset(val_ds, list(range(rank, len(val_ds), world)))
     # Equal source weights and no balance: DistributedSampler, every image once per epoch; else
     # weighted draws (by source weight, and by age band with data.balance).

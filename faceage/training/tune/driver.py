@@ -13,8 +13,8 @@ import yaml
 
 from faceage.config import Config, add_set_argument
 from faceage.errors import TrainingFailed
+from faceage.training.checkpoints import METRIC
 from faceage.training.tune.plan import (
-    METRIC,
     TunePlan,
     TuneSettings,
     check_trials_buildable,

@@ -8,25 +8,27 @@ config.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from faceage import bundled_path
 from faceage.config import (
+    LOSSES,
     Config,
     StageConfig,
+    StrictModel,
     apply_overrides,
     config_from_dict,
     read_yaml_mapping,
 )
 from faceage.errors import UserError
 
-METRIC = "val_mae"
 SPACE_KEYS = ("backbone", "pretrained", "input_size", "uncertainty", "lr_scale", "schedule",
               "loss")
 # ``weight.<source>``: the sampling weight of the training source named <source> (data.sources).
@@ -34,21 +36,16 @@ WEIGHT_PREFIX = "weight."
 # Any other dotted key is a training config setting, as ``faceage train --set`` takes it:
 # ``data.balance.by``, ``data.balance.strength``, ``train.augment.jpeg``, ...
 CONFIG_SECTIONS = ("data", "model", "schedule", "train")
-LOSSES = ("l1", "smooth_l1", "mse")
 # --set keys whose first part is one of these go to the tune settings; all others to ``base``.
 TUNE_KEYS = ("name", "storage_path", "train_config", "base", "schedules", "space", "search")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AshaSettings(_Strict):
+class AshaSettings(StrictModel):
     grace_period: int = Field(1, ge=1, description="epochs every trial runs before a cut")
     reduction_factor: float = Field(2.0, gt=1.0, description="keep 1 in this many at each rung")
 
 
-class SearchSettings(_Strict):
+class SearchSettings(StrictModel):
     num_samples: int = Field(1, ge=1, description="samples drawn (each grid point this often)")
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="default: cluster CPUs / CPUs per trial, at most the trial count")
@@ -56,7 +53,7 @@ class SearchSettings(_Strict):
     asha: AshaSettings = AshaSettings()
 
 
-class TuneSettings(_Strict):
+class TuneSettings(StrictModel):
     name: str = "tune"
     storage_path: str = "runs"
     train_config: str | None = Field(None, description="training YAML the base settings start from")
@@ -276,39 +273,39 @@ def plan_search(settings: TuneSettings, config_dir: Path | None = None) -> TuneP
     return TunePlan(settings, base, dims, tune_dir, schedules)
 
 
+def trial_shape(cfg: Config) -> str:
+    """What ``preflight`` checks of a trial's config (the model, the stages' groups, the batch,
+    the scaling, the data), as a key: trials that differ only in learning rates, loss or source
+    weights are one shape."""
+    raw = cfg.to_dict()
+    stages = [{k: v for k, v in s.items() if k != "lr"} for s in raw["schedule"]["stages"]]
+    sources = [{k: v for k, v in s.items() if k != "weight"} for s in raw["data"]["sources"]]
+    return json.dumps([raw["model"], stages, raw["train"]["batch_size"], raw["scaling"],
+                       {**raw["data"], "sources": sources}], sort_keys=True, default=str)
+
+
 def check_trials_buildable(plan: TunePlan) -> None:
-    """Build each backbone/weights pair and its schedules, and check the data once, on the driver.
+    """``preflight``, the check every training run starts with, for each shape of trial the
+    search can make (every discrete combination), on the driver before any trial starts.
 
     Missing pretrained weights, unknown stage groups or too little data end the search here with
     one message, instead of failing (or waiting) trial by trial.
     """
-    from faceage.models.network import build_model_from
-    from faceage.training.driver import check_and_read
-    from faceage.training.schedule import UnfreezeSchedule
+    from faceage.training.checks import preflight
 
-    def values(key: str, default: Any) -> list[Any]:
-        for d in plan.dims:
-            if d.key == key:
-                return d.candidates()
-        return [default]
-
-    m = plan.base.model
-    schedules = values("schedule", None)
-    for backbone, pretrained in itertools.product(values("backbone", m.backbone),
-                                                  values("pretrained", m.pretrained)):
-        try:
-            model = build_model_from(m.model_copy(update={"backbone": backbone,
-                                                          "pretrained": pretrained}))
-        except UserError as exc:
-            raise UserError(f"trials with backbone={backbone}, pretrained={pretrained}: {exc}"
-                            ) from None
-        for name in schedules:
-            stages = plan.base.schedule if name is None else plan.base.schedule.model_copy(
-                update={"stages": [StageConfig(**s) for s in plan.schedules[name]]})
-            try:
-                UnfreezeSchedule(stages, model.group_names(), steps_per_epoch=1)
-            except UserError as exc:
-                raise UserError(f"schedule {name or '(base)'} with {backbone}: {exc}") from None
+    discrete = [d for d in plan.dims if d.kind not in ("uniform", "loguniform")]
+    fixed = {d.key: d.candidates()[0] for d in plan.dims if d not in discrete}
+    seen: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="faceage-tune-") as tmp:
-        first = {d.key: d.candidates()[0] for d in plan.dims}
-        check_and_read(trial_config(plan.base, first, plan.schedules, tmp, "preflight"))
+        for combo in itertools.product(*(d.candidates() for d in discrete)):
+            params = {**fixed, **dict(zip([d.key for d in discrete], combo, strict=True))}
+            cfg = trial_config(plan.base, params, plan.schedules, tmp, "preflight")
+            shape = trial_shape(cfg)
+            if shape in seen:
+                continue
+            seen.add(shape)
+            try:
+                preflight(cfg)
+            except UserError as exc:
+                named = ", ".join(f"{k}={v}" for k, v in params.items()) or "the base settings"
+                raise UserError(f"trials with {named}: {exc}") from None

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from faceage.config import Config
-from faceage.training.tune.plan import METRIC, Dimension, TunePlan, trial_config
+from faceage.training.checkpoints import METRIC
+from faceage.training.tune.plan import Dimension, TunePlan, trial_config
 
 if TYPE_CHECKING:  # pandas loads only when a search runs: `faceage --help` stays quick
     import pandas as pd
@@ -85,8 +86,8 @@ def export_best_trial(table: pd.DataFrame, plan: TunePlan) -> tuple[Path, pd.Ser
     from ray.train import Checkpoint
 
     from faceage.data.run_data import RunData
+    from faceage.training.checkpoints import load_checkpoint
     from faceage.training.export import export_best
-    from faceage.training.worker import load_checkpoint
 
     ranked = table[table["best_val_mae"].notna()]
     if ranked.empty:
