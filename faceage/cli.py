@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from faceage import DEFAULT_MODEL_PATH, __version__, bundled_path
@@ -12,51 +15,59 @@ from faceage.errors import TrainingFailed, UserError
 from faceage.runtime import apply_ray_env_defaults
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from faceage.config import load_config
-    from faceage.training.driver import run_training
+@dataclass(frozen=True)
+class Command:
+    """One ``faceage`` subcommand: its help texts, the function that adds its options and the
+    one that runs it, each named ``module:function`` and imported only when that command runs
+    (``faceage predict`` then loads no training code: pandas, Ray Train, Ray Data)."""
 
-    run_training(load_config(args.config, args.overrides))
-    return 0
-
-
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from faceage.training.tune.driver import run_tune_command
-
-    return run_tune_command(args)
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from faceage.inference.predict import run_predict
-
-    return run_predict(args)
+    name: str
+    help: str
+    description: str
+    arguments: str
+    run: str
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from faceage.training.evaluate import run_evaluate
+COMMAND_TABLE = (
+    Command("train", "train a model with Ray Train and export it",
+            "Train with Ray Train (progressive unfreezing) and export the best checkpoint as a "
+            "model file.",
+            "faceage.config:add_train_arguments", "faceage.training.driver:run_train_command"),
+    Command("tune", "compare backbones and schedules with Ray Tune (ASHA)",
+            "Ray Tune over training runs (one TorchTrainer per trial, ASHA on val MAE); writes "
+            "a results table, a plot and the best trial's model file.",
+            "faceage.training.tune.driver:add_tune_arguments",
+            "faceage.training.tune.driver:run_tune_command"),
+    Command("prepare", "detect and align faces of a data set with Ray Data",
+            "Detect, align and crop every image's face in parallel (Ray Data), writing crops, "
+            "index.csv and prepare.json.",
+            "faceage.data.prepare:add_prepare_arguments",
+            "faceage.data.prepare:run_prepare_command"),
+    Command("predict", "ages of the faces in photos, folders or a video",
+            "Detect, align and estimate the age of every face.",
+            "faceage.inference.predict:add_predict_arguments",
+            "faceage.inference.predict:run_predict"),
+    Command("evaluate", "MAE, RMSE, CS@5 of a model file on a labelled set",
+            "Evaluate a model file; writes a JSON report and a PNG.",
+            "faceage.training.evaluate:add_evaluate_arguments",
+            "faceage.training.evaluate:run_evaluate"),
+    Command("up", "Ray head, dashboard, Serve API and Streamlit app, locally",
+            "Start a Ray head with its dashboard (or use $RAY_ADDRESS), the Serve application of "
+            "serve/config.yaml and the Streamlit app; Ctrl-C stops them all.",
+            "faceage.up:add_up_arguments", "faceage.up:run_up"),
+    Command("feedback", "list or delete the corrections users sent the server",
+            "The corrections a server with --feedback-dir stored: list them, or delete some or "
+            "all (rows and face crops).",
+            "faceage.feedback:add_feedback_arguments", "faceage.feedback:run_feedback_command"),
+)
+COMMANDS = tuple(c.name for c in COMMAND_TABLE)
 
-    return run_evaluate(args)
+
+def _function(name: str) -> Callable:
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from faceage.data.prepare import run_prepare_command
-
-    return run_prepare_command(args)
-
-
-def _cmd_up(args: argparse.Namespace) -> int:
-    from faceage.up import run_up
-
-    return run_up(args)
-
-
-def _cmd_feedback(args: argparse.Namespace) -> int:
-    from faceage.feedback import run_feedback_command
-
-    return run_feedback_command(args)
-
-
-COMMANDS = ("train", "tune", "prepare", "predict", "evaluate", "up", "feedback")
 
 
 def model_file_metadata(path: Path) -> dict:
@@ -136,76 +147,15 @@ def packaged_config(name: str | None) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``faceage`` parser. Given ``command``, only that subcommand's options are imported and
     added: ``faceage predict`` then loads no training code (pandas, Ray Train, Ray Data)."""
-    def wanted(name: str) -> bool:
-        return command is None or command == name
-
     p = argparse.ArgumentParser(prog="faceage", description="Face age regression on Ray.")
     p.add_argument("--version", action=_VersionAction,
                    help="show the version of faceage and of its default model, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    t = sub.add_parser("train", help="train a model with Ray Train and export it",
-                       description="Train with Ray Train (progressive unfreezing) and export "
-                                   "the best checkpoint as a model file.")
-    if wanted("train"):
-        from faceage.config import add_train_arguments
-
-        add_train_arguments(t)
-    t.set_defaults(func=_cmd_train)
-
-    tu = sub.add_parser("tune", help="compare backbones and schedules with Ray Tune (ASHA)",
-                        description="Ray Tune over training runs (one TorchTrainer per trial, "
-                                    "ASHA on val MAE); writes a results table, a plot and the "
-                                    "best trial's model file.")
-    if wanted("tune"):
-        from faceage.training.tune.driver import add_tune_arguments
-
-        add_tune_arguments(tu)
-    tu.set_defaults(func=_cmd_tune)
-
-    pr = sub.add_parser("prepare", help="detect and align faces of a data set with Ray Data",
-                        description="Detect, align and crop every image's face in parallel "
-                                    "(Ray Data), writing crops, index.csv and prepare.json.")
-    if wanted("prepare"):
-        from faceage.data.prepare import add_prepare_arguments
-
-        add_prepare_arguments(pr)
-    pr.set_defaults(func=_cmd_prepare)
-
-    pd_ = sub.add_parser("predict", help="ages of the faces in photos, folders or a video",
-                         description="Detect, align and estimate the age of every face.")
-    if wanted("predict"):
-        from faceage.inference.predict import add_predict_arguments
-
-        add_predict_arguments(pd_)
-    pd_.set_defaults(func=_cmd_predict)
-
-    ev = sub.add_parser("evaluate", help="MAE, RMSE, CS@5 of a model file on a labelled set",
-                        description="Evaluate a model file; writes a JSON report and a PNG.")
-    if wanted("evaluate"):
-        from faceage.training.evaluate import add_evaluate_arguments
-
-        add_evaluate_arguments(ev)
-    ev.set_defaults(func=_cmd_evaluate)
-
-    up = sub.add_parser("up", help="Ray head, dashboard, Serve API and Streamlit app, locally",
-                        description="Start a Ray head with its dashboard (or use $RAY_ADDRESS), "
-                                    "the Serve application of serve/config.yaml and the "
-                                    "Streamlit app; Ctrl-C stops them all.")
-    if wanted("up"):
-        from faceage.up import add_up_arguments
-
-        add_up_arguments(up)
-    up.set_defaults(func=_cmd_up)
-
-    fb = sub.add_parser("feedback", help="list or delete the corrections users sent the server",
-                        description="The corrections a server with --feedback-dir stored: "
-                                    "list them, or delete some or all (rows and face crops).")
-    if wanted("feedback"):
-        from faceage.feedback import add_feedback_arguments
-
-        add_feedback_arguments(fb)
-    fb.set_defaults(func=_cmd_feedback)
+    for c in COMMAND_TABLE:
+        parser = sub.add_parser(c.name, help=c.help, description=c.description)
+        if command is None or command == c.name:
+            _function(c.arguments)(parser)
+        parser.set_defaults(run=c.run)
     return p
 
 
@@ -218,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and args.command in ("train", "tune", "evaluate"):
         args.config = packaged_config(args.config)
     try:
-        return args.func(args)
+        return _function(args.run)(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

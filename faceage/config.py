@@ -11,12 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from faceage.errors import UserError
 
+# The oldest age a label or a correction may give.
+MAX_AGE = 120
+# The losses train.loss takes (faceage.training.loop.make_loss implements them).
+LOSSES = ("l1", "smooth_l1", "mse")
 
-class _Strict(BaseModel):
+
+class StrictModel(BaseModel):  # unknown keys are errors, not silent defaults
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SplitConfig(_Strict):
+class SplitConfig(StrictModel):
     """Fractions of the data held out; assignment hashes each file name, so it is stable."""
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
@@ -30,7 +35,7 @@ class SplitConfig(_Strict):
         return self
 
 
-class SourceConfig(_Strict):
+class SourceConfig(StrictModel):
     """One data source of a run (``data.sources``): where its labelled faces come from.
 
     ``format``: a name in ``faceage.data.readers.FORMATS``, e.g. ``utkface`` (chips named
@@ -67,7 +72,7 @@ ONE_SOURCE_DEFAULTS = {"format": "utkface", "path": "../shared/data/utkface"}
 AGE_BANDS = (0.0, 7.0, 13.0, 20.0, 31.0, 46.0, 56.0, 67.0)
 
 
-class BalanceConfig(_Strict):
+class BalanceConfig(StrictModel):
     """Age-band balance of the training draws (``faceage.data.sampling``).
 
     ``by: band``: each age band gets a share of every epoch proportional to
@@ -89,7 +94,7 @@ class BalanceConfig(_Strict):
         return v
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where a run's labelled faces come from (``sources``) and how they are split and cached.
 
     ``format`` + ``path`` (configs/train.yaml) still say one source: they become a one-item
@@ -103,8 +108,8 @@ class DataConfig(_Strict):
         None, description="where raw aaf/csv sources are prepared once and reused "
                           "(default ~/.cache/faceage/prepared)")
     split: SplitConfig = SplitConfig()
-    # The built-in defaults are the README's quick start (a few minutes on two cores); recipes
-    # such as configs/train.yaml set ``limit: null`` to use every image.
+    # The built-in defaults are docs/training.md's quick run (a few minutes on two cores);
+    # recipes such as configs/train.yaml set ``limit: null`` to use every image.
     limit: int | None = Field(
         4000, ge=1, description="use a stable subset of at most this many images (null: all)"
     )
@@ -132,7 +137,7 @@ class DataConfig(_Strict):
         return raw
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     backbone: str = "mobilenet_v2"
     pretrained: str = Field("imagenet", description="imagenet | none | path to a state_dict")
     weights_dir: str | None = Field(
@@ -150,7 +155,7 @@ class ModelConfig(_Strict):
         "for every face)")
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Training augmentation (``faceage.data.augment.BatchAugment``). ``grayscale``, ``blur``,
     ``downscale`` and ``jpeg`` are the share of images that get each; they imitate real photos
     (old grey prints, soft focus, small faces, compressed uploads), which read otherwise
@@ -182,7 +187,7 @@ class AugmentConfig(_Strict):
         return self
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One stage of progressive unfreezing.
 
     ``train`` names the layer groups that learn in this stage: ``"all"``, an int N (the head plus
@@ -195,7 +200,7 @@ class StageConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     stages: list[StageConfig] = Field(
         default_factory=lambda: [
             StageConfig(name="head", train=0, epochs=1, lr=1e-3),
@@ -219,9 +224,9 @@ class ScheduleConfig(_Strict):
         return v
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     batch_size: int = Field(64, ge=1, description="per worker")
-    loss: Literal["l1", "smooth_l1", "mse"] = "l1"
+    loss: Literal[LOSSES] = "l1"
     weight_decay: float = Field(1e-4, ge=0.0)
     augment: AugmentConfig = AugmentConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -230,19 +235,16 @@ class TrainConfig(_Strict):
     channels_last: bool = True
     eval_tta: bool = Field(False, description="average with the flipped image when validating")
     keep_checkpoints: int = Field(2, ge=1, description="best N checkpoints kept, by val MAE")
-    checkpoint_every: int = Field(
-        5, ge=1, description="an epoch writes a checkpoint when val MAE improves, at the last "
-        "epoch, and otherwise at least every this many epochs (metrics go to Ray every epoch)")
-    checkpoint_minutes: float = Field(
-        10.0, gt=0, description="... and when this long has passed since the last one: a "
-        "stopped run resumes having lost at most about this much training")
+    checkpoint_every: int = Field(5, ge=1, description="checkpoint when val MAE improves, at "
+                                  "the last epoch, and at least every N epochs")
+    checkpoint_minutes: float = Field(10.0, gt=0, description="... and N minutes after the last")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs, tests)")
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console logs (INFO adds a line per report)"
     )
 
 
-class ScalingSettings(_Strict):
+class ScalingSettings(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(2.0, gt=0.0, description="also the torch threads per worker")
@@ -250,7 +252,7 @@ class ScalingSettings(_Strict):
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     """Experiment tracking (``faceage.training.experiment``): every run is an MLflow run."""
 
     mlflow: bool = Field(True, description="log params, per-epoch metrics and artifacts to MLflow")
@@ -260,7 +262,7 @@ class TrackingConfig(_Strict):
                           "sqlite:///<storage_path>/mlflow.db)")
 
 
-class Config(_Strict):
+class Config(StrictModel):
     name: str = "faceage"
     storage_path: str = "runs"
     seed: int = 0

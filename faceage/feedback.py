@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from faceage.config import MAX_AGE
 from faceage.errors import UserError
 
-MAX_AGE = 120  # the same bound as faceage.data.readers.MAX_AGE (tests/test_feedback.py checks)
 MANIFEST = "manifest.csv"
 COLUMNS = ["path", "age", "predicted", "predicted_low", "predicted_high", "model_name",
            "model_version", "time", "id"]

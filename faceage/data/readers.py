@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from faceage.config import MAX_AGE
 from faceage.data.split import stable_subset
 from faceage.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-MAX_AGE = 120
 UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_(\d+)\.jpg\.chip\.jpg$")
 UTKFACE_COLUMNS = ["path", "age", "gender", "race"]
 # UTKFace's label codes (-1: unknown, e.g. a manifest without the column).
