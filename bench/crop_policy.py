@@ -13,25 +13,20 @@ detects once per photo; each crop policy then aligns the face, and the table giv
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from wild_faces import framing_error, make_wild  # noqa: E402
-
-from faceage.config import SplitConfig  # noqa: E402
-from faceage.data.readers import read_utkface  # noqa: E402
-from faceage.data.split import assign_split  # noqa: E402
-from faceage.inference.alignment import CropPolicy, align_face, whole_image_face  # noqa: E402
-from faceage.inference.detection import FaceDetector  # noqa: E402
-from faceage.inference.modelfile import load_model_file  # noqa: E402
-from faceage.training.metrics import regression_metrics  # noqa: E402
+from faceage.config import SplitConfig
+from faceage.data.readers import read_utkface
+from faceage.data.split import assign_split
+from faceage.inference.alignment import CropPolicy, align_face, whole_image_face
+from faceage.inference.detection import FaceDetector
+from faceage.inference.modelfile import load_model_file
+from faceage.training.metrics import regression_metrics
+from testkit.wild_faces import framing_error, make_wild
 
 POLICIES = {
     # The shipped policy: landmarks onto the template derived from the chips themselves.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,23 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from faceage.inference.detection import FaceDetector
+from faceage.inference.mtcnn import detect_faces, load_nets
+from testkit.frames import group_photo, place
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 AAF = REPO.parent / "shared" / "data" / "aaf"
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from faceage.inference.detection import FaceDetector  # noqa: E402
-from faceage.inference.mtcnn import detect_faces, load_nets  # noqa: E402
-
-
-def place(photo: np.ndarray, zoom: float, cx: float, cy: float, size=(640, 480)) -> np.ndarray:
-    """``photo`` at ``zoom`` x the frame height, centred at (cx, cy), on a flat background."""
-    w, h = size
-    s = zoom * h / photo.shape[0]
-    m = np.array([[s, 0, cx - s * photo.shape[1] / 2], [0, s, cy - s * photo.shape[0] / 2]])
-    return cv2.warpAffine(photo, m, size, flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(70, 80, 90))
 
 
 def webcam_frames(count: int) -> list[np.ndarray]:
@@ -60,19 +51,6 @@ def webcam_frames(count: int) -> list[np.ndarray]:
     zooms = np.linspace(0.6, 1.6, count)
     return [place(photos[i % len(photos)], z, 320 + 100 * np.sin(i), 240 + 20 * np.cos(i))
             for i, z in enumerate(zooms)]
-
-
-def group_photo(size=(1280, 720)) -> np.ndarray:
-    """The rocket photo with five copies of the astronaut's face a quarter of its height tall."""
-    w, h = size
-    scene = np.asarray(Image.open(DATA / "rocket.jpg").convert("RGB").resize(size)).copy()
-    astronaut = np.asarray(Image.open(DATA / "astronaut.jpg").convert("RGB"))
-    side = h // 4
-    face = cv2.resize(astronaut[30:210, 150:300], (side * 150 // 180, side))
-    for fx, fy in [(0.5, 0.5), (0.15, 0.25), (0.85, 0.25), (0.2, 0.75), (0.8, 0.75)]:
-        x, y = int(fx * w - face.shape[1] / 2), int(fy * h - face.shape[0] / 2)
-        scene[y:y + face.shape[0], x:x + face.shape[1]] = face
-    return scene
 
 
 def iou(a, b) -> float:

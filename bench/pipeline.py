@@ -9,7 +9,6 @@ face (tests/data), JPEG-encoded; each frame is decoded from bytes as Serve would
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import tempfile
@@ -17,38 +16,25 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from faceage.inference.alignment import align_face
 from faceage.inference.images import load_image
 from faceage.inference.modelfile import DEFAULT_MODEL_PATH, load_model_file
 from faceage.inference.pipeline import FaceFinder
+from testkit.frames import group_photo, jpeg
+from testkit.models import untrained_model_file
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def make_frame(width: int, height: int, faces: int) -> bytes:
     """A JPEG frame with ``faces`` faces about a quarter of the frame height tall."""
-    scene = Image.open(DATA / "rocket.jpg").convert("RGB").resize((width, height))
-    face = Image.open(DATA / "astronaut.jpg").convert("RGB").crop((150, 30, 300, 210))
-    side = height // 4
-    face = face.resize((side * 150 // 180, side))
-    spots = [(0.5, 0.5), (0.15, 0.25), (0.85, 0.25), (0.2, 0.75), (0.8, 0.75)][:faces]
-    for fx, fy in spots:
-        scene.paste(face, (int(fx * width - face.width / 2), int(fy * height - face.height / 2)))
-    buf = io.BytesIO()
-    scene.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return jpeg(group_photo((width, height), faces), quality=90)
 
 
-def untrained_model_file() -> Path:
-    from faceage.inference.modelfile import save_model_file
-    from faceage.inference.preprocess import preprocessing_metadata
-    from faceage.models.network import build_model
-
-    path = Path(tempfile.mkdtemp()) / "untrained.pt"
-    return save_model_file(build_model("mobilenet_v2", "none", 256, 0.0), path, {
-        "preprocessing": preprocessing_metadata(128), "crop_policy": {"name": "utkface-chip"}})
+def untrained_model() -> Path:
+    return untrained_model_file(Path(tempfile.mkdtemp()) / "untrained.pt", "mobilenet_v2",
+                                head_hidden=256, input_size=128)
 
 
 def time_frame(jpeg: bytes, finder: FaceFinder, model) -> tuple[dict[str, float], int]:
@@ -76,7 +62,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else (
-        DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.exists() else untrained_model_file())
+        DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.exists() else untrained_model())
     model = load_model_file(path)
     finder = FaceFinder.for_model(model.metadata)
     print(f"model {model.name} ({model.metadata['backbone']}, {model.input_size} px), torch "

@@ -29,12 +29,11 @@ from pathlib import Path
 import psutil
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import make_frames, untrained_default_model  # noqa: E402
-
 from faceage import DEFAULT_MODEL_PATH  # noqa: E402
 from faceage.runtime import apply_ray_env_defaults, wait_until  # noqa: E402
 from faceage.serving.local import LocalServe  # noqa: E402
+from testkit.frames import webcam_jpegs
+from testkit.models import untrained_model_file
 
 
 @dataclass
@@ -147,8 +146,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="faceage-bench-") as tmp:
         model = Path(args.model) if args.model else (
             DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.exists()
-            else untrained_default_model(Path(tmp)))
-        frames = make_frames()
+            else untrained_model_file(Path(tmp) / "untrained-default.pt"))
+        frames = webcam_jpegs()
         rows = [one_run(model, n, args.kill, args.clients, args.after, args.timeout,
                         args.num_cpus, frames) for n in args.ingress_replicas]
     print(f"\nKilled {', then '.join(args.kill)} (one replica each) under {args.clients} "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import platform
 import sys
@@ -46,45 +45,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
-from PIL import Image
 
 from faceage import DEFAULT_MODEL_PATH
 from faceage.config import add_set_argument, parse_override
 from faceage.runtime import apply_ray_env_defaults
 from faceage.serving.local import LocalServe
 from faceage.webapp.client import ServeError, StreamClient
+from testkit.frames import webcam_jpegs
+from testkit.models import untrained_model_file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_frames(count: int = 8) -> list[bytes]:
-    """640x480 JPEG frames, one face each, the face shifted 10 px per frame."""
-    face = np.asarray(Image.open(REPO / "tests/data/astronaut.jpg").convert("RGB")
-                      .resize((400, 400)))
-    frames = []
-    for i in range(count):
-        canvas = np.full((480, 640, 3), 90, np.uint8)
-        canvas[40:440, 60 + 10 * i:460 + 10 * i] = face
-        buf = io.BytesIO()
-        Image.fromarray(canvas).save(buf, format="JPEG", quality=85)
-        frames.append(buf.getvalue())
-    return frames
-
-
-def untrained_default_model(folder: Path) -> Path:
-    """An untrained model file with the default recipe's backbone, head and input size."""
-    from faceage.config import Config
-    from faceage.inference.modelfile import save_model_file
-    from faceage.inference.preprocess import preprocessing_metadata
-    from faceage.models.network import build_model
-
-    m = Config().model
-    net = build_model(m.backbone, "none", m.head_hidden, m.dropout)
-    return save_model_file(net, folder / "untrained-default.pt", {
-        "name": "untrained-default-architecture",
-        "preprocessing": preprocessing_metadata(m.input_size),
-        "crop_policy": {"name": "utkface-chip"},
-    })
 
 
 class Level:
@@ -426,10 +396,11 @@ def main() -> int:
         elif DEFAULT_MODEL_PATH.exists():
             model = DEFAULT_MODEL_PATH
         else:
-            model = untrained_default_model(Path(tmp))
+            model = untrained_model_file(Path(tmp) / "untrained-default.pt",
+                                         name="untrained-default-architecture")
             print(f"[bench] {DEFAULT_MODEL_PATH} is missing: timing an untrained model of the "
                   "default architecture", file=sys.stderr)
-        frames = make_frames()
+        frames = webcam_jpegs()
         load_before = os.getloadavg()
         started = time.time()
         results: dict = {}

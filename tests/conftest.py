@@ -23,21 +23,10 @@ UTKFACE = SHARED / "data" / "utkface"
 @pytest.fixture(scope="session")
 def untrained_model_file(tmp_path_factory) -> Path:
     """A real model file (MobileNetV2, untrained weights, 96 px input): plumbing, not accuracy."""
-    import torch
+    from testkit.models import untrained_model_file as make_untrained
 
-    from faceage.inference.modelfile import save_model_file
-    from faceage.inference.preprocess import preprocessing_metadata
-    from faceage.models.network import build_model
-
-    torch.manual_seed(0)
-    model = build_model("mobilenet_v2", "none", 64, 0.0)
-    path = tmp_path_factory.mktemp("models") / "untrained.pt"
-    return save_model_file(model, path, {
-        "name": "faceage-untrained-test",
-        "preprocessing": preprocessing_metadata(96),
-        "crop_policy": {"name": "utkface-chip"},
-        "data": {"note": "untrained weights, for tests"},
-    })
+    return make_untrained(tmp_path_factory.mktemp("models") / "untrained.pt", "mobilenet_v2",
+                          head_hidden=64, input_size=96, name="faceage-untrained-test")
 
 
 @pytest.fixture(scope="session")

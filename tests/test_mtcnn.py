@@ -9,7 +9,6 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -22,6 +21,7 @@ from faceage.inference.mtcnn import detect_faces, load_nets, pyramid_scales
 from faceage.inference.mtcnn.boxes import crop_windows, nms_min
 from faceage.inference.mtcnn.nets import WEIGHT_FILES, max_pool_ceil
 from faceage.inference.mtcnn.resample import MEAN, SCALE, crop_resize, integral_image, resize_level
+from testkit.frames import group_photo, place
 
 REPO = Path(__file__).resolve().parents[1]
 AAF = REPO.parent / "shared" / "data" / "aaf"
@@ -49,36 +49,13 @@ def facenet():
     return fp.MTCNN(keep_all=True, min_face_size=20, device="cpu").eval()
 
 
-def place(photo: np.ndarray, zoom: float, cx: float, cy: float, size=(640, 480)) -> np.ndarray:
-    """``photo`` scaled to ``zoom`` x the frame height and centred at (cx, cy), as
-    bench/stream_profile.py's made-up webcam clip moves its photos (without the codec)."""
-    w, h = size
-    s = zoom * h / photo.shape[0]
-    m = np.array([[s, 0, cx - s * photo.shape[1] / 2], [0, s, cy - s * photo.shape[0] / 2]])
-    return cv2.warpAffine(photo, m, size, flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(70, 80, 90))
-
-
-def group_frame(astronaut: np.ndarray, size=(1280, 720)) -> np.ndarray:
-    """Five copies of the astronaut's face on the rocket photo (bench/pipeline.py's frame)."""
-    w, h = size
-    scene = np.asarray(Image.open(REPO / "tests/data/rocket.jpg").convert("RGB").resize(size))
-    scene = scene.copy()
-    side = h // 4
-    face = cv2.resize(astronaut[30:210, 150:300], (side * 150 // 180, side))
-    for fx, fy in [(0.5, 0.5), (0.15, 0.25), (0.85, 0.25), (0.2, 0.75), (0.8, 0.75)]:
-        x, y = int(fx * w - face.shape[1] / 2), int(fy * h - face.shape[0] / 2)
-        scene[y:y + face.shape[0], x:x + face.shape[1]] = face
-    return scene
-
-
 @pytest.fixture(scope="module")
 def photos(astronaut_path, rocket_path) -> dict[str, np.ndarray]:
     """The suite's photos and 640x480 frames made from them: the face small, large, cut by the
     frame's edge; five faces; no face."""
     astronaut = load_image(astronaut_path)
     out = {"astronaut": astronaut, "rocket": load_image(rocket_path),
-           "group 1280x720": group_frame(astronaut)}
+           "group 1280x720": group_photo()}
     for name, (zoom, cx, cy) in {"small face": (0.6, 200, 260), "centred": (1.0, 320, 240),
                                  "close-up": (1.6, 330, 300), "at the edge": (1.2, 560, 180)
                                  }.items():
