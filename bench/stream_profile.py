@@ -35,7 +35,7 @@ from PIL import Image
 from faceage import DEFAULT_MODEL_PATH
 from faceage.inference.detection import DetectorConfig
 from faceage.inference.pipeline import FaceFinder, face_records
-from faceage.inference.stream import StreamTracker
+from faceage.inference.stream import NextFrameSearch
 from faceage.webapp.tracking import iou
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,14 +99,14 @@ def read_frames(path: Path, limit: int) -> list[np.ndarray]:
 def timed(finder: FaceFinder, frames: list[np.ndarray], threads: int,
           track: int = 0) -> tuple[list, float]:
     """Faces per frame and the median ms per frame. ``track``: as /stream does (its
-    ``StreamTracker``), search near the previous frame's faces for up to that many frames between
+    ``NextFrameSearch``), search near the previous frame's faces for up to that many frames between
     whole-frame detections."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out, times, tracker = [], [], StreamTracker(track)
+        out, times, tracker = [], [], NextFrameSearch(track)
         for frame in frames:
             start = time.perf_counter()
             faces, tracked = finder.find_tracked(frame, tracker.near())

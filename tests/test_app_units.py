@@ -22,8 +22,8 @@ from faceage.webapp.client import (
     normalise_url,
     websocket_url,
 )
-from faceage.webapp.draw import annotate, encode_jpeg, shrink
-from faceage.webapp.tracking import FaceTracker, iou
+from faceage.webapp.draw import draw_frame, encode_jpeg, shrink
+from faceage.webapp.tracking import AgeSmoother, iou
 from faceage.webapp.video import VideoError, probe_video, suggested_stride
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_iou():
 
 
 def test_tracker_keeps_identity_and_smooths_age():
-    tracker = FaceTracker(alpha=0.5)
+    tracker = AgeSmoother(alpha=0.5)
     first = tracker.update([face([0, 0, 100, 100], 30), face([200, 0, 300, 100], 60)])
     assert [f["track"] for f in first] == [1, 2]
     # The faces come back in the other order, moved a little: same tracks, ages averaged.
@@ -60,7 +60,7 @@ def test_tracker_keeps_identity_and_smooths_age():
 
 
 def test_tracker_moves_each_interval_with_the_smoothed_age():
-    tracker = FaceTracker(alpha=0.5)
+    tracker = AgeSmoother(alpha=0.5)
     tracker.update([{**face([0, 0, 100, 100], 30), "age_interval": [25, 36]}])
     [f] = tracker.update([{**face([2, 0, 102, 100], 40), "age_interval": [34, 47]}])
     assert f["age"] == 35.0 and f["age_interval"] == [29.0, 42.0]  # 6 below, 7 above
@@ -78,12 +78,12 @@ def test_labels_and_table_show_the_interval_and_cope_without_one():
     assert age_label(with_interval, "–") == "34 (29–40)"
     assert interval_text(with_interval) == "29–40" and interval_text(old) == "–"
     rgb = np.zeros((120, 120, 3), np.uint8)
-    drawn, plain = annotate(rgb, [with_interval]), annotate(rgb, [old])
+    drawn, plain = draw_frame(rgb, [with_interval]), draw_frame(rgb, [old])
     assert drawn.shape == rgb.shape and (drawn != plain).any()  # the longer label is drawn
 
 
 def test_tracker_drops_lost_faces_after_max_misses():
-    tracker = FaceTracker(max_misses=2)
+    tracker = AgeSmoother(max_misses=2)
     tracker.update([face([0, 0, 10, 10], 30)])
     for _ in range(2):
         tracker.update([])
@@ -332,7 +332,7 @@ def test_frames_in_flight_come_from_the_environment(monkeypatch):
 
 def test_drawing_helpers():
     rgb = np.full((100, 200, 3), 128, np.uint8)
-    out = annotate(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")
+    out = draw_frame(rgb, [face([10, 10, 60, 60], 42)], banner="12 fps")
     assert out.shape == rgb.shape and not np.array_equal(out, rgb)
     assert encode_jpeg(rgb)[:2] == b"\xff\xd8"
     small, scale = shrink(rgb, 100)

@@ -80,7 +80,7 @@ def test_the_ingress_module_loads_no_torch():
     """faceage/serving/app.py (the Ingress replicas' module) without torch: the model deployments
     live in faceage/serving/deployments.py, which only the application builder imports; what the
     Ingress unpickles from them (Face, AgeEstimates) is torch-free too, and so is /stream's
-    StreamTracker."""
+    NextFrameSearch."""
     code = ("import sys\nimport faceage.serving.app\n"
             "import faceage.inference.interval, faceage.inference.detection\n"
             "import faceage.inference.stream\n"

@@ -1,4 +1,4 @@
-"""Where to look for faces in the next frame of a live stream: ``StreamTracker``.
+"""Where to look for faces in the next frame of a live stream: ``NextFrameSearch``.
 
 Written once for the Serve Ingress's /stream and for bench/stream_profile.py, so the bench
 measures what /stream does. Torch-free: the Ingress uses it.
@@ -12,7 +12,7 @@ from typing import Any
 from faceage.inference.detection import Face
 
 
-class StreamTracker:
+class NextFrameSearch:
     """After a whole-frame detection, search the next frames only around the faces found there.
 
     Up to ``track_frames`` frames in a row are searched near the previous frame's faces

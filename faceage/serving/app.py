@@ -44,7 +44,7 @@ from faceage.feedback import new_face_id
 from faceage.inference.detection import Face
 from faceage.inference.interval import AgeEstimates
 from faceage.inference.pipeline import face_records
-from faceage.inference.stream import StreamTracker
+from faceage.inference.stream import NextFrameSearch
 from faceage.serving.args import ServeArgs
 from faceage.serving.feedback import (
     FEEDBACK_OFF,
@@ -284,7 +284,7 @@ class Ingress:
         frame in detection while the other is aged and sent back. The answers keep the frames'
         order; a frame starts from the faces of the newest frame already answered."""
         await websocket.accept()
-        tracker = StreamTracker(self.settings.stream_track_frames)
+        tracker = NextFrameSearch(self.settings.stream_track_frames)
         slots = asyncio.Semaphore(self.settings.stream_in_flight)
         queued: asyncio.Queue[tuple[int, asyncio.Task] | None] = asyncio.Queue()
 

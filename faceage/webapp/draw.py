@@ -17,8 +17,8 @@ BANNER_OK = (20, 20, 20)
 BANNER_WARN = (200, 30, 30)
 
 
-def annotate(rgb: np.ndarray, faces: Sequence[dict[str, Any]], banner: str | None = None,
-             warn: bool = False) -> np.ndarray:
+def draw_frame(rgb: np.ndarray, faces: Sequence[dict[str, Any]], banner: str | None = None,
+               warn: bool = False) -> np.ndarray:
     """``rgb`` with each face's box and age drawn, and an optional one-line banner on top."""
     im = draw_faces(rgb, faces) if faces else Image.fromarray(rgb)
     if banner:

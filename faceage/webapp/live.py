@@ -19,8 +19,8 @@ import numpy as np
 
 from faceage.inference.annotate import scale_faces
 from faceage.webapp.client import ServeError, StreamClient
-from faceage.webapp.draw import annotate, encode_jpeg, shrink
-from faceage.webapp.tracking import FaceTracker
+from faceage.webapp.draw import draw_frame, encode_jpeg, shrink
+from faceage.webapp.tracking import AgeSmoother
 
 SEND_MAX_SIDE = 640
 # The sender thread exits after this long without frames (the stream stopped) and is started
@@ -78,7 +78,7 @@ class LiveAnnotator:
         self.serve_url = serve_url
         self.jpeg_quality = jpeg_quality
         self.in_flight = max(1, in_flight_from_env() if in_flight is None else in_flight)
-        self.tracker = FaceTracker(alpha=0.25, max_misses=3)
+        self.tracker = AgeSmoother(alpha=0.25, max_misses=3)
         self.frames_in = RateMeter()
         self.answers = RateMeter()
         self.latency_ms: float | None = None
@@ -116,7 +116,7 @@ class LiveAnnotator:
         self._wake.set()
         self._ensure_sender()
         self.frames_in.tick(now)
-        out = annotate(rgb, faces, banner=self.banner(now, error), warn=error is not None)
+        out = draw_frame(rgb, faces, banner=self.banner(now, error), warn=error is not None)
         new = av.VideoFrame.from_ndarray(out, format="rgb24")
         new.pts, new.time_base = frame.pts, frame.time_base
         return new

@@ -30,7 +30,7 @@ from faceage.webapp.corrections import (
     feedback_settings,
     privacy_note,
 )
-from faceage.webapp.draw import annotate, encode_image, face_thumbnail, interval_text, shrink
+from faceage.webapp.draw import draw_frame, encode_image, face_thumbnail, interval_text, shrink
 from faceage.webapp.live import LiveAnnotator
 from faceage.webapp.video import VideoError, annotate_video, probe_video, suggested_stride
 from faceage.webapp.webrtc_guard import disarm_orphan_check
@@ -173,7 +173,7 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
         # Serve's boxes are in the original photo's pixels; drawn on a copy at most DISPLAY_SIDE.
         rgb, shrunk = shrink(photo.pixels, DISPLAY_SIDE)
         drawn_faces = scale_faces(faces, shrunk / photo.scale[0])
-        annotated = annotate(rgb, drawn_faces)
+        annotated = draw_frame(rgb, drawn_faces)
         left, right = st.columns([3, 2])
         left.image(annotated, caption=name, width="stretch")
         with right:

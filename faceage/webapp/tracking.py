@@ -42,7 +42,7 @@ def smoothed(face: dict[str, Any], track: Track) -> dict[str, Any]:
                                round(max(float(interval[1]) + shift, age), 2)]
     return out
 
-class FaceTracker:
+class AgeSmoother:
     """Matches each frame's faces to the previous ones by box overlap and smooths their ages.
 
     ``alpha`` is the weight of a new measurement in the exponential moving average; a track that

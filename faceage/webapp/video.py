@@ -20,8 +20,8 @@ import numpy as np
 
 from faceage.inference.annotate import scale_faces
 from faceage.webapp.client import ServeClient, ServeError
-from faceage.webapp.draw import annotate, encode_jpeg, face_thumbnail, shrink
-from faceage.webapp.tracking import FaceTracker
+from faceage.webapp.draw import draw_frame, encode_jpeg, face_thumbnail, shrink
+from faceage.webapp.tracking import AgeSmoother
 
 # Frames above this many pixels on the long side are scaled down for the output video, and
 # frames sent to Serve are smaller still: MTCNN time grows with the pixel count.
@@ -122,7 +122,7 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
     every_nth = max(1, int(every_nth))
     max_in_flight = max(1, int(max_in_flight))
     info = probe_video(data, name)
-    tracker = FaceTracker()
+    tracker = AgeSmoother()
     codec = _encoder_name()
     start = time.perf_counter()
     written = analysed = rejected = 0
@@ -172,7 +172,7 @@ def annotate_video(data: bytes, client: ServeClient, *, every_nth: int = 1,
                         if exc.kind != "rejected":
                             raise
                         rejected += 1  # one undecodable frame must not end the whole video
-                frame = av.VideoFrame.from_ndarray(annotate(rgb, visible), format="rgb24")
+                frame = av.VideoFrame.from_ndarray(draw_frame(rgb, visible), format="rgb24")
                 for packet in vout.encode(frame):
                     outc.mux(packet)
                 written += 1

@@ -1,4 +1,4 @@
-"""/stream's tracking policy (``StreamTracker``) without Serve: where each frame is searched, how
+"""/stream's tracking policy (``NextFrameSearch``) without Serve: where each frame is searched, how
 frames since the last whole-frame detection are counted, and which faces are kept."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 
 from faceage.inference.detection import Face
 from faceage.inference.pipeline import face_record
-from faceage.inference.stream import StreamTracker
+from faceage.inference.stream import NextFrameSearch
 
 BOX = [100.04, 50.0, 180.0, 150.06]
 
@@ -18,14 +18,14 @@ def face(box=BOX, landmarks: bool = True) -> Face:
 
 
 def test_the_first_frame_is_searched_whole_then_near_the_faces_found():
-    tracker = StreamTracker(3)
+    tracker = NextFrameSearch(3)
     assert tracker.near() is None
     tracker.update([face()], tracked=False)
     assert tracker.near() == [[100.0, 50.0, 180.0, 150.1]]
 
 
 def test_after_track_frames_near_the_faces_the_next_frame_is_searched_whole():
-    tracker = StreamTracker(2)
+    tracker = NextFrameSearch(2)
     tracker.update([face()], tracked=False)
     searched = []
     for _ in range(5):
@@ -36,7 +36,7 @@ def test_after_track_frames_near_the_faces_the_next_frame_is_searched_whole():
 
 
 def test_a_frame_without_faces_sends_the_next_one_to_whole_frame_detection():
-    tracker = StreamTracker(10)
+    tracker = NextFrameSearch(10)
     tracker.update([face()], tracked=False)
     tracker.update([], tracked=False)  # nothing near the faces, nor in the whole frame
     assert tracker.near() is None
@@ -45,7 +45,7 @@ def test_a_frame_without_faces_sends_the_next_one_to_whole_frame_detection():
 
 
 def test_zero_track_frames_searches_every_frame_whole():
-    tracker = StreamTracker(0)
+    tracker = NextFrameSearch(0)
     for _ in range(3):
         assert tracker.near() is None
         tracker.update([face()], tracked=False)
@@ -54,7 +54,7 @@ def test_zero_track_frames_searches_every_frame_whole():
 def test_a_whole_image_face_is_not_searched_near():
     """``no_face: whole`` answers with the whole image as a face, without landmarks: the detector
     found nothing, so there is nothing to track."""
-    tracker = StreamTracker(10)
+    tracker = NextFrameSearch(10)
     tracker.update([face([0, 0, 640, 480], landmarks=False)], tracked=False)
     assert tracker.near() is None
     tracker.update([face([0, 0, 640, 480], landmarks=False), face()], tracked=False)
@@ -63,7 +63,7 @@ def test_a_whole_image_face_is_not_searched_near():
 
 def test_a_face_and_its_json_record_track_alike():
     """The Ingress tracks the JSON records it answers with, the bench the detector's faces."""
-    from_faces, from_records = StreamTracker(10), StreamTracker(10)
+    from_faces, from_records = NextFrameSearch(10), NextFrameSearch(10)
     faces = [face(), face([300.26, 20, 340, 70]), face([0, 0, 640, 480], landmarks=False)]
     from_faces.update(faces, tracked=False)
     from_records.update([face_record(f, 30.0, 25.0, 35.0) for f in faces], tracked=False)
