@@ -18,9 +18,11 @@ import torch
 
 from faceage.cli import main
 from faceage.config import DataConfig, SourceConfig, SplitConfig, load_config
+from faceage.data.prepare import detector_metadata, prepare_detector
+from faceage.data.prepared_sources import prepare_key, prepare_source
 from faceage.data.readers import LoadReport, read_manifest, read_prepared
 from faceage.data.run_data import SPLIT_COLUMNS, RunData
-from faceage.data.sources import prepare_key, prepare_source, read_sources
+from faceage.data.sources import read_sources
 from faceage.data.split import split_by_key
 from faceage.errors import UserError
 from faceage.training.loop import make_loss, range_loss
@@ -194,15 +196,19 @@ def test_a_prepared_cache_from_before_ranges_is_read_with_todays_labels(tmp_path
     """The cache gives crops only: an index written before ranges (no age_low/age_high, its own
     ages) leaves the rows' ranges as the CSV says them now."""
     from faceage.inference.alignment import CropPolicy
-    from faceage.inference.detection import DetectorConfig
 
     shutil.copy(astronaut_path, tmp_path / "astronaut.jpg")
     csv = write_csv(tmp_path / "faces.csv", "path,age_low,age_high\nastronaut.jpg,31,45\n")
     data = DataConfig(sources=[SourceConfig(format="csv", path=str(csv))], limit=None,
                       prepared_dir=str(tmp_path / "prepared"))
     table, _, specs = read_sources(data)
-    key = prepare_key(table["origin"].tolist(), CropPolicy().to_metadata(), 200,
-                      DetectorConfig().model_dump(mode="json"))
+    # The detector settings as every prepared set so far recorded them (before decode_side and
+    # the photo profile's min_face_fraction): such sets must still be found.
+    detector = {"min_face_size": 20, "min_face_fraction": 0.0, "thresholds": [0.6, 0.7, 0.7],
+                "min_score": 0.9, "factor": 0.709, "max_side": 1280, "pad": "auto",
+                "pad_fraction": 0.3, "max_faces": 100}
+    assert detector_metadata(prepare_detector()) == detector
+    key = prepare_key(table["origin"].tolist(), CropPolicy().to_metadata(), 200, detector)
     old = tmp_path / "prepared" / f"csv-{key}"
     (old / "crops").mkdir(parents=True)
     shutil.copy(astronaut_path, old / "crops" / "astronaut.jpg")

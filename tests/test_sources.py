@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from faceage.config import BalanceConfig, DataConfig, SourceConfig, load_config
+from faceage.data.prepared_sources import prepare_source
 from faceage.data.readers import (
     FORMATS,
     DataFormat,
@@ -31,7 +32,7 @@ from faceage.data.sampling import (
     draw_shares,
     train_sampler,
 )
-from faceage.data.sources import prepare_source, read_sources, resolve_sources
+from faceage.data.sources import read_sources, resolve_sources
 from faceage.data.split import assign_split
 from faceage.errors import UserError
 from faceage.training.metrics import source_val_metrics
@@ -369,7 +370,7 @@ def test_raw_sources_are_prepared_once_and_reused(tmp_path, astronaut_path, rock
     def no_second_prepare(*a, **k):
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr("faceage.data.sources.prepare_table", no_second_prepare)
+    monkeypatch.setattr("faceage.data.prepared_sources.prepare_table", no_second_prepare)
     again = prepare_source(specs[0], table, data, LoadReport(), local=True, say=lines.append)
     assert list(again["path"]) == list(first["path"])
     assert "reusing the prepared crops" in lines[-1]

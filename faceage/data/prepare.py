@@ -184,6 +184,19 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
                          batch_size=batch_size, local=local, load_report=load_report)
 
 
+def prepare_detector(**settings: Any) -> DetectorConfig:
+    """The detector training crops are prepared with: every face from ``min_face_size`` up,
+    whatever the photo's size (no ``min_face_fraction``, as prepare always ran)."""
+    return DetectorConfig(**{"min_face_fraction": 0.0, **settings})
+
+
+def detector_metadata(detector: DetectorConfig) -> dict:
+    """A detector's settings as prepare records them, its part of the cache key: without
+    ``decode_side``, which prepare does not use (it reads every file whole), so sets prepared
+    before that setting existed are still found and reused."""
+    return detector.model_dump(mode="json", exclude={"decode_side"})
+
+
 def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: dict,
                   size: int = DEFAULT_CROP_SIZE, policy: CropPolicy | None = None,
                   detector: DetectorConfig | None = None, workers: int | None = None,
@@ -193,14 +206,14 @@ def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: d
     which the index keeps after ``INDEX_COLUMNS``) into ``out``: the one prepare path of
     ``faceage prepare`` and of training's raw AAF/CSV sources."""
     policy = policy or CropPolicy()
-    detector = detector or DetectorConfig()
+    detector = detector or prepare_detector()
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = {k: len(v) for k, v in load_report.skipped.items()} if load_report else {}
     extras = [c for c in table.columns if c not in INDEX_COLUMNS]
 
     actor_kwargs = {"out_dir": str(out_dir), "root": str(root), "policy": policy.to_metadata(),
-                    "size": size, "detector": detector.model_dump(mode="json"),
+                    "size": size, "detector": detector_metadata(detector),
                     "no_face": no_face, "extra_columns": tuple(extras)}
     started = time.perf_counter()
     if local:
@@ -229,7 +242,7 @@ def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: d
         "source": source,
         "crop_policy": policy.to_metadata(),
         "crop_size": size,
-        "detector": detector.model_dump(mode="json"),
+        "detector": detector_metadata(detector),
         "no_face": no_face,
         "summary": summary,
     }
@@ -242,7 +255,7 @@ def run_prepare_command(args: argparse.Namespace, out=None) -> int:
     if args.size < 32:
         raise UserError(f"--size {args.size}: crops need at least 32 pixels")
     policy = CropPolicy(margin=args.margin)
-    detector = DetectorConfig(min_face_size=args.min_face_size, pad=args.pad)
+    detector = prepare_detector(min_face_size=args.min_face_size, pad=args.pad)
     s = run_prepare(args.data, args.format, args.out, limit=args.limit, size=args.size,
                     policy=policy, detector=detector, workers=args.workers,
                     no_face=args.no_face, local=args.local)

@@ -16,15 +16,9 @@ import pandas as pd
 
 from faceage.config import DataConfig
 from faceage.data.datasets import DecodedCache, FaceAgeDataset, decode_table
+from faceage.data.prepared_sources import prepare_raw_sources, prepared_crop_policy
 from faceage.data.readers import LoadReport
-from faceage.data.sources import (
-    SourceSpec,
-    prepare_raw_sources,
-    prepared_crop_policy,
-    range_rows,
-    read_sources,
-    source_counts,
-)
+from faceage.data.sources import SourceSpec, range_rows, read_sources, source_counts
 from faceage.errors import UserError
 
 # UTKFace's own chips: what a model trained on them alone expects at inference.

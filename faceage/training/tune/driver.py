@@ -117,14 +117,23 @@ class TuneOutcome:
 
 def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutcome:
     """Validate the search, run it on Ray Tune, write the table, the plot and the best model."""
-    import ray
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from faceage.training.checks import check_job_paths
     from faceage.training.driver import ray_for_run
+
+    plan = checked_plan(settings, config_dir)
+    started = time.time()
+    with ray_for_run(plan.base):
+        grid = make_tuner(plan).fit()
+        table, curves = collect_results(grid, plan)
+        exported = export_best_trial(table, plan)
+    close_unfinished_runs(table)
+    return write_outcome(plan, table, curves, exported, time.time() - started)
+
+
+def checked_plan(settings: TuneSettings, config_dir: Path | None) -> TunePlan:
+    """The search planned and checked (``preflight`` for each trial shape), its tracking store
+    set up and its folder made, with ``tune.yaml`` in it."""
+    from faceage.training.checks import check_job_paths
     from faceage.training.experiment import check_store
-    from faceage.training.plots import tune_curves
 
     plan = plan_search(settings, config_dir)
     check_job_paths(plan.base)
@@ -137,56 +146,70 @@ def run_tune(settings: TuneSettings, config_dir: Path | None = None) -> TuneOutc
     plan.tune_dir.mkdir(parents=True, exist_ok=True)
     (plan.tune_dir / "tune.yaml").write_text(
         yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    return plan
 
-    started = time.time()
-    with ray_for_run(plan.base):
-        cpus = ray.cluster_resources().get("CPU", 0)
-        at_once = concurrency(plan, cpus)
-        search = plan.settings.search
-        print(f"[faceage] tune: {plan.trial_count} trial(s), {at_once} at a time "
-              f"({cpus:g} CPUs, {plan.base.scaling.num_workers} x "
-              f"{plan.base.scaling.cpus_per_worker:g} per trial); ASHA on {METRIC} over up to "
-              f"{plan.max_epochs()} epochs, grace {search.asha.grace_period}")
-        trainable = tune.with_parameters(
-            train_trial, base=plan.base.to_dict(), schedules=plan.schedules,
-            tune_dir=str(plan.tune_dir))
-        # The trial only drives its Train run, whose workers hold the CPUs. Tune refuses an empty
-        # request, and a CPU sliver would leave the last Train run short of a whole CPU.
-        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1 << 20})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={d.key: d.to_tune() for d in plan.dims},
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="min", num_samples=search.num_samples,
-                scheduler=asha_letting_last_epochs_through(plan),
-                # Tune ignores TuneConfig.max_concurrent_trials next to a search generator.
-                search_alg=BasicVariantGenerator(random_state=search.seed,
-                                                 max_concurrent=at_once),
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(name=plan.tune_dir.name,
-                                      storage_path=str(plan.tune_dir.parent), verbose=1,
-                                      callbacks=[placement_group_reaper()]),
-        )
-        grid = tuner.fit()
-        table, curves = collect_results(grid, plan)
-        exported = export_best_trial(table, plan)
+
+def make_tuner(plan: TunePlan):
+    """The ``tune.Tuner`` of the search: ASHA on ``METRIC``, as many trials at once as the
+    cluster's CPUs hold (Ray must be up)."""
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    at_once = concurrency(plan, cpus)
+    search = plan.settings.search
+    print(f"[faceage] tune: {plan.trial_count} trial(s), {at_once} at a time "
+          f"({cpus:g} CPUs, {plan.base.scaling.num_workers} x "
+          f"{plan.base.scaling.cpus_per_worker:g} per trial); ASHA on {METRIC} over up to "
+          f"{plan.max_epochs()} epochs, grace {search.asha.grace_period}")
+    trainable = tune.with_parameters(
+        train_trial, base=plan.base.to_dict(), schedules=plan.schedules,
+        tune_dir=str(plan.tune_dir))
+    # The trial only drives its Train run, whose workers hold the CPUs. Tune refuses an empty
+    # request, and a CPU sliver would leave the last Train run short of a whole CPU.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1 << 20})
+    return tune.Tuner(
+        trainable,
+        param_space={d.key: d.to_tune() for d in plan.dims},
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="min", num_samples=search.num_samples,
+            scheduler=asha_letting_last_epochs_through(plan),
+            # Tune ignores TuneConfig.max_concurrent_trials next to a search generator.
+            search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=at_once),
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(name=plan.tune_dir.name,
+                                  storage_path=str(plan.tune_dir.parent), verbose=1,
+                                  callbacks=[placement_group_reaper()]),
+    )
+
+
+def close_unfinished_runs(table: pd.DataFrame) -> None:
+    """Close the MLflow runs of trials that did not complete: ASHA ended their actors before
+    run_training could."""
     from faceage.training.experiment import close_run
 
     for _, row in table[table["status"] != "completed"].iterrows():
-        # ASHA ended these trials' actors before run_training could close their MLflow runs.
         if row["status"] == "stopped by ASHA":
             close_run(Path(row["run_dir"]), "KILLED", replace=("RUNNING", "FAILED"))
         else:
             close_run(Path(row["run_dir"]), "FAILED")
-    wall = time.time() - started
+
+
+def write_outcome(plan: TunePlan, table: pd.DataFrame, curves: dict, exported,
+                  wall: float) -> TuneOutcome:
+    """results.csv, results.md and the val MAE plot in the search's folder, and the summary on
+    screen; ``TrainingFailed`` when no trial finished an epoch."""
+    from faceage.training.plots import tune_curves
+
     table.drop(columns=["checkpoint"]).to_csv(plan.tune_dir / "results.csv", index=False)
     md = markdown_table(table)
-    (plan.tune_dir / "results.md").write_text(f"# {settings.name}\n\n{md}\n")
+    (plan.tune_dir / "results.md").write_text(f"# {plan.settings.name}\n\n{md}\n")
     plot = tune_curves(
         {t: (list(df["epoch"] + 1), list(df[METRIC])) for t, df in curves.items()},
         {r["trial"]: f"{r['trial']} {r['backbone']} {r['params']}" for _, r in table.iterrows()},
-        plan.tune_dir / "val_mae.png", title=f"{settings.name}: val MAE per epoch")
+        plan.tune_dir / "val_mae.png", title=f"{plan.settings.name}: val MAE per epoch")
     print("\n" + md)
     best_model = None
     if exported is not None:
