@@ -43,25 +43,10 @@ from faceage.runtime import (
     stop_session,
     wait_until,
 )
+from faceage.serving.environment import apply_serve_env
 
 DEFAULT_CONFIG = bundled_path("serve/config.yaml")
 READY = "faceage serve ready:"
-# Set before Ray starts: the controller, proxies and replicas read them when they start (an
-# explicit value in the environment wins).
-SERVE_ENV_DEFAULTS = {
-    # Serve replaces a proxy that does not answer its readiness check in 5 s; on a busy machine
-    # its first start can take longer, and start-up then fails.
-    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
-    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-    # gRPC between proxy and replicas, user code on the replica's own event loop, buffered
-    # access logs, direct ingress: the Detector hop 8.1 -> 4.3 ms, the age call 25.1 -> 19.1 ms,
-    # one /stream socket 1.21x -> 1.54x in-process (docs/serve.md, bench/serve_load.py).
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # That gRPC stops messages at 4 MiB. Photos and crops above 1 MiB travel through the object
-    # store (faceage/serving/payload.py), so this is a margin for the rest (a reply listing
-    # many faces), well above the 16 MiB body limit.
-    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
-}
 
 
 def apply_overrides(config: dict, overrides: dict[str, Any], app_name: str | None = None) -> dict:
@@ -131,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     apply_ray_env_defaults()
-    for key, value in SERVE_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    # Set before Ray starts: the controller, proxies and replicas read them when they start.
+    apply_serve_env()
     overrides: dict[str, Any] = {}
     try:
         for item in args.overrides:
