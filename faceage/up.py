@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +136,38 @@ def _auth_for_cluster() -> str | None:
             "(RAY_AUTH_MODE=disabled for a cluster without it)")
 
 
+def _machine_addresses() -> set[str]:
+    import psutil
+
+    found = {"localhost", "::1", "0.0.0.0", socket.gethostname()}
+    for addresses in psutil.net_if_addrs().values():
+        found.update(a.address.split("%")[0] for a in addresses)
+    return found
+
+
+def check_address_is_on_this_machine(address: str) -> None:
+    """UserError unless ``address`` (``$RAY_ADDRESS``) is a Ray cluster on this machine.
+
+    ``faceage up`` deploys this machine's model file and waits for Serve on 127.0.0.1, and the
+    cluster's Serve reads its settings where ``ray start`` ran, so a remote cluster is refused
+    with what to run instead.
+    """
+    if address in ("auto", "local"):
+        return
+    host = re.sub(r"^[a-z]+://", "", address).rsplit(":", 1)[0].strip("[]")
+    if host.startswith("127.") or host in _machine_addresses():
+        return
+    raise UserError(
+        f"RAY_ADDRESS={address} is a Ray cluster on another machine; `faceage up` runs Serve "
+        "only on this machine's Ray (it deploys a model file from here and waits for Serve on "
+        "127.0.0.1). On a cluster, deploy Serve there: `ray exec cluster/aws.yaml 'cd ~/faceage "
+        "&& serve deploy cluster/serve.yaml'` (ray up) or `kubectl apply -f "
+        "cluster/kuberay/rayservice.yaml` (KubeRay), see cluster/README.md; then run only the web "
+        "app here, pointed at it: FACEAGE_SERVE_URL=http://127.0.0.1:8000 streamlit run "
+        "app/main.py (after a port-forward of the cluster's port 8000). Unset RAY_ADDRESS for a "
+        "local stack.")
+
+
 class _Stop(Exception):
     """SIGINT or SIGTERM arrived: stop everything."""
 
@@ -150,6 +184,8 @@ def run_up(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: no such file; pass a model file `faceage train` "
                         "exported")
     address = os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_address_is_on_this_machine(address)
     ports = _resolve_ports(args, attach=address is not None)
     serve_url = f"http://{HOST}:{ports['--serve-port']}"
     app_url = None if args.no_app else f"http://{HOST}:{ports['--app-port']}"

@@ -189,6 +189,25 @@ def test_up_without_a_model_file_says_so(tmp_path, capsys):
     assert f"--model {missing}: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("address", ["10.20.30.40:6379", "ray://head.example.com:10001"])
+def test_up_refuses_a_remote_cluster_and_says_what_to_run(untrained_model_file, address,
+                                                          monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    assert faceage_main(["up", "--model", str(untrained_model_file), "--serve-port", "0",
+                         "--app-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"RAY_ADDRESS={address} is a Ray cluster on another machine" in err
+    assert "serve deploy cluster/serve.yaml" in err and "cluster/kuberay/rayservice.yaml" in err
+    assert "FACEAGE_SERVE_URL=" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:6379", "localhost:6379", "auto"])
+def test_up_takes_a_cluster_on_this_machine(address):
+    from faceage.up import check_address_is_on_this_machine
+
+    check_address_is_on_this_machine(address)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A ``ray start --head --block`` of this test's own (Ray's ports, no dashboard, token auth)."""
