@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +166,7 @@ def run_video(args: argparse.Namespace, out=None, err=None) -> int:
 
     from faceage.inference.annotate import draw_faces
     from faceage.inference.modelfile import load_model_file
+    from faceage.inference.video import VideoWriter, frame_rate, open_video, rgb_frames
 
     src = Path(args.video).expanduser()
     if not src.is_file():
@@ -179,48 +179,27 @@ def run_video(args: argparse.Namespace, out=None, err=None) -> int:
     model = load_model_file(args.model)
     pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta,
                             coverage=args.coverage)
-    try:
-        inp = av.open(str(src))
-    except (av.error.FFmpegError, OSError) as exc:
-        raise UserError(f"{src}: not a readable video ({exc})") from None
-    with inp:
-        if not inp.streams.video:
-            raise UserError(f"{src}: has no video stream")
-        vin = inp.streams.video[0]
-        vin.thread_type = "AUTO"
-        rate = vin.average_rate or vin.guessed_rate or Fraction(25)
-        total = vin.frames or None
+    frames = faces_seen = 0
+    with open_video(src, str(src)) as inp:
+        total = inp.streams.video[0].frames or None
         dst.parent.mkdir(parents=True, exist_ok=True)
-        frames = faces_seen = 0
-        with av.open(str(dst), "w") as outc:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            vout = outc.add_stream(codec, rate=rate)
-            vout.pix_fmt = "yuv420p"
-            bar = tqdm(total=total, desc=f"frames of {src.name}", unit="frame", file=err)
-            try:
-                for frame in inp.decode(vin):
-                    rgb = frame.to_ndarray(format="rgb24")
-                    if frames == 0:
-                        # yuv420p needs even sides
-                        vout.width, vout.height = rgb.shape[1] // 2 * 2, rgb.shape[0] // 2 * 2
+        bar = tqdm(total=total, desc=f"frames of {src.name}", unit="frame", file=err)
+        try:
+            with VideoWriter(dst, frame_rate(inp)) as writer:
+                for t, rgb in rgb_frames(inp):
                     faces, estimates = pipeline.predict_faces([rgb])[0]
                     records = face_records(faces, estimates)
                     faces_seen += len(records)
                     if args.json:
-                        t = float(frame.time) if frame.time is not None else None
                         print(json.dumps({"frame": frames, "time": t, "faces": records}),
                               file=out, flush=True)
-                    drawn = np.asarray(draw_faces(rgb, records))[: vout.height, : vout.width]
-                    for packet in vout.encode(av.VideoFrame.from_ndarray(drawn, format="rgb24")):
-                        outc.mux(packet)
+                    writer.write(np.asarray(draw_faces(rgb, records)))
                     frames += 1
                     bar.update(1)
-            except av.error.FFmpegError as exc:
-                raise UserError(f"{src}: decoding failed at frame {frames} ({exc})") from None
-            finally:
-                bar.close()
-            for packet in vout.encode():
-                outc.mux(packet)
+        except av.error.FFmpegError as exc:
+            raise UserError(f"{src}: decoding failed at frame {frames} ({exc})") from None
+        finally:
+            bar.close()
     if frames == 0:
         raise UserError(f"{src}: no frames could be decoded")
     print(f"{frames} frames, {faces_seen} faces; annotated video: {dst}", file=err)

@@ -257,38 +257,49 @@ def video_tab(url: str | None) -> None:
     job = (digest, every_nth, url)
     if st.button("Annotate video", type="primary", key="annotate-video",
                  disabled=url is None):
-        bar = st.progress(0.0, text="Sending frames to Serve…")
-        last_update = [0.0]
-
-        def progress(done: int, total: int | None, fps: float) -> None:
-            now = time.monotonic()
-            if now - last_update[0] < 0.2:
-                return
-            last_update[0] = now
-            fraction = min(1.0, done / total) if total else 0.0
-            bar.progress(fraction, text=f"{done}/{total or '?'} frames · {fps:.1f} frames/s")
-
-        try:
-            with ServeClient(url) as client:
-                result = annotate_video(data, client, every_nth=every_nth,
-                                        max_in_flight=in_flight, name=upload.name,
-                                        progress=progress)
-        except (ServeError, VideoError) as exc:
-            bar.empty()
-            st.error(f"{upload.name}: {exc}")
+        result = run_annotation(url, data, upload.name, every_nth, in_flight)
+        if result is None:
             return
-        except Exception as exc:  # a codec or container failure: a message, not a traceback
-            LOGGER.exception("annotating %s failed", upload.name)
-            bar.empty()
-            st.error(f"{upload.name}: annotating the video failed ({type(exc).__name__}: {exc}).")
-            return
-        bar.progress(1.0, text=f"{result.frames}/{result.frames} frames · "
-                               f"{result.frames_per_second:.1f} frames/s")
         st.session_state["video-result"] = (job, upload.name, result)
     stored = st.session_state.get("video-result")
-    if not stored or stored[0] != job:
-        return
-    _, name, result = stored
+    if stored and stored[0] == job:
+        show_video_result(url, digest, *stored[1:])
+
+
+def run_annotation(url: str, data: bytes, name: str, every_nth: int, in_flight: int):
+    """``annotate_video`` with a progress bar; the ``VideoResult``, or None after saying on the
+    page why it failed."""
+    bar = st.progress(0.0, text="Sending frames to Serve…")
+    last_update = [0.0]
+
+    def progress(done: int, total: int | None, fps: float) -> None:
+        now = time.monotonic()
+        if now - last_update[0] < 0.2:
+            return
+        last_update[0] = now
+        fraction = min(1.0, done / total) if total else 0.0
+        bar.progress(fraction, text=f"{done}/{total or '?'} frames · {fps:.1f} frames/s")
+
+    try:
+        with ServeClient(url) as client:
+            result = annotate_video(data, client, every_nth=every_nth, max_in_flight=in_flight,
+                                    name=name, progress=progress)
+    except (ServeError, VideoError) as exc:
+        bar.empty()
+        st.error(f"{name}: {exc}")
+        return None
+    except Exception as exc:  # a codec or container failure: a message, not a traceback
+        LOGGER.exception("annotating %s failed", name)
+        bar.empty()
+        st.error(f"{name}: annotating the video failed ({type(exc).__name__}: {exc}).")
+        return None
+    bar.progress(1.0, text=f"{result.frames}/{result.frames} frames · "
+                           f"{result.frames_per_second:.1f} frames/s")
+    return result
+
+
+def show_video_result(url: str | None, digest: str, name: str, result) -> None:
+    """The annotated video, its download, the faces followed and their 'Actual age' inputs."""
     with st.container(key="video-result"):
         st.success(f"{result.frames} frames ({result.analysed} analysed by Serve) in "
                    f"{result.seconds:.1f} s: {result.frames_per_second:.1f} frames/s.")
