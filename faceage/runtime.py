@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
 import time
@@ -256,3 +257,58 @@ def start_ray(address: str | None = None, *, attempts: int = 4, **init_kwargs: A
                 raise
             print(f"Ray did not start ({type(exc).__name__}: {exc}); trying again "
                   f"({attempt + 1}/{tries})", file=sys.stderr, flush=True)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while a ``Supervisor``'s process was still starting."""
+
+
+class Supervisor:
+    """SIGINT/SIGTERM for a process that starts services, then waits until told to stop, then
+    tears them down (``faceage up``, ``python -m faceage.serving.local``).
+
+    Until ``ready()`` a signal raises ``Interrupted`` in the main thread, abandoning the start;
+    after it, a signal only asks ``wait`` to return. ``quiet()`` ignores both while tearing
+    down (a late Ctrl-C must not cut the clean-up short), ``restore()`` puts back the handlers
+    that were there before.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.is_ready = False
+        self.stop_asked: str | None = None
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_asked = signal.Signals(signum).name
+        if not self.is_ready:
+            raise Interrupted(self.stop_asked)
+
+    def install(self) -> None:
+        """Take the signals back: starting Ray (``ray.init``) replaces SIGTERM's handler."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def ready(self) -> None:
+        """The start is done: from now on a signal asks ``wait`` to return."""
+        self.is_ready = True
+        self.install()
+
+    def wait(self, failed: Callable[[], str | None] = lambda: None,
+             interval: float = 0.5) -> str | None:
+        """Block until a signal asks to stop (None) or ``failed()`` says what broke."""
+        while self.stop_asked is None:
+            problem = failed()
+            if problem:
+                return problem
+            time.sleep(interval)
+        return None
+
+    def quiet(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -12,12 +12,10 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from faceage import DEFAULT_MODEL_PATH
@@ -25,6 +23,8 @@ from faceage.errors import UserError
 from faceage.runtime import (
     LOOPBACK,
     REPO_ROOT,
+    Interrupted,
+    Supervisor,
     child_env,
     free_port,
     http_ok,
@@ -168,62 +168,21 @@ def check_address_is_on_this_machine(address: str) -> None:
         "local stack.")
 
 
-class _Stop(Exception):
-    """SIGINT or SIGTERM arrived: stop everything."""
-
-
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray, Serve and Streamlit; block until Ctrl-C or SIGTERM; stop all of them."""
-    from faceage.serving.local import DEFAULT_CONFIG, LocalServe
+    from faceage.serving.local import LocalServe
 
-    model = args.model.expanduser().resolve()
-    if not model.is_file():
-        if model == DEFAULT_MODEL.resolve():
-            raise UserError(f"the shipped model {DEFAULT_MODEL} does not exist; train one "
-                            "(`faceage train`) and pass it with --model FILE")
-        raise UserError(f"--model {args.model}: no such file; pass a model file `faceage train` "
-                        "exported")
+    model = _model_path(args)
     address = os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address_is_on_this_machine(address)
     ports = _resolve_ports(args, attach=address is not None)
-    serve_url = f"http://{HOST}:{ports['--serve-port']}"
-    app_url = None if args.no_app else f"http://{HOST}:{ports['--app-port']}"
-    dashboard_url = None if address else f"http://{HOST}:{ports['--dashboard-port']}"
-
-    auth_note = _auth_for_cluster() if address else None
     log_dir = Path(tempfile.mkdtemp(prefix="faceage-up-"))
-    where = f"the Ray cluster at {address}" if address else "a new local Ray head"
-    print(f"faceage up: Serve ({DEFAULT_CONFIG}, model {model}) on {where}"
-          + ("" if args.no_app else ", and the Streamlit app"), flush=True)
-    if dashboard_url:
-        print(f"  Ray dashboard  {dashboard_url}   (log in with the token "
-              "`ray get-auth-token` prints)", flush=True)
-    print(f"  Serve API      {serve_url}   (docs: {serve_url}/docs)", flush=True)
     overrides = {"args.model_path": str(model)}
     if args.feedback_dir is not None:
         overrides["args.feedback.dir"] = str(args.feedback_dir.expanduser().resolve())
-        print(f"  corrections    {overrides['args.feedback.dir']}   (`faceage feedback list` "
-              "shows them)", flush=True)
-    if app_url:
-        print(f"  Streamlit app  {app_url}", flush=True)
-    print(f"  logs           {log_dir}", flush=True)
-    if auth_note:
-        print(f"  ({auth_note})", flush=True)
-    print("Waiting for Serve to answer /healthz (the first start can take minutes) ...", flush=True)
-
-    ready = False
-
-    def on_signal(signum, _frame):
-        if not ready:
-            raise _Stop(signal.Signals(signum).name)
-
-    stop_requested: list[str] = []
-
-    def on_signal_ready(signum, _frame):
-        stop_requested.append(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    serve_url, app_url = _say_plan(args, model, address, ports, overrides, log_dir)
+    supervisor = Supervisor()
     service = LocalServe(overrides, port=ports["--serve-port"],
                          dashboard_port=None if address else ports["--dashboard-port"],
                          num_cpus=args.num_cpus or os.cpu_count() or 1, timeout=args.timeout,
@@ -239,56 +198,101 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"error: Serve did not start: {exc}", file=sys.stderr, flush=True)
             code = 1
             return code
-        if service.url != serve_url:  # a Serve already running on RAY_ADDRESS keeps its port
-            serve_url = service.url
-            print(f"  Serve API      {serve_url}   (the cluster's Serve port)", flush=True)
-        if address and service.info.get("dashboard"):
-            print(f"  Ray dashboard  {service.info['dashboard']}", flush=True)
-        if not address:
-            print(f"  Ray address    {service.info['gcs_address']}   (RAY_ADDRESS for "
-                  "`ray status` or another `faceage up`)", flush=True)
+        _say_started(service, serve_url, address)
         if streamlit is not None:
             wait_streamlit(streamlit, app_url, log_dir / "streamlit.log")
-        for sig in previous:
-            signal.signal(sig, on_signal_ready)
-        ready = True
-        print(f"{READY}: Serve answers {serve_url}/healthz"
+        supervisor.ready()
+        print(f"{READY}: Serve answers {service.url}/healthz"
               + (f", the app is at {app_url}" if app_url else "")
               + ". Ctrl-C stops everything.", flush=True)
-        while not stop_requested:
-            if service.proc.poll() is not None:
-                print(f"error: Serve stopped (exit code {service.proc.returncode}); see "
-                      f"{log_dir / 'serve.log'}", file=sys.stderr, flush=True)
-                code = 1
-                break
-            if streamlit is not None and streamlit.poll() is not None:
-                print(f"error: Streamlit stopped (exit code {streamlit.returncode}); see "
-                      f"{log_dir / 'streamlit.log'}", file=sys.stderr, flush=True)
-                code = 1
-                break
-            time.sleep(0.5)
-    except _Stop:
+        problem = supervisor.wait(lambda: _stopped(service, streamlit, log_dir))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            code = 1
+    except Interrupted:
         code = 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 2
     finally:
-        # Late signals must not cut the clean-up short.
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        print("faceage up: stopping ...", flush=True)
-        descendants = process_tree(os.getpid())[1:]
-        if streamlit is not None:
-            # Its own session (start_new_session): it and whatever it started.
-            stop_session(streamlit.pid, timeout=20)
-            streamlit.wait(10)
-        service.stop()
-        stop_processes(descendants)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if code == 0:
-            shutil.rmtree(log_dir, ignore_errors=True)
-            print("faceage up: stopped; nothing left running.", flush=True)
-        else:
-            print(f"faceage up: stopped; logs kept in {log_dir}", flush=True)
+        _tear_down(supervisor, service, streamlit, log_dir, code)
     return code
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    model = args.model.expanduser().resolve()
+    if not model.is_file():
+        if model == DEFAULT_MODEL.resolve():
+            raise UserError(f"the shipped model {DEFAULT_MODEL} does not exist; train one "
+                            "(`faceage train`) and pass it with --model FILE")
+        raise UserError(f"--model {args.model}: no such file; pass a model file `faceage train` "
+                        "exported")
+    return model
+
+
+def _say_plan(args: argparse.Namespace, model: Path, address: str | None, ports: dict[str, int],
+              overrides: dict[str, str], log_dir: Path) -> tuple[str, str | None]:
+    """Print what is about to start and where; the Serve URL and the app's (None: no app)."""
+    from faceage.serving.local import DEFAULT_CONFIG
+
+    serve_url = f"http://{HOST}:{ports['--serve-port']}"
+    app_url = None if args.no_app else f"http://{HOST}:{ports['--app-port']}"
+    where = f"the Ray cluster at {address}" if address else "a new local Ray head"
+    print(f"faceage up: Serve ({DEFAULT_CONFIG}, model {model}) on {where}"
+          + ("" if args.no_app else ", and the Streamlit app"), flush=True)
+    if not address:
+        print(f"  Ray dashboard  http://{HOST}:{ports['--dashboard-port']}   (log in with the "
+              "token `ray get-auth-token` prints)", flush=True)
+    print(f"  Serve API      {serve_url}   (docs: {serve_url}/docs)", flush=True)
+    if "args.feedback.dir" in overrides:
+        print(f"  corrections    {overrides['args.feedback.dir']}   (`faceage feedback list` "
+              "shows them)", flush=True)
+    if app_url:
+        print(f"  Streamlit app  {app_url}", flush=True)
+    print(f"  logs           {log_dir}", flush=True)
+    auth_note = _auth_for_cluster() if address else None
+    if auth_note:
+        print(f"  ({auth_note})", flush=True)
+    print("Waiting for Serve to answer /healthz (the first start can take minutes) ...", flush=True)
+    return serve_url, app_url
+
+
+def _say_started(service, serve_url: str, address: str | None) -> None:
+    if service.url != serve_url:  # a Serve already running on RAY_ADDRESS keeps its port
+        print(f"  Serve API      {service.url}   (the cluster's Serve port)", flush=True)
+    if address and service.info.get("dashboard"):
+        print(f"  Ray dashboard  {service.info['dashboard']}", flush=True)
+    if not address:
+        print(f"  Ray address    {service.info['gcs_address']}   (RAY_ADDRESS for "
+              "`ray status` or another `faceage up`)", flush=True)
+
+
+def _stopped(service, streamlit: subprocess.Popen | None, log_dir: Path) -> str | None:
+    """What stopped by itself, if anything: Serve or Streamlit, with where its log is."""
+    if service.proc.poll() is not None:
+        return (f"Serve stopped (exit code {service.proc.returncode}); see "
+                f"{log_dir / 'serve.log'}")
+    if streamlit is not None and streamlit.poll() is not None:
+        return (f"Streamlit stopped (exit code {streamlit.returncode}); see "
+                f"{log_dir / 'streamlit.log'}")
+    return None
+
+
+def _tear_down(supervisor: Supervisor, service, streamlit: subprocess.Popen | None,
+               log_dir: Path, code: int) -> None:
+    """Stop Streamlit, Serve and anything else this process started; keep the logs on failure."""
+    supervisor.quiet()  # late signals must not cut the clean-up short
+    print("faceage up: stopping ...", flush=True)
+    descendants = process_tree(os.getpid())[1:]
+    if streamlit is not None:
+        # Its own session (start_new_session): it and whatever it started.
+        stop_session(streamlit.pid, timeout=20)
+        streamlit.wait(10)
+    service.stop()
+    stop_processes(descendants)
+    supervisor.restore()
+    if code == 0:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        print("faceage up: stopped; nothing left running.", flush=True)
+    else:
+        print(f"faceage up: stopped; logs kept in {log_dir}", flush=True)

@@ -147,3 +147,18 @@ def test_no_module_over_400_lines():
     long = {str(p.relative_to(REPO)): n for p in module_files().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"split these by job (at most {MAX_LINES} lines): {long}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_60_lines():
+    """Functions (methods, nested functions) of faceage/ fit on a screen: longer ones are cut
+    into steps with names (issue 29)."""
+    long = {}
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    long[f"{name}.{node.name}"] = n
+    assert long == {}, f"cut these into named steps (at most {MAX_FUNCTION_LINES} lines): {long}"

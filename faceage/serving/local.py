@@ -33,6 +33,8 @@ from faceage.config import add_set_argument, parse_override
 from faceage.errors import UserError
 from faceage.runtime import (
     REPO_ROOT,
+    Interrupted,
+    Supervisor,
     apply_ray_env_defaults,
     child_env,
     free_port,
@@ -96,7 +98,7 @@ def _wait_healthy(url: str, timeout: float, app_name: str) -> None:
     wait_until(healthy, timeout, interval=1.0, what=f"{url}/healthz answering 200")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m faceage.serving.local",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -113,63 +115,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="deploy on this running Ray cluster (e.g. $RAY_ADDRESS) "
                                       "instead of starting one; on exit only the application "
                                       "is removed (and Serve, if this process started it)")
-    args = p.parse_args(argv)
+    return p
 
-    apply_ray_env_defaults()
-    # Set before Ray starts: the controller, proxies and replicas read them when they start.
-    apply_serve_env()
+
+def _serve_config(args: argparse.Namespace) -> dict:
+    """The Serve config file with the command line's overrides; ``UserError`` or ``KeyError``
+    for a bad one."""
     overrides: dict[str, Any] = {}
-    try:
-        for item in args.overrides:
-            parts, value = parse_override(item)
-            overrides[".".join(parts)] = value
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    for item in args.overrides:
+        parts, value = parse_override(item)
+        overrides[".".join(parts)] = value
     if args.port is not None:
         overrides["http_options.port"] = args.port or free_port()
-    try:
-        config = apply_overrides(yaml.safe_load(Path(args.config).read_text()), overrides)
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr, flush=True)
-        return 2
+    return apply_overrides(yaml.safe_load(Path(args.config).read_text()), overrides)
 
-    import ray
-    from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
+def _ray_init_kwargs(args: argparse.Namespace, metrics_port: int | None) -> dict[str, Any]:
     init: dict[str, Any] = {"include_dashboard": args.dashboard_port is not None}
     if args.dashboard_port is not None:
         # Port 0 goes to Ray as it is: the dashboard binds a free port itself (no window in
         # which another process could take one picked here) and ray.init reports it.
         init.update(dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port)
-    metrics_port = None
-    if args.metrics_port is not None:
-        metrics_port = args.metrics_port or free_port()
     init.update(compat.ray_init_private_kwargs(temp_dir=args.temp_dir,
                                                metrics_export_port=metrics_port))
-    stop = threading.Event()
+    return init
 
-    def on_signal(*_):
-        if not stop.is_set():
-            stop.set()
-            if not ready.is_set():
-                raise KeyboardInterrupt  # abandon start-up; `finally` below cleans up
 
-    ready = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    apply_ray_env_defaults()
+    # Set before Ray starts: the controller, proxies and replicas read them when they start.
+    apply_serve_env()
+    try:
+        config = _serve_config(args)
+    except (UserError, KeyError) as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr, flush=True)
+        return 2
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    metrics_port = None if args.metrics_port is None else (args.metrics_port or free_port())
     app_name = schema.applications[0].name
+    supervisor = Supervisor()
     try:
         if args.address:
             context = start_ray(args.address, namespace="serve", log_to_driver=False)
             serve_was_running = _prepare_shared_serve(schema, app_name)
         else:
             context = start_ray(None, num_cpus=args.num_cpus, namespace="serve",
-                                log_to_driver=False, **init)
+                                log_to_driver=False, **_ray_init_kwargs(args, metrics_port))
             serve_was_running = False
-    except KeyboardInterrupt:
+    except Interrupted:
+        supervisor.quiet()
         ray.shutdown()
         # Interrupted mid-start: our children are the half-started node (GCS, raylet, ...).
         stop_process_tree(os.getpid(), timeout=5, include_root=False)
@@ -178,8 +176,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         ray.shutdown()
         return 1
-    for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own SIGTERM handler
-        signal.signal(sig, on_signal)
+    supervisor.install()
+    return _serve_until_stopped(args, schema, context, metrics_port, serve_was_running,
+                                supervisor)
+
+
+def _serve_until_stopped(args: argparse.Namespace, schema, context, metrics_port: int | None,
+                         serve_was_running: bool, supervisor: Supervisor) -> int:
+    """Deploy ``schema`` on the Ray of ``context``, print the READY line once /healthz answers,
+    wait for SIGINT/SIGTERM, and take the application (or all of Serve) and Ray down."""
+    import ray
+    from ray import serve
+
+    app_name = schema.applications[0].name
     code = 0
     try:
         # What `serve run CONFIG` does: start Serve with the config's proxy options, then hand
@@ -198,16 +207,16 @@ def main(argv: list[str] | None = None) -> int:
             info["dashboard"] = f"http://{context.dashboard_url}"
         if metrics_port is not None:
             info["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
-        ready.set()
+        supervisor.ready()
         print(f"{READY} {json.dumps(info)}", flush=True)
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+        supervisor.wait()
+    except Interrupted:
         code = 130
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        supervisor.quiet()
         try:
             if serve_was_running:
                 serve.delete(app_name)  # the cluster's other applications keep running
