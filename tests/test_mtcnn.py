@@ -17,9 +17,9 @@ from PIL import Image
 
 from faceage.inference.detection import FaceDetector
 from faceage.inference.images import load_image
-from faceage.inference.mtcnn import detect_faces, load_nets, pyramid_scales
 from faceage.inference.mtcnn.boxes import crop_windows, nms_min
-from faceage.inference.mtcnn.nets import WEIGHT_FILES, max_pool_ceil
+from faceage.inference.mtcnn.detect import detect_faces, pyramid_scales
+from faceage.inference.mtcnn.nets import WEIGHT_FILES, load_nets, max_pool_ceil
 from faceage.inference.mtcnn.resample import MEAN, SCALE, crop_resize, integral_image, resize_level
 from testkit.frames import group_photo, place
 
