@@ -3,7 +3,7 @@ ports, waits with deadlines, and stopping process trees.
 
 The CLI, ``faceage.serving.local``, ``faceage up``, the benchmarks and the tests all use these;
 none of them keeps a copy of its own. A ``ray start --head`` of our own is
-``faceage.ray_head.RayHead``.
+``testkit.ray_head.RayHead`` (tests).
 """
 
 from __future__ import annotations

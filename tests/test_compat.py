@@ -1,4 +1,4 @@
-"""Canaries for faceage.compat (and the Ray behaviour faceage.ray_head.RayHead relies on).
+"""Canaries for faceage.compat (and the Ray behaviour testkit.ray_head.RayHead relies on).
 
 Each fails when the private API a compat function uses changes upstream (Ray 2.60,
 streamlit-webrtc 0.79): renamed, gone, a different signature or value. None starts Ray. When one
@@ -109,7 +109,7 @@ def test_ray_up_config_checks():
     assert params(util.validate_config)[0] == "config"
 
 
-# -- `ray start`, as faceage.ray_head.RayHead runs it ---------------------------------------------
+# -- `ray start`, as testkit.ray_head.RayHead runs it ---------------------------------------------
 
 
 def test_ray_start_takes_port_zero_and_prints_the_addresses_we_read():

@@ -1,5 +1,5 @@
 """faceage.runtime: ports, waits, process-tree stops, child environments, start_ray's retry; and
-faceage.ray_head (RayHead, diagnose_ray_logs)."""
+testkit/ray_head.py (RayHead, diagnose_ray_logs)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import psutil
 import pytest
 
-from faceage import ray_head, runtime
+from faceage import runtime
+from testkit import ray_head
 
 # A Python child that ignores SIGTERM (only SIGKILL stops it) and says when it is ready.
 STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -219,7 +220,7 @@ def test_start_ray_does_not_retry_joining_a_cluster(fake_ray):
     assert [kw["address"] for kw in fake_ray["init"]] == ["10.0.0.1:6379"]
 
 
-# -- RayHead (faceage.ray_head) -----------------------------------------------------------------
+# -- RayHead (testkit/ray_head.py) --------------------------------------------------------------
 
 
 def test_diagnose_ray_logs_names_a_port_clash_and_refused_auth(tmp_path):

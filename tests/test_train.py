@@ -26,8 +26,8 @@ from faceage.cli import main as cli_main
 from faceage.config import load_config
 from faceage.errors import TrainingFailed, UserError
 from faceage.inference.modelfile import load_model_file
-from faceage.ray_head import RayHead
 from faceage.training.driver import run_training
+from testkit.ray_head import RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_STAGES = "schedule.stages=[{name: head, train: 0, epochs: %d, lr: 0.002}, " \
@@ -317,7 +317,7 @@ def ray_head(tmp_path_factory):
 
     Ports picked here and released before `ray start` bound them once let another Ray instance
     of the session take the runtime-env agent's, and the job failed with "403 Invalid
-    authentication token" (faceage.ray_head.RayHead)."""
+    authentication token" (testkit/ray_head.py)."""
     with RayHead(dashboard=True, log_dir=tmp_path_factory.mktemp("ray_head")) as head:
         yield {"address": head.dashboard_url, "token": head.token, "env": head.env}
         # Shown with a failed test's output: a port clash or a refused token, in Ray's words.
