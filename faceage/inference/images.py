@@ -2,9 +2,9 @@
 format checks every entry point (CLI, Serve, prepare, evaluate) shares.
 
 ``load_photo`` may decode a large JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling,
-Pillow's ``draft``): a 12-megapixel phone photo decodes in a quarter of the time, a 48-megapixel
-one in an eighth (docs/serve.md, "Phone photos"), and detection works on a copy at most
-``DetectorConfig.max_side`` long anyway. ``Photo`` keeps the original size, so boxes and
+Pillow's ``draft``): a 12-megapixel phone photo decodes 3x faster, a 48-megapixel one 4-8x
+(less for noisier, larger files; docs/serve.md, "Phone photos"), and detection works on a copy
+at most ``DetectorConfig.max_side`` long anyway. ``Photo`` keeps the original size, so boxes and
 landmarks are reported in the original photo's pixels.
 """
 

@@ -141,9 +141,7 @@ class Ingress:
         except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError,
                 ObjectLostError):
             raise ApiError(503, "a model replica is restarting; retry in a moment") from None
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (a cancelled request's CancelledError is not an Exception)
             LOGGER.exception("a call to a model deployment failed")
             raise ApiError(500, f"a model deployment failed ({type(exc).__name__}); it was "
                                 "logged, and a retry may succeed") from None
