@@ -307,3 +307,6 @@ def test_phone_photos_from_the_cli(capsys, untrained_model_file, tmp_path):
     code, _, _ = _run(capsys, "predict", jpeg, "--model", untrained_model_file,
                       "--output", tmp_path / "annotated.jpg")
     assert code == 0 and Image.open(tmp_path / "annotated.jpg").size == (4000, 3000)
+    code, _, err = _run(capsys, "predict", jpeg, "--model", untrained_model_file,
+                        "--min-face-fraction", "2")
+    assert code == 2 and "--min-face-fraction: Input should be less than 1" in err

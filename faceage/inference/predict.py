@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from faceage.errors import ImageError, UserError
 from faceage.inference.detection import DetectorConfig
@@ -152,7 +153,12 @@ def detector_config(args: argparse.Namespace) -> DetectorConfig:
         cfg["min_score"] = args.min_score
     if getattr(args, "min_face_fraction", None) is not None:
         cfg["min_face_fraction"] = args.min_face_fraction
-    return DetectorConfig(**cfg)
+    try:
+        return DetectorConfig(**cfg)
+    except ValidationError as exc:
+        bad = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}"
+                        for e in exc.errors())
+        raise UserError(bad) from None
 
 
 # -- video ---------------------------------------------------------------------------------------
