@@ -19,9 +19,9 @@ import requests
 
 from faceage import runtime
 from faceage.cli import main as faceage_main
-from faceage.ray_head import RayHead
 from faceage.runtime import free_ports, port_is_free
 from faceage.up import READY
+from testkit.ray_head import RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 # Upper bounds on a loaded 2-core machine; every wait ends as soon as its condition holds.
