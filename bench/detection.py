@@ -3,7 +3,7 @@
     uv run python bench/detection.py                      # 3 rounds, 1 and 2 torch threads
     uv run python bench/detection.py --rounds 5 --wild 100
 
-Frames: 640x480, real face photos (the astronaut of tests/data and, when ../shared/data/aaf is
+Frames: 640x480, real face photos (the astronaut of tests/fixtures and, when ../shared/data/aaf is
 there, All-Age-Faces photos) placed at the zooms of bench/stream_profile.py's webcam clip, from a
 face a fifth of the frame high to a close-up; and a 1280x720 photo with five faces (the rocket
 photo with the astronaut's face pasted in, as bench/pipeline.py makes it).
@@ -35,7 +35,7 @@ from faceage.inference.mtcnn import detect_faces, load_nets
 from testkit.frames import group_photo, place
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
+DATA = REPO / "tests" / "fixtures"
 AAF = REPO.parent / "shared" / "data" / "aaf"
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
 

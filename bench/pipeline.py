@@ -1,7 +1,7 @@
 """Where the time of one frame goes: decode, detection, alignment, regression (ms per frame).
 
 Frames are the public-domain rocket photo as background with 1 or 5 copies of the astronaut's
-face (tests/data), JPEG-encoded; each frame is decoded from bytes as Serve would.
+face (tests/fixtures), JPEG-encoded; each frame is decoded from bytes as Serve would.
 
     uv run python bench/pipeline.py [--model models/faceage-default.pt] [--frames 20]
 """
@@ -24,7 +24,7 @@ from faceage.inference.pipeline import FaceFinder
 from testkit.frames import group_photo, jpeg
 from testkit.models import untrained_model_file
 
-DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def make_frame(width: int, height: int, faces: int) -> bytes:

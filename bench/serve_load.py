@@ -6,7 +6,7 @@
     uv run python bench/serve_load.py --paths predict stream --soak 300   # + memory after a soak
     uv run python bench/serve_load.py --clients 1 --env-variant RAY_SERVE_THROUGHPUT_OPTIMIZED=0
 
-Frames are 640x480 JPEGs with one face (tests/data/astronaut.jpg, shifted a little per frame).
+Frames are 640x480 JPEGs with one face (tests/fixtures/astronaut.jpg, shifted a little per frame).
 Each Serve run is serve/config.yaml on a private local Ray (``faceage.serving.local``, 2 CPUs by
 default).
 Paths: ``predict`` POSTs each frame to /predict (full detection, the photo profile), ``stream``

@@ -11,7 +11,7 @@ finds (matched by box overlap), their boxes (IoU) and their ages, and the detect
 frame (one torch thread, as a Serve Detector replica has, and the process default).
 
 Without ``--clip`` the clip is made here: 640x480 at 30 fps, real face photos (the astronaut of
-tests/data and, when ../shared/data/aaf is there, All-Age-Faces photos of its test split) moving
+tests/fixtures and, when ../shared/data/aaf is there, All-Age-Faces photos of its test split) moving
 and zooming as a person in front of a webcam does, from a face a fifth of the frame high to a
 close-up that fills most of it, encoded as H.264 and decoded back (the codec's artefacts
 included). The people are real, the motion is not.
@@ -45,7 +45,7 @@ WIDTH, HEIGHT, FPS = 640, 480, 30
 
 def face_photos(count: int) -> list[np.ndarray]:
     """The astronaut and up to ``count - 1`` AAF test-split photos (RGB)."""
-    photos = [np.asarray(Image.open(REPO / "tests/data/astronaut.jpg").convert("RGB"))]
+    photos = [np.asarray(Image.open(REPO / "tests/fixtures/astronaut.jpg").convert("RGB"))]
     if AAF.is_dir() and count > 1:
         from faceage.config import SplitConfig
         from faceage.data.split import assign_split

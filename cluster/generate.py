@@ -1,7 +1,7 @@
 """Write the parts of cluster/ that come from elsewhere, so they cannot drift from their source.
 
     uv run python cluster/generate.py           # rewrite what is out of date
-    uv run python cluster/generate.py --check   # list it and exit 1 (tests/test_cluster.py)
+    uv run python cluster/generate.py --check   # list it and exit 1 (tests/e2e/test_cluster.py)
 
 - ``cluster/serve.yaml`` and the RayService's ``serveConfigV2``: serve/config.yaml with
   cluster/serve-overlay.yaml on top;

@@ -1,4 +1,4 @@
-"""Synthetic frames made from the committed public-domain photos (tests/data): a face photo
+"""Synthetic frames made from the committed public-domain photos (tests/fixtures): a face photo
 placed in a webcam-sized frame, the five-face group photo, and webcam JPEGs."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
-DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 # Where the group photo's five faces sit, as fractions of its width and height.
 FIVE_FACES = [(0.5, 0.5), (0.15, 0.25), (0.85, 0.25), (0.2, 0.75), (0.8, 0.75)]
 
 
 def photo(name: str) -> np.ndarray:
-    """A photo of tests/data as an RGB array (``astronaut``, ``rocket``)."""
+    """A photo of tests/fixtures as an RGB array (``astronaut``, ``rocket``)."""
     return np.asarray(Image.open(DATA / f"{name}.jpg").convert("RGB"))
 
 

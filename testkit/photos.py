@@ -1,4 +1,4 @@
-"""Photos as phones take them, made from tests/data/astronaut.jpg: 12 and 48 megapixels, JPEG
+"""Photos as phones take them, made from tests/fixtures/astronaut.jpg: 12 and 48 megapixels, JPEG
 with light sensor-like noise (so they compress to a phone's file sizes), and HEIC."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PORTRAIT = Path(__file__).resolve().parents[1] / "tests" / "data" / "astronaut.jpg"
+PORTRAIT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "astronaut.jpg"
 # The noise that gives a phone's file sizes: 4000x3000 at q95 ~4.8 MB, 8000x6000 at q85 ~13 MB.
 NOISE = {12: 7.0, 48: 14.0}
 

@@ -15,7 +15,7 @@ apply_ray_env_defaults()
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_DATA = REPO / "tests" / "data"
+TEST_DATA = REPO / "tests" / "fixtures"
 SHARED = REPO.parent / "shared"
 UTKFACE = SHARED / "data" / "utkface"
 

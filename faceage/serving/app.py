@@ -16,7 +16,8 @@ This module is the Ingress (its request and response shapes are in schemas.py, t
 uploads in uploads.py, /stream's tracking in ``faceage.inference.stream``, corrections (POST
 /feedback, the FeedbackStore deployment) in feedback.py): it imports neither torch
 (deployments.py is imported only by the builder, ``app``) nor pandas nor the training modules
-(Ray Serve itself imports pandas when it is installed; see tests/test_inference_imports.py).
+(Ray Serve itself imports pandas when it is installed; see
+tests/inference/test_inference_imports.py).
 """
 
 import asyncio

@@ -9,8 +9,8 @@ takes them from here:
 - the image (``cluster/Dockerfile``'s ``ENV``), so every KubeRay pod;
 - ``ray up`` nodes (``cluster/aws.yaml``'s start commands).
 
-``cluster/generate.py`` writes the last two from ``SERVE_ENV``; tests/test_cluster.py checks that
-they carry it.
+``cluster/generate.py`` writes the last two from ``SERVE_ENV``; tests/e2e/test_cluster.py checks
+that they carry it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ own code.
 Each deployment's class (``Detector.func_or_class``) is constructed here in-process, the way a
 replica constructs it, and the Ingress talks to the other two through stand-in handles. What
 needs Ray Serve itself (HTTP, batching across replicas, load shedding, faults) is
-tests/test_serve.py.
+tests/serving/test_serve.py.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from PIL import Image
 
 from faceage.runtime import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("FACEAGE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("FACEAGE_TEST_ARTIFACTS", REPO / "artifacts" / "test_app"))
 WEBCAM_REPEAT = int(os.environ.get("FACEAGE_WEBCAM_REPEAT", "1"))

@@ -1,6 +1,6 @@
 """The wheel is the whole product: built from the sdist, installed into a fresh venv, and run from
 a folder that is not a checkout, `faceage --version`, `predict` and `up` work on what it carries
-(`up` in tests/test_up.py, which starts the installed wheel's stack; the ``wheel`` and
+(`up` in tests/e2e/test_up.py, which starts the installed wheel's stack; the ``wheel`` and
 ``installed`` fixtures are in conftest.py)."""
 
 from __future__ import annotations

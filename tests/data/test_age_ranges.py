@@ -28,7 +28,7 @@ from faceage.errors import UserError
 from faceage.training.loop import make_loss, range_loss
 from faceage.training.metrics import range_val_metrics, source_val_metrics
 
-KFAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kfad"
+KFAD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kfad"
 KFAD_RANGES = [(0, 6), (7, 12), (13, 19), (20, 30), (31, 45), (46, 55), (56, 66), (67, 80)]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Training-side modules: faceage's own and the libraries only they need.
 TRAINING = ("faceage.data", "faceage.training", "pandas", "mlflow", "matplotlib", "ray.train",

@@ -39,7 +39,7 @@ from faceage.feedback import (
     new_face_id,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
 
 

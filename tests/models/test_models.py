@@ -14,7 +14,7 @@ import torchvision
 from faceage.errors import UserError
 from faceage.models.network import BACKBONES, build_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MOBILENET_V2_FILE = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 needs_shared_weights = pytest.mark.skipif(
     not MOBILENET_V2_FILE.is_file(), reason=f"{MOBILENET_V2_FILE} is absent (../shared not here)")

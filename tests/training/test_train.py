@@ -29,7 +29,7 @@ from faceage.inference.modelfile import load_model_file
 from faceage.training.driver import run_training
 from testkit.ray_head import RayHead
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TWO_STAGES = "schedule.stages=[{name: head, train: 0, epochs: %d, lr: 0.002}, " \
              "{name: top, train: 2, epochs: %d, lr: 0.001}]"
 

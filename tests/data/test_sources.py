@@ -37,7 +37,7 @@ from faceage.data.split import assign_split
 from faceage.errors import UserError
 from faceage.training.metrics import source_val_metrics
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def write_aaf_images(folder: Path, names: list[str], size: int = 24) -> list[Path]:
@@ -130,14 +130,14 @@ def test_one_source_keys_become_a_one_item_sources_list(tmp_path, utkface_images
     assert list(table["split"]) == list(assign_split(before["path"].tolist(), data.split))
     assert report.summary() == before_report.summary()
     # configs/train.yaml is one source, read exactly so.
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "train.yaml")
     assert cfg.data.sources == [SourceConfig(format="utkface", path="../shared/data/utkface")]
     assert [s.name for s in resolve_sources(cfg.data)] == ["utkface"]
     # A saved config of an earlier version (every key, the defaults beside sources) still loads.
     old = cfg.to_dict()
     old["data"].update(format="utkface", path="../shared/data/utkface", sources=None)
     assert DataConfig.model_validate(old["data"]) == cfg.data
-    multi = load_config(Path(__file__).resolve().parents[1] / "configs" / "multi.yaml")
+    multi = load_config(Path(__file__).resolve().parents[2] / "configs" / "multi.yaml")
     saved = {**multi.to_dict()["data"], "format": "utkface", "path": "../shared/data/utkface"}
     assert DataConfig.model_validate(saved) == multi.data
 

@@ -1,7 +1,7 @@
 """faceage.training.experiment, MLflow tracking (issue 13): a training run is an MLflow run with
 its config as parameters, one value per epoch of each metric, and the model as an artifact; a bad
 tracking URI stops the run before Ray starts. (``tracking.mlflow=false`` creating no store is
-checked in tests/test_train.py's ``test_split_csv_is_exactly_what_trained``.)"""
+checked in tests/training/test_train.py's ``test_split_csv_is_exactly_what_trained``.)"""
 
 from __future__ import annotations
 

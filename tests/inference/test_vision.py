@@ -1,4 +1,4 @@
-"""Decoding, detection and alignment on committed public-domain photos (tests/data)."""
+"""Decoding, detection and alignment on committed public-domain photos (tests/fixtures)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER = CLUSTER / "aws.yaml"
@@ -638,7 +638,7 @@ def test_serve_env_is_one_list_that_local_serve_applies():
     assert int(SERVE_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) > args["max_body_bytes"]
     assert SERVE_ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     # Without HAProxy, direct ingress means a proxy on the head only: KubeRay's probe of every
-    # worker's :8000/-/healthz would fail (tests/test_multinode.py runs it).
+    # worker's :8000/-/healthz would fail (tests/e2e/test_multinode.py runs it).
     assert SERVE_ENV["RAY_SERVE_ENABLE_HA_PROXY"] == "1" or SERVE_ENV[
         "RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
 

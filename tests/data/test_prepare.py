@@ -17,7 +17,7 @@ from faceage.data.readers import read_prepared
 from faceage.inference.alignment import CropPolicy
 from faceage.inference.detection import DetectorConfig
 
-UTKFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
+UTKFACE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "utkface"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The web app's 'actual age' inputs in a real Chromium: a correction typed under a photo (and
 under a video's followed face) ends up in the session Serve's feedback folder.
 
-The set-up of tests/test_app.py (Debian's Chromium, Streamlit on a free loopback port, the
+The set-up of tests/webapp/test_app.py (Debian's Chromium, Streamlit on a free loopback port, the
 session's Serve), with two differences: this module runs a Streamlit of its own, and drives
 Chromium from a thread of its own, because test_app.py's session-scoped Playwright (sync API)
 holds the main thread's event loop and a second one cannot start there.

@@ -4,7 +4,7 @@ One application serves the whole session (``serve_app`` in conftest.py): a priva
 with 2 CPUs, the shipped model (an untrained one until it exists), a free loopback port and small
 limits. The load and fault tests print what they measured (run with ``-s`` to see it); they
 assert behaviour, never speed. The config, the application builder and the deployments' own code
-without Ray are tests/test_serve_units.py (fast lane).
+without Ray are tests/serving/test_serve_units.py (fast lane).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ accepted a connection (psutil) and keeps the connections each node's proxy holds
 "through the worker node's port" means through that node's proxy, as KubeRay's serve Service
 reaches a worker pod's :8000.
 
-    python tests/test_multinode.py     # the cluster on its own, until Ctrl-C (prints its ports)
+    python tests/e2e/test_multinode.py     # the cluster on its own, until Ctrl-C (prints its ports)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 READY = "multinode ready:"
 START_S = 240  # upper bound on a loaded 2-core machine; every wait ends as soon as it can
 

@@ -17,7 +17,7 @@ from PIL import Image
 from faceage.cli import main
 from faceage.inference.modelfile import DEFAULT_MODEL_PATH
 
-UTKFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface"
+UTKFACE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "utkface"
 
 FACE_KEYS = {"box", "score", "age", "age_interval", "landmarks"}
 

@@ -23,7 +23,7 @@ from faceage.runtime import free_ports, port_is_free
 from faceage.up import READY
 from testkit.ray_head import RayHead
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Upper bounds on a loaded 2-core machine; every wait ends as soon as its condition holds.
 START_S = 900
 STOP_S = 180

@@ -1,6 +1,6 @@
 """configs/train.yaml and configs/multi.yaml split the shared data exactly as before issue 19.
 
-The reference (tests/data/split_reference.json) was computed with the code before the data layer
+The reference (tests/fixtures/split_reference.json) was computed with the code before the data layer
 was rebuilt. It covers the table the driver writes to split.csv (path, age, split, source,
 gender, group) as the sources are read, before prepare and decoding: those only drop rows (AAF
 photos without a face, unreadable files) and point the AAF rows at their crops, and they need
@@ -22,9 +22,9 @@ import pytest
 from faceage.config import load_config
 from faceage.data.run_data import RunData
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
-REFERENCE = REPO / "tests" / "data" / "split_reference.json"
+REFERENCE = REPO / "tests" / "fixtures" / "split_reference.json"
 SPLIT_COLUMNS = ["path", "age", "split", "source", "gender", "group"]
 
 

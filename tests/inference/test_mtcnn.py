@@ -23,7 +23,7 @@ from faceage.inference.mtcnn.nets import WEIGHT_FILES, load_nets, max_pool_ceil
 from faceage.inference.mtcnn.resample import MEAN, SCALE, crop_resize, integral_image, resize_level
 from testkit.frames import group_photo, place
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AAF = REPO.parent / "shared" / "data" / "aaf"
 
 
@@ -200,7 +200,7 @@ def test_tiny_empty_and_read_only_images(nets):
     assert detect_faces(np.zeros((11, 40, 3), np.uint8), nets)[0].shape == (0, 5)
     boxes, points = detect_faces(np.full((120, 160, 3), 128, np.uint8), nets)
     assert boxes.shape == (0, 5) and points.shape == (0, 5, 2)
-    image = np.asarray(Image.open(REPO / "tests/data/astronaut.jpg").convert("RGB"))
+    image = np.asarray(Image.open(REPO / "tests/fixtures/astronaut.jpg").convert("RGB"))
     image.flags.writeable = False  # as arrays arrive from Ray's object store
     assert len(detect_faces(image, nets)[0]) == 1
     assert len(detect_faces(image, nets, thresholds=(0.6, 0.7, 1.0))[0]) == 0

@@ -22,7 +22,7 @@ from faceage.inference.modelfile import load_model_file
 from faceage.training.tune.driver import run_tune
 from faceage.training.tune.plan import load_tune_settings, plan_search
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_tune(data: Path, storage: Path, cache: Path, **changes) -> dict:

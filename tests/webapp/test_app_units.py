@@ -26,7 +26,7 @@ from faceage.webapp.draw import draw_frame, encode_jpeg, shrink
 from faceage.webapp.tracking import AgeSmoother, iou
 from faceage.webapp.video import VideoError, probe_video, suggested_stride
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def closed_port() -> int:
