@@ -4,6 +4,7 @@ with light sensor-like noise (so they compress to a phone's file sizes), and HEI
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ def phone_scene(width: int, height: int, noise: float = 0.0, seed: int = 0) -> I
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
+@lru_cache(maxsize=4)  # bytes: one encode per process, however many tests ask
 def phone_jpeg(megapixels: int = 12, quality: int | None = None) -> bytes:
     """A 4000x3000 (12) or 8000x6000 (48) JPEG at a phone's quality (q95 / q85)."""
     width, height = {12: (4000, 3000), 48: (8000, 6000)}[megapixels]
@@ -39,6 +41,7 @@ def phone_jpeg(megapixels: int = 12, quality: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+@lru_cache(maxsize=2)
 def phone_heic(turned: bool = True) -> bytes:
     """A 12-megapixel HEIC (4032x3024 upright); ``turned``: stored a quarter turn off with
     EXIF orientation 6, as a phone held upright-sideways saves it."""

@@ -7,7 +7,6 @@ import ast
 import asyncio
 import concurrent.futures
 import re
-import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -53,11 +52,15 @@ def test_every_module_of_faceage_is_imported_or_run_by_a_test():
     assert missing == set(), f"no test imports or runs these modules: {sorted(missing)}"
 
 
-def test_python_m_faceage_is_the_cli():
-    """``python -m faceage`` (faceage/__main__.py) runs the ``faceage`` command."""
-    out = subprocess.run([sys.executable, "-m", "faceage", "--version"], capture_output=True,
-                         text=True, timeout=300, cwd=REPO)
-    assert out.returncode == 0 and out.stdout.startswith("faceage "), out.stderr[-2000:]
+def test_python_m_faceage_is_the_cli(capsys, monkeypatch):
+    """``python -m faceage`` (faceage/__main__.py) runs the ``faceage`` command (run here with
+    runpy, as ``-m`` does, instead of a second interpreter)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["faceage", "--version"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("faceage", run_name="__main__", alter_sys=True)
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("faceage ")
 
 
 def run(coro):
