@@ -4,6 +4,8 @@ with light sensor-like noise (so they compress to a phone's file sizes), and HEI
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,3 +65,14 @@ def small_jpeg(width: int = 640, height: int = 480) -> bytes:
     buf = io.BytesIO()
     phone_scene(width, height).save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels that never come: a pixel bomb
+    without the pixels, refused from its header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))

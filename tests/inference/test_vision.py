@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from faceage.inference.alignment import (
 from faceage.inference.detection import DetectorConfig, Face, FaceDetector
 from faceage.inference.images import load_image
 from faceage.inference.pipeline import FaceFinder, FacePipeline, face_record
+from testkit.photos import png_header_only
 
 # Eileen Collins in astronaut.jpg, read off the picture: face box and eye centres (pixels).
 ASTRONAUT_BOX = (181, 62, 268, 172)
@@ -47,16 +46,6 @@ def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=92, **kw)
     return buf.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (the pixel data never comes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -185,8 +174,8 @@ def test_sixteen_bit_gray_is_aged_as_the_eight_bit_one(astronaut):
 @pytest.mark.parametrize("name,data,status,words", [
     ("empty", b"", 400, "empty"),
     ("text", b"this is not a picture\n" * 20, 400, "not an image"),
-    ("bomb", _png_header_only(100_000, 100_000), 413, "pixels"),
-    ("over limit", _png_header_only(9_000, 9_000), 413, "megapixels"),
+    ("bomb", png_header_only(100_000, 100_000), 413, "pixels"),
+    ("over limit", png_header_only(9_000, 9_000), 413, "megapixels"),
 ])
 def test_bad_bytes_give_image_errors(name, data, status, words):
     with pytest.raises(ImageError) as err:

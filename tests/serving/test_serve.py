@@ -12,10 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +31,8 @@ from websockets.sync.client import connect as ws_connect
 from faceage.cli import main as faceage_main
 from faceage.inference.modelfile import read_model_file
 from faceage.runtime import wait_until
+from testkit.frames import jpeg
+from testkit.photos import png_header_only
 
 # Every test here needs the session's Serve application (minutes to start on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -53,22 +53,6 @@ def post_image(url: str, data: bytes, content_type: str | None = "image/jpeg",
                path: str = "/predict", **kw) -> requests.Response:
     headers = {"Content-Type": content_type} if content_type else {}
     return requests.post(url + path, data=data, headers=headers, timeout=TIMEOUT, **kw)
-
-
-def jpeg_bytes(rgb: np.ndarray, quality: int = 92) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (a pixel bomb without the pixels)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
 def cli_faces(model: Path, *paths: Path, capsys) -> dict[str, list[dict]]:
@@ -196,7 +180,7 @@ def frames_640x480(astronaut_path) -> list[bytes]:
     for shift in range(0, 80, 10):
         canvas = np.full((480, 640, 3), 90, np.uint8)
         canvas[40:440, 60 + shift:460 + shift] = face
-        frames.append(jpeg_bytes(canvas, 85))
+        frames.append(jpeg(canvas, 85))
     return frames
 
 
