@@ -137,9 +137,17 @@ class DataConfig(StrictModel):
         return raw
 
 
+# model.pretrained words that are not paths: the backbones' published starts
+# (``faceage.models.backbones``), and none.
+PUBLISHED_STARTS = ("imagenet", "dlib-age")
+PRETRAINED_WORDS = (*PUBLISHED_STARTS, "none")
+
+
 class ModelConfig(StrictModel):
     backbone: str = "mobilenet_v2"
-    pretrained: str = Field("imagenet", description="imagenet | none | path to a state_dict")
+    pretrained: str = Field(
+        "imagenet", description="the backbone's published weights (imagenet; dlib-age for "
+        "dlib_age_resnet), none, or a path to a weights file")
     weights_dir: str | None = Field(
         "../shared/weights",
         description="folder searched for torchvision's weight files before the torch hub cache "
@@ -304,7 +312,7 @@ class Config(StrictModel):
         for src in out.data.sources:
             src.path = fix(src.path)
         out.model.weights_dir = fix(out.model.weights_dir)
-        if out.model.pretrained not in ("imagenet", "none"):
+        if out.model.pretrained not in PRETRAINED_WORDS:
             out.model.pretrained = fix(out.model.pretrained)
         return out
 

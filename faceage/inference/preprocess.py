@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2 as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from faceage.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
@@ -26,13 +25,14 @@ def eval_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.C
     ])
 
 
-def preprocessing_metadata(input_size: int) -> dict:
-    """What inference needs to reproduce the eval transform; stored in the model file."""
+def preprocessing_metadata(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    """What inference needs to reproduce the eval transform; stored in the model file (each
+    backbone has its own ``mean`` and ``std``: ``faceage.models.backbones``)."""
     return {
         "input_size": input_size,
         "resize": "bilinear-antialias, whole crop to input_size x input_size",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
         "color": "RGB",
     }
 

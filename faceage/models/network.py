@@ -1,4 +1,4 @@
-"""Backbone registry and the age-regression model (backbone + Linear→ReLU→Dropout→Linear head).
+"""The age-regression model (backbone + Linear→ReLU→Dropout→Linear head).
 
 With ``uncertainty="laplace"`` the head's last layer has two outputs: the standardised age and
 the log of a Laplace scale (how far off the age is likely to be, in standardised units). The
@@ -8,97 +8,19 @@ detached, so the age, the hidden layer and the backbone train exactly as with a 
 
 from __future__ import annotations
 
-import os
-import urllib.error
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from faceage.config import ModelConfig
 from faceage.errors import UserError
+from faceage.models.backbones import backbone_spec, pretrained_net
 
 HEAD = "head"
 UNCERTAINTY = ("none", "laplace")
 # The log-scale is clamped in standardised units: with UTKFace's spread (~20 years) scales stay
 # between ~0.05 and ~150 years, and exp() never overflows in bf16/fp16.
 LOG_SCALE_MIN, LOG_SCALE_MAX = -6.0, 2.0
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build a torchvision backbone and cut it into layer groups (input → output)."""
-
-    factory: Callable[..., nn.Module]
-    weights: torchvision.models.WeightsEnum
-    feature_dim: int
-    groups: Callable[[nn.Module], list[tuple[str, nn.Module]]]
-    trunk: Callable[[nn.Module], nn.Module]
-
-
-def _features_groups(bounds: list[tuple[str, int, int]]):
-    def groups(net: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(name, net.features[a:b]) for name, a, b in bounds]
-
-    return groups
-
-
-def _pooled_features(net: nn.Module) -> nn.Module:
-    return nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-def _resnet_groups(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    return [("stem", stem)] + [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
-
-
-def _resnet_trunk(net: nn.Module) -> nn.Module:
-    groups = [m for _, m in _resnet_groups(net)]
-    return nn.Sequential(*groups, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenet_v2": BackboneSpec(
-        factory=torchvision.models.mobilenet_v2,
-        weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
-        feature_dim=1280,
-        groups=_features_groups(
-            [("stem", 0, 2), ("block1", 2, 4), ("block2", 4, 7), ("block3", 7, 11),
-             ("block4", 11, 14), ("block5", 14, 17), ("block6", 17, 19)]
-        ),
-        trunk=_pooled_features,
-    ),
-    "mobilenet_v3_large": BackboneSpec(
-        factory=torchvision.models.mobilenet_v3_large,
-        weights=torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        feature_dim=960,
-        groups=_features_groups(
-            [("stem", 0, 2), ("block1", 2, 4), ("block2", 4, 7), ("block3", 7, 11),
-             ("block4", 11, 13), ("block5", 13, 16), ("block6", 16, 17)]
-        ),
-        trunk=_pooled_features,
-    ),
-    "resnet50": BackboneSpec(
-        factory=torchvision.models.resnet50,
-        weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
-        feature_dim=2048,
-        groups=_resnet_groups,
-        trunk=_resnet_trunk,
-    ),
-}
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UserError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}"
-        ) from None
 
 
 class AgeNet(nn.Module):
@@ -115,7 +37,7 @@ class AgeNet(nn.Module):
             raise UserError(f"model.uncertainty {uncertainty!r}: choose one of "
                             f"{', '.join(UNCERTAINTY)}")
         spec = backbone_spec(backbone)
-        net = net if net is not None else spec.factory(weights=None)
+        net = net if net is not None else spec.build()
         self.backbone_name = backbone
         self.uncertainty = uncertainty
         self.trunk = spec.trunk(net)
@@ -211,70 +133,12 @@ def head_uncertainty(state: dict[str, torch.Tensor]) -> str:
     return "laplace" if weight is not None and weight.shape[0] == 2 else "none"
 
 
-def _weights_file(spec: BackboneSpec, weights_dir: str | None) -> Path | None:
-    """A local copy of torchvision's weight file, looked up by its published file name."""
-    filename = os.path.basename(spec.weights.url)
-    dirs = [weights_dir] if weights_dir else []
-    dirs.append(os.path.join(torch.hub.get_dir(), "checkpoints"))
-    for d in dirs:
-        p = Path(d).expanduser() / filename
-        if p.is_file():
-            return p
-    return None
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"pretrained weights file not found: {p}")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise UserError(f"{p} is not a loadable PyTorch state_dict: {exc}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{p} does not hold a state_dict (a dict of tensors)")
-    return state
-
-
-def _pretrained_net(backbone: str, pretrained: str, weights_dir: str | None) -> nn.Module:
-    spec = backbone_spec(backbone)
-    net = spec.factory(weights=None)
-    if pretrained == "none":
-        return net
-    if pretrained == "imagenet":
-        local = _weights_file(spec, weights_dir)
-        if local is None:
-            try:
-                # torchvision's own API: downloads into $TORCH_HOME/hub/checkpoints once.
-                return spec.factory(weights=spec.weights)
-            except (urllib.error.URLError, OSError) as exc:
-                name = os.path.basename(spec.weights.url)
-                raise UserError(
-                    f"could not download ImageNet weights for {backbone} ({exc}). Offline, copy "
-                    f"{name} into {os.path.join(torch.hub.get_dir(), 'checkpoints')} or set "
-                    "model.weights_dir to the folder holding it, or use model.pretrained=none."
-                ) from None
-        state = load_state_dict_file(local)
-    else:
-        state = load_state_dict_file(pretrained)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    # The ImageNet classifier is replaced by our head, so only trunk keys matter.
-    missing = [k for k in missing if not k.startswith(("classifier", "fc."))]
-    if missing or len(unexpected) > len(state) // 2:
-        raise UserError(
-            f"weights {pretrained!r} do not fit backbone {backbone}: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {list(unexpected)[:3]})"
-        )
-    return net
-
-
 def build_model(backbone: str, pretrained: str = "none", head_hidden: int = 256,
                 dropout: float = 0.3, weights_dir: str | None = None,
                 uncertainty: str = "none") -> AgeNet:
-    """Build an ``AgeNet``; ``pretrained`` is ``imagenet``, ``none`` or a state_dict path."""
-    net = _pretrained_net(backbone, pretrained, weights_dir)
+    """Build an ``AgeNet``; ``pretrained`` is the backbone's start (``imagenet``, ``dlib-age``),
+    ``none`` or a weights file's path."""
+    net = pretrained_net(backbone, pretrained, weights_dir)
     return AgeNet(backbone, head_hidden=head_hidden, dropout=dropout, net=net,
                   uncertainty=uncertainty)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from faceage.config import Config
+from faceage.config import PRETRAINED_WORDS, Config
 from faceage.data.run_data import RunData
 from faceage.errors import UserError
 from faceage.models.network import build_model_from
@@ -96,7 +96,7 @@ def check_job_paths(cfg: Config) -> None:
              [(f"data.sources[{i}].path", s.path) for i, s in enumerate(sources)])
     for key, value in (*paths, ("data.cache_dir", cfg.data.cache_dir),
                        ("model.pretrained", cfg.model.pretrained)):
-        if key == "model.pretrained" and value in ("imagenet", "none"):
+        if key == "model.pretrained" and value in PRETRAINED_WORDS:
             continue
         if relative(value) and not os.path.exists(value):
             raise UserError(f"{key} {value!r} not found: " + hint(key, value))

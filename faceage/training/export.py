@@ -12,6 +12,7 @@ from faceage.config import Config, SplitConfig
 from faceage.data.run_data import RunData
 from faceage.errors import TrainingFailed
 from faceage.inference.preprocess import preprocessing_metadata
+from faceage.models.backbones import backbone_spec
 from faceage.models.network import build_model_from, head_uncertainty
 from faceage.training.checkpoints import METRIC, load_checkpoint
 
@@ -65,9 +66,10 @@ def export_best(result, cfg: Config, run_dir: Path,
     model = build_model_from(cfg.model.model_copy(
         update={"pretrained": "none", "uncertainty": uncertainty}))
     model.load_state_dict(best_state["model"])
+    spec = backbone_spec(cfg.model.backbone)
     metadata = {
         "name": f"faceage-{cfg.model.backbone}",
-        "preprocessing": preprocessing_metadata(cfg.model.input_size),
+        "preprocessing": preprocessing_metadata(cfg.model.input_size, spec.mean, spec.std),
         "crop_policy": run_data.crop_policy,
         "data": data_metadata(run_data, cfg.data.split, latest.get("data_summary", {})),
         "metrics": {k: v for k, v in best_metrics.items()

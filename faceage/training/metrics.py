@@ -57,11 +57,16 @@ def range_val_metrics(pred, low, high, sources, names: Sequence[str]) -> dict[st
     return out
 
 
+# Children, teenagers and the over-60s: their mean signed error is reported on its own.
+AGE_GROUPS = (("0-12", 0.0, 13.0), ("13-19", 13.0, 20.0), ("60_plus", 60.0, float("inf")))
+
+
 def band_val_metrics(pred, low, high, edges: Sequence[float]) -> dict[str, float]:
     """Accuracy by age band (life stages, ``edges``: lower ends), all sources together:
     ``val_signed/<band>``, the mean signed distance to the label (above 0: reads older; 0 inside
     a range) of each band of true age (a range by its middle); ``val_band_mae``, the mean over
-    bands of their MAE, where every band counts the same however many faces it has."""
+    bands of their MAE, where every band counts the same however many faces it has;
+    ``val_signed_age/<group>`` for the ``AGE_GROUPS``."""
     from faceage.data.sampling import age_band, band_labels
 
     pred, low, high = np.asarray(pred, float), np.asarray(low, float), np.asarray(high, float)
@@ -76,6 +81,11 @@ def band_val_metrics(pred, low, high, edges: Sequence[float]) -> dict[str, float
         maes.append(float(np.abs(signed[mine]).mean()))
     if maes:
         out["val_band_mae"] = float(np.mean(maes))
+    middle = (low + high) / 2
+    for name, lo, hi in AGE_GROUPS:  # the ages read most wrongly on everyday photos
+        mine = (middle >= lo) & (middle < hi)
+        if mine.any():
+            out[f"val_signed_age/{name}"] = float(signed[mine].mean())
     return out
 
 

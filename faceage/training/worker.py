@@ -27,6 +27,7 @@ from faceage.data.sampling import train_sampler
 from faceage.errors import UserError
 from faceage.inference.interval import DEFAULT_COVERAGE, IntervalCalibration, coverage_report
 from faceage.inference.preprocess import eval_transform
+from faceage.models.backbones import backbone_spec
 from faceage.models.network import AgeNet, build_model_from, head_uncertainty
 from faceage.training.checkpoints import (
     METRIC,
@@ -139,8 +140,9 @@ def setup(loop_config: dict) -> WorkerRun:
     steps = len(loader)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    augment = BatchAugment(cfg.model.input_size, cfg.train.augment).to(device)
-    val_transform = eval_transform(cfg.model.input_size)
+    spec = backbone_spec(cfg.model.backbone)  # each backbone is normalised its own way
+    augment = BatchAugment(cfg.model.input_size, cfg.train.augment, spec.mean, spec.std).to(device)
+    val_transform = eval_transform(cfg.model.input_size, spec.mean, spec.std)
 
     model = build_model_from(cfg.model)
     model.set_target_stats(summary["train_age_mean"], summary["train_age_std"] or 1.0)

@@ -12,7 +12,8 @@ import torch
 import torchvision
 
 from faceage.errors import UserError
-from faceage.models.network import BACKBONES, build_model
+from faceage.models.backbones import BACKBONES
+from faceage.models.network import build_model
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MOBILENET_V2_FILE = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
@@ -20,11 +21,17 @@ needs_shared_weights = pytest.mark.skipif(
     not MOBILENET_V2_FILE.is_file(), reason=f"{MOBILENET_V2_FILE} is absent (../shared not here)")
 
 
+TORCHVISION_WEIGHTS = {
+    "mobilenet_v3_large": torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+}
+
+
 def weights_file_name(backbone: str) -> str:
-    return os.path.basename(BACKBONES[backbone].weights.url)
+    return os.path.basename(TORCHVISION_WEIGHTS[backbone].url)
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mobilenet_v3_large", "resnet50"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_registry_builds_each_backbone_with_groups_from_input_to_output(backbone):
     torch.manual_seed(0)
     model = build_model(backbone, "none", head_hidden=8, dropout=0.1).eval()
@@ -80,7 +87,7 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
 @pytest.mark.parametrize("backbone", ["resnet50", "mobilenet_v3_large"])
 def test_imagenet_reads_torchvisions_file_from_weights_dir(tmp_path, backbone):
     # Offline stand-in for the ImageNet file: the same architecture and file name, random values.
-    reference = BACKBONES[backbone].factory(weights=None)
+    reference = BACKBONES[backbone].build()
     torch.save(reference.state_dict(), tmp_path / weights_file_name(backbone))
     model = build_model(backbone, "imagenet", weights_dir=str(tmp_path))
     first_conv = next(model.trunk.parameters())

@@ -39,7 +39,9 @@ def tiny_tune(data: Path, storage: Path, cache: Path, **changes) -> dict:
         },
         "schedules": {"two": [{"name": "head", "train": 0, "epochs": 1, "lr": 0.002},
                               {"name": "top", "train": 2, "epochs": 1, "lr": 0.001}]},
-        "space": {"backbone": {"grid": ["mobilenet_v2", "mobilenet_v3_large"]},
+        # A whole-section grid: each backbone with the settings that go with it.
+        "space": {"model": {"grid": [{"backbone": "mobilenet_v2"},
+                                     {"backbone": "dlib_age_resnet", "dropout": 0.1}]},
                   "schedule": "two", "lr_scale": {"loguniform": [0.5, 2.0]},
                   "loss": ["l1", "smooth_l1"]},
         "search": {"asha": {"grace_period": 1, "reduction_factor": 2}},
@@ -71,7 +73,8 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
 
     table = pd.read_csv(tune_dir / "results.csv")
     assert len(table) == 2
-    assert set(table["backbone"]) == {"mobilenet_v2", "mobilenet_v3_large"}
+    assert set(table["backbone"]) == {"mobilenet_v2", "dlib_age_resnet"}
+    assert table["params"].str.contains("dropout=0.1").sum() == 1
     assert set(table["status"]) <= {"completed", "stopped by ASHA"}, table["status"].tolist()
     # ASHA saw each trial's first epoch; the first trial at the rung always continues.
     assert (table["epochs_run"] >= 1).all() and (table["epochs_run"] <= 2).all()
@@ -138,6 +141,11 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
     ({"space": {"data.nothing.by": ["x"]}}, "space.data.nothing.by: the training config has no "
                                             "section 'data.nothing'"),
     ({"space": {"optimizer.lr": [1]}}, "space.optimizer.lr: unknown search key"),
+    ({"space": {"model": {"grid": ["mobilenet_v2"]}}},
+     "space.model: a whole section takes mappings of its settings"),
+    ({"space": {"model": {"grid": [{"backbone": "vgg11"}]}}}, "unknown backbone 'vgg11'"),
+    ({"space": {"model": {"grid": [{"input_size": 8}]}}},
+     "model.input_size: Input should be greater than or equal"),
 ])
 def test_bad_search_space_stops_before_any_trial(tiny_utkface, tmp_path, change, message):
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")
@@ -180,6 +188,26 @@ def test_shipped_tune_config_is_valid_offline(monkeypatch):
                                           "schedule", "loss"}
     # Only MobileNetV2's ImageNet weights are available offline; the default space needs none.
     assert next(d for d in plan.dims if d.key == "pretrained").values == ["none"]
+
+
+def test_backbone_study_pairs_each_start_with_its_input_size(monkeypatch):
+    from faceage.training.tune.plan import trial_config
+
+    monkeypatch.chdir(REPO)
+    plan = plan_search(load_tune_settings(REPO / "configs" / "tune-backbones.yaml"),
+                       REPO / "configs")
+    assert plan.trial_count == 6 and plan.max_epochs() == 5
+    models = next(d for d in plan.dims if d.key == "model").values
+    configs = [trial_config(plan.base, {"schedule": "short", "model": m}, plan.schedules,
+                            "runs/x", "t") for m in models]
+    assert [(c.model.backbone, c.model.pretrained, c.model.input_size) for c in configs] == [
+        ("mobilenet_v2", "imagenet", 128), ("mobilenet_v2", "imagenet", 160),
+        ("efficientnet_lite0", "imagenet", 128), ("efficientnet_lite0", "imagenet", 160),
+        ("dlib_age_resnet", "dlib-age", 64), ("dlib_age_resnet", "dlib-age", 96)]
+    # The rest of multi.yaml's model section stays, and all four sources train.
+    assert {c.model.head_hidden for c in configs} == {256}
+    assert [s.name or s.format for s in configs[0].data.sources] == ["utkface", "aaf", "kfad",
+                                                                     "appa"]
 
 
 def test_a_users_tune_yaml_naming_a_shipped_config_finds_it_from_any_folder(tmp_path,

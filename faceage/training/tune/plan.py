@@ -141,10 +141,14 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     where = f"space.{key}"
     is_weight = key.startswith(WEIGHT_PREFIX) and len(key) > len(WEIGHT_PREFIX)
     is_setting = key.split(".")[0] in CONFIG_SECTIONS and "." in key
-    if key not in SPACE_KEYS and not is_weight and not is_setting:
+    if key not in SPACE_KEYS and key not in CONFIG_SECTIONS and not is_weight and not is_setting:
         raise UserError(f"{where}: unknown search key {key!r}; the space takes "
-                        f"{', '.join(SPACE_KEYS)}, weight.<source name> and training settings "
-                        f"as dotted keys ({', '.join(s + '.…' for s in CONFIG_SECTIONS)})")
+                        f"{', '.join(SPACE_KEYS)}, weight.<source name>, training settings "
+                        f"as dotted keys ({', '.join(s + '.…' for s in CONFIG_SECTIONS)}) and "
+                        "whole sections whose values are mappings (model: {grid: [{backbone: "
+                        "..., input_size: ...}, ...]})")
+    if key in CONFIG_SECTIONS and key not in SPACE_KEYS:
+        return _section_dimension(key, spec)
     if isinstance(spec, dict):
         if len(spec) != 1 or next(iter(spec)) not in ("grid", "choice", "uniform", "loguniform"):
             raise UserError(f"{where}: expected a value, a list, or one of {{grid: [...]}}, "
@@ -167,6 +171,20 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
             raise UserError(f"{where}: an empty list leaves nothing to try")
         return Dimension(key, "choice", spec)
     return Dimension(key, "fixed", [spec])
+
+
+def _section_dimension(key: str, spec: Any) -> Dimension:
+    """A whole section (``model``, ``data``...) searched as a set of mappings, each merged into
+    the section: settings that only make sense together (a backbone and its input size)."""
+    kind, values = "fixed", [spec]
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("grid", "choice"):
+        kind, values = next(iter(spec.items()))
+    elif isinstance(spec, list):
+        kind, values = "choice", spec
+    if not isinstance(values, list) or not values or not all(isinstance(v, dict) for v in values):
+        raise UserError(f"space.{key}: a whole section takes mappings of its settings, as a "
+                        f"value, a list or {{grid: [...]}}; got {spec!r}")
+    return Dimension(key, kind, list(values))
 
 
 def trial_config(base: Config, params: dict[str, Any], schedules: dict[str, list[dict]],
@@ -197,7 +215,9 @@ def trial_config(base: Config, params: dict[str, Any], schedules: dict[str, list
     for stage in raw["schedule"]["stages"]:
         stage["lr"] = float(stage["lr"]) * scale
     for key, value in params.items():
-        if "." in key and not key.startswith(WEIGHT_PREFIX):
+        if key in CONFIG_SECTIONS and isinstance(value, dict):
+            _deep_merge(raw[key], value)
+        elif "." in key and not key.startswith(WEIGHT_PREFIX):
             *parents, last = key.split(".")
             node = raw
             for part in parents:
@@ -227,7 +247,7 @@ def load_tune_settings(path: str | Path | None, overrides: list[str] | None = No
 
 def plan_search(settings: TuneSettings, config_dir: Path | None = None) -> TunePlan:
     """Check the whole search space before any trial starts; every mistake is a ``UserError``."""
-    from faceage.models.network import backbone_spec
+    from faceage.models.backbones import backbone_spec
 
     raw: dict[str, Any] = {}
     if settings.train_config:
@@ -250,9 +270,10 @@ def plan_search(settings: TuneSettings, config_dir: Path | None = None) -> TuneP
         if not stages:
             raise UserError(f"schedules.{name}: needs at least one stage")
     for d in dims:
-        if d.key == "backbone":
+        if d.key in ("backbone", "model"):
             for b in d.values:
-                backbone_spec(b)
+                if isinstance(b, str) or "backbone" in b:
+                    backbone_spec(b if isinstance(b, str) else b["backbone"])
         elif d.key == "loss":
             bad = [v for v in d.values if v not in LOSSES]
             if bad:

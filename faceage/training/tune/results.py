@@ -20,9 +20,17 @@ def _params_text(config: dict, dims: list[Dimension]) -> str:
     for d in dims:
         if d.key == "backbone" or d.key not in config:
             continue
-        v = config[d.key]
-        parts.append(f"{d.key}={v:.3g}" if isinstance(v, float) else f"{d.key}={v}")
+        # A whole-section dimension (model: {backbone, input_size}) shows its settings.
+        items = ([(k, v) for k, v in config[d.key].items() if k != "backbone"]
+                 if isinstance(config[d.key], dict) else [(d.key, config[d.key])])
+        parts += [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
     return " ".join(parts)
+
+
+def _backbone(config: dict, plan: TunePlan) -> str:
+    model = config.get("model")
+    return config.get("backbone") or (isinstance(model, dict) and model.get("backbone")) \
+        or plan.base.model.backbone
 
 
 def collect_results(grid, plan: TunePlan) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -49,7 +57,7 @@ def collect_results(grid, plan: TunePlan) -> tuple[pd.DataFrame, dict[str, pd.Da
             status = "completed"
         rows.append({
             "trial": trial,
-            "backbone": config.get("backbone", plan.base.model.backbone),
+            "backbone": _backbone(config, plan),
             "params": _params_text(config, plan.dims),
             "best_val_mae": float(best[METRIC]) if best is not None else float("nan"),
             # Several sources: val_mae is the mean of theirs; each one's at the same epoch.
@@ -62,6 +70,11 @@ def collect_results(grid, plan: TunePlan) -> tuple[pd.DataFrame, dict[str, pd.Da
             "signed_by_band": "" if best is None else ", ".join(
                 f"{c.split('/', 1)[1].replace('_plus', '+')} {best[c]:+.1f}" for c in df.columns
                 if c.startswith("val_signed/") and pd.notna(best[c])),
+            "signed_by_age": "" if best is None else ", ".join(
+                f"{c.split('/', 1)[1].replace('_plus', '+')} {best[c]:+.1f}" for c in df.columns
+                if c.startswith("val_signed_age/") and pd.notna(best[c])),
+            "images_per_s": float(df["images_per_s"].median())
+            if df is not None and "images_per_s" in df else float("nan"),
             "best_epoch": int(best["epoch"]) + 1 if best is not None else None,
             "epochs_run": epochs,
             "epochs_planned": cfg.total_epochs,
@@ -115,10 +128,11 @@ def markdown_table(table: pd.DataFrame) -> str:
     by_source = "val_mae_by_source" in table and table["val_mae_by_source"].astype(bool).any()
     by_band = "band_mae" in table and table["band_mae"].notna().any()
     lines = ["| trial | backbone | params | best val MAE " + ("| by source " if by_source else "")
-             + ("| band MAE | signed error by band " if by_band else "")
-             + "| best epoch | epochs run | time (s) | status |",
-             "|---|---|---|---|" + ("---|" if by_source else "") + ("---|---|" if by_band else "")
-             + "---|---|---|---|"]
+             + ("| band MAE | signed error by band | signed error 0-12, 13-19, 60+ "
+                if by_band else "")
+             + "| train img/s | best epoch | epochs run | time (s) | status |",
+             "|---|---|---|---|" + ("---|" if by_source else "")
+             + ("---|---|---|" if by_band else "") + "---|---|---|---|---|"]
     for _, r in table.iterrows():
         mae = f"{r['best_val_mae']:.2f}" if pd.notna(r["best_val_mae"]) else "-"
         epoch = f"{int(r['best_epoch'])}" if pd.notna(r["best_epoch"]) else "-"
@@ -127,7 +141,9 @@ def markdown_table(table: pd.DataFrame) -> str:
         extra = f"| {r['val_mae_by_source']} " if by_source else ""
         if by_band:
             band = f"{r['band_mae']:.2f}" if pd.notna(r["band_mae"]) else "-"
-            extra += f"| {band} | {r['signed_by_band']} "
-        lines.append(f"| {r['trial']} | {r['backbone']} | {r['params']} | {mae} {extra}| {epoch} "
+            extra += f"| {band} | {r['signed_by_band']} | {r.get('signed_by_age', '')} "
+        speed = f"{r['images_per_s']:.0f}" if pd.notna(r.get("images_per_s")) else "-"
+        lines.append(f"| {r['trial']} | {r['backbone']} | {r['params']} | {mae} {extra}| {speed} "
+                     f"| {epoch} "
                      f"| {r['epochs_run']}/{r['epochs_planned']} | {secs} | {status} |")
     return "\n".join(lines)
