@@ -30,6 +30,9 @@ METHODS = ("scaled-residual", "residual", "laplace-from-val-mae")
 # A band with n validation faces keeps n / (n + SHRINK_FACES) of its own quantiles, the rest from
 # the pooled ones: 30 faces, half and half; 300, 91 % its own.
 SHRINK_FACES = 30
+# A band's quantiles also see the faces predicted in the bands on either side, together at most
+# this share of the band's own weight: a teenager read as 24 sits among the twenties' faces.
+NEIGHBOUR_SHARE = 0.25
 
 
 def band_index(ages: Sequence[float] | np.ndarray, edges: Sequence[float]) -> np.ndarray:
@@ -47,6 +50,34 @@ def _weighted_quantiles(z: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.quantile(z, LEVELS, method="linear")
     cum = np.cumsum(w) - w / 2  # each value at the middle of its weight
     return np.interp(LEVELS, cum / w.sum(), z)
+
+
+def _envelope(per_source: list[np.ndarray]) -> np.ndarray:
+    """The outermost of several sources' quantiles: the lowest below the median, the highest
+    above it, so an interval made of them covers at least as much on each source."""
+    q = np.asarray(per_source, np.float64)
+    return np.where(np.asarray(LEVELS) < 0.5, q.min(axis=0), q.max(axis=0))
+
+
+def _shrunk(z: np.ndarray, w: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Quantiles of ``z`` leaning on ``prior`` as the weight is small (``SHRINK_FACES``)."""
+    n = float(w.sum())
+    if n <= 0:
+        return prior
+    keep = n / (n + SHRINK_FACES)
+    return keep * _weighted_quantiles(z, w) + (1 - keep) * prior
+
+
+def _band_weights(band: np.ndarray, b: int) -> np.ndarray:
+    """Band ``b``'s faces weigh 1; each neighbouring band's together at most
+    ``NEIGHBOUR_SHARE / 2`` of band ``b``'s count."""
+    w = (band == b).astype(np.float64)
+    own = w.sum()
+    for nb in (b - 1, b + 1):
+        theirs = band == nb
+        if theirs.any() and own:
+            w[theirs] = min(1.0, NEIGHBOUR_SHARE / 2 * own / theirs.sum())
+    return w
 
 
 def _monotone(q: np.ndarray) -> tuple[float, ...]:
@@ -78,11 +109,12 @@ class IntervalCalibration:
             bands: Sequence[float] = ()) -> IntervalCalibration:
         """Fit on validation predictions: ``scales`` from a two-output head, or None.
 
-        ``sources``: each face's source; every source then weighs the same in the quantiles (a
-        big source does not set the interval of a small one). ``bands``: lower edges of
-        predicted-age bands, each with its own quantiles, so the interval holds for children
-        and old people as well as on average; a band with few faces leans on the pooled
-        quantiles (``SHRINK_FACES``).
+        ``sources``: each face's source. Each source's quantiles are taken on their own and
+        the outermost kept (``_envelope``), so the interval holds on every source, not only on
+        their average. ``bands``: lower edges of predicted-age bands, each with its own
+        quantiles (with a share of its neighbours' faces, ``NEIGHBOUR_SHARE``), so the interval
+        holds for children and old people as well as on average; a band or source with few
+        faces leans on the pooled quantiles (``SHRINK_FACES``).
         """
         ages = np.asarray(ages, np.float64)
         true = np.asarray(true, np.float64)
@@ -93,22 +125,21 @@ class IntervalCalibration:
         else:
             s = np.maximum(np.asarray(scales, np.float64), 1e-6)
             method, z = "scaled-residual", (true - ages) / s
-        w = np.ones_like(z)
-        if sources is not None:
-            src = np.asarray(sources)
-            for name in np.unique(src):
-                w[src == name] = 1.0 / (src == name).sum()
-        pooled = _weighted_quantiles(z, w)
+        src = np.asarray(sources) if sources is not None else np.zeros(z.size, int)
+        names = np.unique(src)
+        pooled_by_source = [_weighted_quantiles(z[src == s], np.ones((src == s).sum()))
+                            for s in names]
+        pooled = _envelope(pooled_by_source)
         per_band = []
         if len(bands):
             band = band_index(ages, bands)
             for b in range(len(bands)):
-                mine = band == b
-                n = int(mine.sum())
-                q = _weighted_quantiles(z[mine], w[mine]) if n else pooled
-                keep = n / (n + SHRINK_FACES)
-                per_band.append(_monotone(keep * q + (1 - keep) * pooled))
-        return cls(method, _monotone(pooled), int(ages.size), "",
+                w = _band_weights(band, b)
+                per_band.append(_monotone(_envelope([
+                    _shrunk(z[src == s], w[src == s], prior)
+                    for s, prior in zip(names, pooled_by_source, strict=True)])))
+        note = f"each band's outermost over {len(names)} sources" if len(names) > 1 else ""
+        return cls(method, _monotone(pooled), int(ages.size), note,
                    tuple(float(b) for b in bands) if per_band else (), tuple(per_band))
 
     @classmethod

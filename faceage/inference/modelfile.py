@@ -109,6 +109,18 @@ class AgeModel:
         return int(self.metadata["preprocessing"]["input_size"])
 
     @property
+    def flip_average(self) -> bool:
+        """Whether this model's ages are the mean of each face and its mirror image: how it was
+        validated and its interval calibrated (``train.eval_tta``), so the default of every
+        route (``faceage predict``, ``evaluate``, Serve); a face and its mirror then read the
+        same. Model files written before this was recorded say no."""
+        return bool(self.metadata.get("flip_average", False))
+
+    def resolve_tta(self, tta: bool | None) -> bool:
+        """``tta`` as asked (``--tta``/``--no-tta``, ``args.tta``), else ``flip_average``."""
+        return self.flip_average if tta is None else bool(tta)
+
+    @property
     def crop_policy(self) -> dict[str, Any]:
         return dict(self.metadata.get("crop_policy") or {"name": "utkface-chip"})
 

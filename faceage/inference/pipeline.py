@@ -121,11 +121,11 @@ class FacePipeline:
     """
 
     def __init__(self, model, detector: FaceDetector | DetectorConfig | dict | None = None,
-                 no_face: NoFace = "skip", tta: bool = False,
+                 no_face: NoFace = "skip", tta: bool | None = None,
                  coverage: float = DEFAULT_COVERAGE):
         self.model = model
         self.finder = FaceFinder.for_model(model.metadata, detector, no_face)
-        self.tta = tta
+        self.tta = model.resolve_tta(tta)  # None: as the model file says (flip_average)
         self.coverage = check_coverage(coverage)  # of each face's age interval
 
     def find_faces(self, image: np.ndarray | Photo) -> list[Face]:

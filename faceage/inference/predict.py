@@ -222,7 +222,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-face", choices=("skip", "whole"), default="skip",
                    help="when no face is found: report none (skip) or use the whole image as "
                         "the face (whole; for pre-cropped photos)")
-    p.add_argument("--tta", action="store_true", help="average with the mirrored crop")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each face with its mirror image (default: as the model was "
+                        "validated, its flip_average)")
     p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
                    help="each age interval covers this share of faces like the validation "
                         "faces (above 0, at most 0.99; default 0.8: a central 80%% interval)")

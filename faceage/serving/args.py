@@ -52,7 +52,9 @@ class ServeArgs(BaseModel):
         None, ge=1, description="torch threads per AgeRegressor replica (default: Ray's)")
     no_face: Literal["skip", "whole"] = Field(
         "skip", description="no face found: report none, or age the whole image")
-    tta: bool = Field(False, description="average each face with its mirror image")
+    tta: bool | None = Field(
+        None, description="average each face with its mirror image (null: as the model file "
+                          "says, its flip_average: how it was validated)")
     interval_coverage: float = Field(
         DEFAULT_COVERAGE, gt=0.0, le=0.99, description="each face's age_interval is the central "
         "interval covering this share of faces like the model's validation faces")

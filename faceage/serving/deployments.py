@@ -161,7 +161,7 @@ class Detector:
 class AgeRegressor:
     """The exported model; ``@serve.batch`` merges face crops of concurrent requests."""
 
-    def __init__(self, model_path: str, tta: bool, device: str,
+    def __init__(self, model_path: str, tta: bool | None, device: str,
                  coverage: float = DEFAULT_COVERAGE, threads: int | None = None):
         self.torch = TorchThread(threads)
         self.path = str(model_path)
@@ -172,6 +172,7 @@ class AgeRegressor:
 
     def _load(self, model_path: str, device: str):
         model = load_model_file(model_path, device=device)
+        self.tta = model.resolve_tta(self.tta)
         size = model.input_size
         model.predict([np.zeros((size, size, 3), np.uint8)], tta=self.tta)
         return model

@@ -170,7 +170,8 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         spec = run.sources[0]
         report = {**head, "data": {"path": spec.path, "format": spec.format,
                                    "skipped_when_reading": skipped},
-                  "split": args.split, "detect": detect[spec.name], "tta": bool(args.tta),
+                  "split": args.split, "detect": detect[spec.name],
+                  "tta": model.resolve_tta(args.tta),
                   **({"grayscale": True} if args.grayscale else {}),
                   **calibration, **one_source_summary(whole)}
         label = Path(spec.path.rstrip("/")).stem or "data"
@@ -179,7 +180,7 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
         report = {**head, "data": {"sources": [{**s.describe(), "detect": detect[s.name]}
                                                for s in run.sources],
                                    "skipped_when_reading": skipped},
-                  "split": args.split, "tta": bool(args.tta),
+                  "split": args.split, "tta": model.resolve_tta(args.tta),
                   **({"grayscale": True} if args.grayscale else {}), **calibration,
                   **summary, "metrics": whole["metrics"]}
         label = Path(args.config).stem if args.config else "-".join(names)
@@ -214,7 +215,8 @@ def predict_sources(model, run, args: argparse.Namespace,
             raise UserError(f"no images of split {args.split!r} in {args.data[0]}" if one_source
                             else f"{spec.label()}: no images of split {args.split!r}")
         detect[spec.name] = bool(args.detect or spec.needs_prepare)
-        preds = evaluate_model(model, own, detect=detect[spec.name], tta=args.tta,
+        preds = evaluate_model(model, own, detect=detect[spec.name],
+                               tta=model.resolve_tta(args.tta),
                                progress=not args.json, coverage=args.coverage,
                                grayscale=getattr(args, "grayscale", False))
         parts.append(range_outcomes(
@@ -282,7 +284,7 @@ def track(args: argparse.Namespace, model, files: list[Path], metrics: dict[str,
         return
     from faceage.training.experiment import attach_report
 
-    prefix = f"eval_{args.split}{'_tta' if args.tta else ''}_"
+    prefix = f"eval_{args.split}{'_tta' if model.resolve_tta(args.tta) else ''}_"
     flat = {f"{prefix}{k}{'/' + src if src else ''}": v
             for src, block in metrics.items() for k, v in block.items()
             if k in ("mae", "rmse", "cs5", "signed", "range_accuracy", "within_one_range")}
@@ -304,7 +306,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                    help="only this split, under the model's own split settings (default all)")
     p.add_argument("--limit", type=int, help="evaluate a stable subset of this many images")
-    p.add_argument("--tta", action="store_true", help="average with the mirrored crop")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each face with its mirror image (default: as the model was "
+                        "validated, its flip_average)")
     p.add_argument("--grayscale", action="store_true",
                    help="make every photo black-and-white first (how the model reads grey "
                         "photos: compare with a colour run)")

@@ -70,6 +70,9 @@ def export_best(result, cfg: Config, run_dir: Path,
     metadata = {
         "name": f"faceage-{cfg.model.backbone}",
         "preprocessing": preprocessing_metadata(cfg.model.input_size, spec.mean, spec.std),
+        # Validated (and its interval calibrated) on the mean of each face and its mirror:
+        # every route predicts so by default.
+        "flip_average": bool(cfg.train.eval_tta),
         "crop_policy": run_data.crop_policy,
         "data": data_metadata(run_data, cfg.data.split, latest.get("data_summary", {})),
         "metrics": {k: v for k, v in best_metrics.items()

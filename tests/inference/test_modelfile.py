@@ -196,3 +196,28 @@ def test_a_laplace_head_round_trips_with_its_calibration(tmp_path):
     low, high = cal.interval(got_ages, got_scales)
     assert np.allclose(est.low, low, atol=1e-4) and np.allclose(est.high, high, atol=1e-4)
     assert ((0 <= est.low) & (est.low <= est.age) & (est.age <= est.high)).all()
+
+
+def test_a_flip_averaged_model_reads_a_face_and_its_mirror_the_same_on_every_route(
+        trained_like, model_path, tmp_path):
+    """``flip_average`` (how the model was validated) is the default of predict, evaluate and
+    Serve; ``--no-tta`` (tta=False) still gives the plain network."""
+    from faceage.inference.pipeline import FacePipeline
+
+    flipped = save_model_file(trained_like, tmp_path / "flip.pt", {
+        "preprocessing": preprocessing_metadata(SIZE), "crop_policy": {"name": "utkface-chip"},
+        "metrics": {"val_mae": 7.5}, "flip_average": True})
+    face = crops(SIZE)[0]
+    mirror = np.ascontiguousarray(face[:, ::-1])
+    flip_path = flipped
+    plain_model, flip_model = load_model_file(model_path), load_model_file(flip_path)
+    assert (plain_model.flip_average, flip_model.flip_average) == (False, True)
+    assert flip_model.resolve_tta(None) and not flip_model.resolve_tta(False)
+    assert not plain_model.resolve_tta(None) and plain_model.resolve_tta(True)
+
+    by_default = FacePipeline(load_model_file(flip_path), no_face="whole")
+    ages = [by_default.predict_faces([im])[0][1].age[0] for im in (face, mirror)]
+    assert ages[0] == pytest.approx(ages[1], abs=1e-4)
+    assert by_default.tta is True
+    assert FacePipeline(load_model_file(flip_path), no_face="whole", tta=False).tta is False
+    assert FacePipeline(load_model_file(model_path), no_face="whole").tta is False
