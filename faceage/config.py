@@ -247,6 +247,9 @@ class TrainConfig(StrictModel):
                                   "the last epoch, and at least every N epochs")
     checkpoint_minutes: float = Field(10.0, gt=0, description="... and N minutes after the last")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs, tests)")
+    stop_patience: int | None = Field(
+        None, ge=1, description="end the last stage once val MAE has not improved for this "
+                                "many of its epochs (null: every planned epoch runs)")
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console logs (INFO adds a line per report)"
     )

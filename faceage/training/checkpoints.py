@@ -51,6 +51,18 @@ class Progress:
     checkpoint_time: float = field(default_factory=time.monotonic)
 
 
+def stops_early(history: list[dict], last_stage: int, patience: int | None) -> bool:
+    """Whether the last stage has gone ``patience`` epochs without a better val MAE than its
+    best (``train.stop_patience``): val MAE has stopped falling, more epochs would only cost."""
+    if patience is None:
+        return False
+    maes = [h[METRIC] for h in history if h["stage"] == last_stage]
+    if len(maes) <= patience:
+        return False
+    best = maes.index(min(maes))
+    return len(maes) - 1 - best >= patience
+
+
 def checkpoint_due(progress: Progress, metrics: dict, total_epochs: int, every: int,
                    minutes: float, now: float) -> bool:
     """Whether this epoch's report carries a checkpoint: when val MAE improved (the best epoch

@@ -35,6 +35,7 @@ from faceage.training.checkpoints import (
     checkpoint_due,
     load_checkpoint,
     save_checkpoint,
+    stops_early,
 )
 from faceage.training.loop import (
     StepContext,
@@ -246,6 +247,9 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
     """From ``progress.start_epoch`` to the end: train, validate, report a checkpoint."""
     loss_fn = make_loss(run.cfg.train.loss)
     wrapped, optimizer, stage_index = run.model, None, None
+    last_stage = len(run.cfg.schedule.stages) - 1
+    if stops_early(progress.history, last_stage, run.cfg.train.stop_patience):
+        return  # a run that stopped early, started again: it is done
     for epoch in range(progress.start_epoch, run.total_epochs):
         stage = run.schedule.stage_at(epoch)
         if stage.index != stage_index:
@@ -276,14 +280,19 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
         }
         train = run.cfg.train
         now = time.monotonic()
-        due = checkpoint_due(progress, metrics, run.total_epochs, train.checkpoint_every,
-                             train.checkpoint_minutes, now)
+        stopping = stops_early([*progress.history, metrics], last_stage, train.stop_patience)
+        due = stopping or checkpoint_due(progress, metrics, run.total_epochs,
+                                         train.checkpoint_every, train.checkpoint_minutes, now)
         if due:
             progress.checkpoint_epoch, progress.checkpoint_time = epoch, now
         progress.best_val = min(progress.best_val, metrics[METRIC])
         progress.history.append(metrics)
         run.out(epoch_line(run, stage, metrics))
         report_epoch(run, progress, optimizer, calibration, due)
+        if stopping:
+            run.out(f"[faceage] val MAE has not improved for {train.stop_patience} epochs of the "
+                    f"last stage: stopping after epoch {epoch + 1} of {run.total_epochs}")
+            break
 
 
 def validate(run: WorkerRun) -> tuple[dict, IntervalCalibration, dict]:

@@ -264,3 +264,21 @@ def test_an_epoch_checkpoints_when_val_improves_at_the_end_and_every_n():
     assert due(1, 5.3, since_s=600) and not due(1, 5.3, since_s=599)
     assert not due(1, float("nan"))  # no val MAE is no improvement
     assert due(0, 7.0, best=float("inf"), last=-1)  # the first epoch of a run
+
+
+def test_the_last_stage_stops_once_val_mae_stops_falling():
+    """``train.stop_patience``: N epochs of the last stage without a better val MAE end it;
+    earlier stages' epochs and a stage's first epochs never do."""
+    from faceage.training.checkpoints import stops_early
+
+    def history(*maes, stage=2, earlier=(9.0, 8.0)):
+        rows = [{"stage": i, "val_mae": m} for i, m in enumerate(earlier)]
+        return rows + [{"stage": stage, "val_mae": m} for m in maes]
+
+    assert not stops_early(history(6.0, 5.5, 5.6, 5.7), 2, None)  # off by default
+    assert stops_early(history(6.0, 5.5, 5.6, 5.7), 2, 2)  # two epochs after the best
+    assert not stops_early(history(6.0, 5.5, 5.6), 2, 2)
+    assert not stops_early(history(6.0, 5.5, 5.6, 5.4), 2, 2)  # a new best resets it
+    assert not stops_early(history(6.0, 6.1, stage=1), 2, 1)  # not yet in the last stage
+    # The earlier stages' better val MAE does not count against the last stage.
+    assert not stops_early(history(7.0, 6.9, earlier=(5.0, 4.0)), 2, 1)
