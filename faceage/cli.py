@@ -1,4 +1,4 @@
-"""The ``faceage`` command: prepare, train, tune, evaluate, predict, up, feedback."""
+"""The ``faceage`` command: prepare, train, tune, evaluate, predict, up, corrections."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ from faceage.runtime import apply_ray_env_defaults
 class Command:
     """One ``faceage`` subcommand: its help texts, the function that adds its options and the
     one that runs it, each named ``module:function`` and imported only when that command runs
-    (``faceage predict`` then loads no training code: pandas, Ray Train, Ray Data)."""
+    (``faceage predict`` then loads no training code: pandas, Ray Train, Ray Data).
+    ``aliases``: old names that still work (argparse aliases)."""
 
     name: str
     help: str
     description: str
     arguments: str
     run: str
+    aliases: tuple[str, ...] = ()
 
 
 COMMAND_TABLE = (
@@ -55,12 +57,15 @@ COMMAND_TABLE = (
             "Start a Ray head with its dashboard (or use $RAY_ADDRESS), the Serve application of "
             "serve/config.yaml and the Streamlit app; Ctrl-C stops them all.",
             "faceage.up:add_up_arguments", "faceage.up:run_up"),
-    Command("feedback", "list or delete the corrections users sent the server",
-            "The corrections a server with --feedback-dir stored: list them, or delete some or "
-            "all (rows and face crops).",
-            "faceage.feedback:add_feedback_arguments", "faceage.feedback:run_feedback_command"),
+    Command("corrections", "list or delete the corrections users sent the server",
+            "The corrections a server with --corrections-dir stored: list them, or delete some "
+            "or all (rows and face crops). (`faceage feedback`: its deprecated old name.)",
+            "faceage.corrections_cli:add_corrections_arguments",
+            "faceage.corrections_cli:run_corrections_command", aliases=("feedback",)),
 )
 COMMANDS = tuple(c.name for c in COMMAND_TABLE)
+# Every name a subcommand answers to, its deprecated aliases included -> its command's name.
+COMMAND_NAMES = {name: c.name for c in COMMAND_TABLE for name in (c.name, *c.aliases)}
 
 
 def _function(name: str) -> Callable:
@@ -152,7 +157,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="show the version of faceage and of its default model, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for c in COMMAND_TABLE:
-        parser = sub.add_parser(c.name, help=c.help, description=c.description)
+        parser = sub.add_parser(c.name, aliases=list(c.aliases), help=c.help,
+                                description=c.description)
         if command is None or command == c.name:
             _function(c.arguments)(parser)
         parser.set_defaults(run=c.run)
@@ -164,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     apply_ray_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    command = COMMAND_NAMES.get(argv[0]) if argv else None
+    if command is not None and command != argv[0]:
+        print(f"faceage: `faceage {argv[0]}` is a deprecated name of `faceage {command}`; use "
+              "that", file=sys.stderr)
+    args = build_parser(command).parse_args(argv)
     if getattr(args, "config", None) and args.command in ("train", "tune", "evaluate"):
         args.config = packaged_config(args.config)
     try:

@@ -55,10 +55,12 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the local Ray head (default: all of the machine's)")
     p.add_argument("--timeout", type=float, default=900,
                    help="seconds to wait for Serve to answer /healthz")
-    p.add_argument("--feedback-dir", metavar="DIR", type=Path,
-                   help="take corrections from users (POST /feedback, the app's 'actual age' "
+    p.add_argument("--corrections-dir", metavar="DIR", type=Path,
+                   help="take corrections from users (POST /corrections, the app's correction "
                         "inputs) and store them in DIR: face crops and a manifest.csv for "
                         "`faceage train` (default: off)")
+    # The deprecated old name of --corrections-dir; not in --help.
+    p.add_argument("--feedback-dir", dest="corrections_dir", type=Path, help=argparse.SUPPRESS)
 
 
 def check_port(port: int, option: str) -> None:
@@ -179,8 +181,8 @@ def run_up(args: argparse.Namespace) -> int:
     ports = _resolve_ports(args, attach=address is not None)
     log_dir = Path(tempfile.mkdtemp(prefix="faceage-up-"))
     overrides = {"args.model_path": str(model)}
-    if args.feedback_dir is not None:
-        overrides["args.feedback.dir"] = str(args.feedback_dir.expanduser().resolve())
+    if args.corrections_dir is not None:
+        overrides["args.corrections.dir"] = str(args.corrections_dir.expanduser().resolve())
     serve_url, app_url = _say_plan(args, model, address, ports, overrides, log_dir)
     supervisor = Supervisor()
     service = LocalServe(overrides, port=ports["--serve-port"],
@@ -244,8 +246,8 @@ def _say_plan(args: argparse.Namespace, model: Path, address: str | None, ports:
         print(f"  Ray dashboard  http://{HOST}:{ports['--dashboard-port']}   (log in with the "
               "token `ray get-auth-token` prints)", flush=True)
     print(f"  Serve API      {serve_url}   (docs: {serve_url}/docs)", flush=True)
-    if "args.feedback.dir" in overrides:
-        print(f"  corrections    {overrides['args.feedback.dir']}   (`faceage feedback list` "
+    if "args.corrections.dir" in overrides:
+        print(f"  corrections    {overrides['args.corrections.dir']}   (`faceage corrections list` "
               "shows them)", flush=True)
     if app_url:
         print(f"  Streamlit app  {app_url}", flush=True)

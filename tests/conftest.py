@@ -113,13 +113,13 @@ def serve_model_file(untrained_model_file) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_feedback_dir(tmp_path_factory) -> Path:
-    """Where the session's Serve stores corrections (POST /feedback is on in the tests)."""
-    return tmp_path_factory.mktemp("feedback")
+def serve_corrections_dir(tmp_path_factory) -> Path:
+    """Where the session's Serve stores corrections (POST /corrections is on in the tests)."""
+    return tmp_path_factory.mktemp("corrections")
 
 
 @pytest.fixture(scope="session")
-def serve_app(serve_model_file, serve_feedback_dir, tmp_path_factory):
+def serve_app(serve_model_file, serve_corrections_dir, tmp_path_factory):
     """serve/config.yaml on a private Ray instance (2 CPUs) in a child process, for the session.
 
     Its own process and Ray instance, not the session's ``ray_local``: Serve holds CPUs for the
@@ -129,7 +129,7 @@ def serve_app(serve_model_file, serve_feedback_dir, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     service = LocalServe({**SERVE_TEST_OVERRIDES, "args.model_path": str(serve_model_file),
-                          "args.feedback.dir": str(serve_feedback_dir)},
+                          "args.corrections.dir": str(serve_corrections_dir)},
                          num_cpus=2, log_path=log, timeout=900)
     service.start()
     yield service

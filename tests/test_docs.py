@@ -87,14 +87,14 @@ def broken(path: Path, target: str) -> str | None:
 def test_the_link_checker_reads_links_and_anchors_as_github_does(tmp_path):
     doc = tmp_path / "a.md"
     doc.write_text(
-        "# Corrections (POST /feedback)\n## `faceage prepare` (Ray Data)\n## Step\n## Step\n"
+        "# Corrections (POST /corrections)\n## `faceage prepare` (Ray Data)\n## Step\n## Step\n"
         "```\n## not a heading\n[not a link](missing.md)\n```\n"
-        "[ok](#corrections-post-feedback) [ok](#faceage-prepare-ray-data) [ok](#step-1)\n"
+        "[ok](#corrections-post-corrections) [ok](#faceage-prepare-ray-data) [ok](#step-1)\n"
         "[bad](#not-a-heading) `[in code](missing.md)` [web](https://example.com/x)\n"
         "![img](a.md) [bad file](missing.md#x)\n[ref]: a.md#step\n",
         encoding="utf-8")
     links = relative_links(doc)
-    assert [t for _, t in links] == ["#corrections-post-feedback", "#faceage-prepare-ray-data",
+    assert [t for _, t in links] == ["#corrections-post-corrections", "#faceage-prepare-ray-data",
                                      "#step-1", "#not-a-heading", "a.md", "missing.md#x",
                                      "a.md#step"]
     problems = {t: broken(doc, t) for _, t in links}

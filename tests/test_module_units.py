@@ -195,13 +195,13 @@ def test_the_photo_table_rows():
 
 
 def test_correction_inputs_follow_what_serve_says():
-    from faceage.webapp.corrections import face_ids, feedback_settings
+    from faceage.webapp.corrections import corrections_settings, face_ids
 
-    on = {"ok": True, "model": {"feedback": {"enabled": True, "keep_s": 3600}}}
-    assert feedback_settings(on) == {"enabled": True, "keep_s": 3600}
-    assert feedback_settings({"ok": True, "model": {"feedback": {"enabled": False}}}) is None
-    assert feedback_settings({"ok": False, "error": "down"}) is None
+    on = {"ok": True, "model": {"corrections": {"enabled": True, "keep_s": 3600}}}
+    assert corrections_settings(on) == {"enabled": True, "keep_s": 3600}
+    assert corrections_settings({"ok": True, "model": {"corrections": {"enabled": False}}}) is None
+    assert corrections_settings({"ok": False, "error": "down"}) is None
     faces = [{"age": 30}, {"age": 40}]
-    assert face_ids({"faces": faces, "feedback": {"face_ids": ["a", "b"]}}) == ["a", "b"]
-    assert face_ids({"faces": faces, "feedback": {"face_ids": ["a"]}}) == []  # not one a face
+    assert face_ids({"faces": faces, "corrections": {"face_ids": ["a", "b"]}}) == ["a", "b"]
+    assert face_ids({"faces": faces, "corrections": {"face_ids": ["a"]}}) == []  # not one a face
     assert face_ids({"faces": faces}) == []

@@ -14,7 +14,7 @@ several images, and ``face_record`` writes the JSON. So /predict returns the CLI
 same photo and model.
 This module is the Ingress (its request and response shapes are in schemas.py, the reading of
 uploads in uploads.py, /stream's tracking in ``faceage.inference.stream``, corrections (POST
-/feedback, the FeedbackStore deployment) in feedback.py): it imports neither torch
+/corrections, the CorrectionStore deployment) in corrections.py): it imports neither torch
 (deployments.py is imported only by the builder, ``app``) nor pandas nor the training modules
 (Ray Serve itself imports pandas when it is installed; see
 tests/inference/test_inference_imports.py).
@@ -40,28 +40,26 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faceage import __version__
+from faceage.corrections import new_face_id
 from faceage.errors import UserError
-from faceage.feedback import new_face_id
 from faceage.inference.detection import Face
 from faceage.inference.interval import AgeEstimates
 from faceage.inference.pipeline import face_records
 from faceage.inference.stream import NextFrameSearch
 from faceage.serving.args import ServeArgs
-from faceage.serving.feedback import (
-    FEEDBACK_OFF,
+from faceage.serving.corrections import (
+    CORRECTIONS_OFF,
     bind_store,
-    feedback_info,
+    corrections_info,
     read_correction,
 )
 from faceage.serving.payload import pack
 from faceage.serving.schemas import (
     BINARY_BODY,
+    CORRECTION_ROUTE,
     ERROR_RESPONSES,
-    FEEDBACK_ERRORS,
     ApiError,
     ErrorOut,
-    FeedbackIn,
-    FeedbackOut,
     FramesResult,
     Prediction,
     error_response,
@@ -121,13 +119,13 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 @serve.ingress(api)
 class Ingress:
     """The HTTP and WebSocket API; composes Detector and AgeRegressor (and, when corrections
-    are on, the FeedbackStore) through their handles."""
+    are on, the CorrectionStore) through their handles."""
 
     def __init__(self, detector: DeploymentHandle, regressor: DeploymentHandle,
-                 settings: dict, feedback: DeploymentHandle | None = None):
+                 settings: dict, corrections: DeploymentHandle | None = None):
         self.detector = detector
         self.regressor = regressor
-        self.feedback = feedback
+        self.corrections = corrections
         self.settings = ServeArgs(**settings)
         self._model_ref: dict[str, str] | None = None
 
@@ -155,28 +153,28 @@ class Ingress:
 
     async def _remember(self, crops: Any, records: list[dict],
                         model: dict[str, str]) -> dict[str, Any] | None:
-        """Hand the faces' crops (the Detector's stack) and answers to the FeedbackStore under
+        """Hand the faces' crops (the Detector's stack) and answers to the CorrectionStore under
         new ids; the ids, or None when the store fails (the prediction stands without them)."""
         ids = [new_face_id() for _ in records]
         try:
-            await self._call(self.feedback.remember.remote(
+            await self._call(self.corrections.remember.remote(
                 ids, crops, [(r["age"], *r["age_interval"]) for r in records], model))
         except Exception as exc:  # a failed store must not fail the prediction
-            LOGGER.warning("the FeedbackStore did not take %d faces: %s", len(ids), exc)
+            LOGGER.warning("the CorrectionStore did not take %d faces: %s", len(ids), exc)
             return None
-        return {"face_ids": ids, "keep_s": self.settings.feedback.keep_s}
+        return {"face_ids": ids, "keep_s": self.settings.corrections.keep_s}
 
     async def predict_image(self, data: bytes, name: str, profile: str = "photo",
                             near: list[list[float]] | None = None,
                             remember: bool = True) -> dict[str, Any]:
         """One image's result with the ``photo`` or ``stream`` detection profile; raises
         ``ApiError`` for a bad image or an overloaded service. With corrections on and
-        ``remember``, ``feedback.face_ids`` names each face for POST /feedback.
+        ``remember``, ``corrections.face_ids`` names each face for POST /corrections.
 
         ``timings_ms``: ``decode`` and ``detect`` inside the Detector, ``detect_call`` the whole
         Detector call as the Ingress sees it (those two plus the hops and queueing), ``age`` the
         AgeRegressor call (hops, batching and the model), ``remember`` handing the crops to the
-        FeedbackStore (corrections on), ``total`` all of it in the Ingress.
+        CorrectionStore (corrections on), ``total`` all of it in the Ingress.
         """
         start = time.perf_counter()
         found = await self._call(self.detector.find.remote(pack(data), name, profile, near))
@@ -194,8 +192,8 @@ class Ingress:
                    "age": _ms(done - aged)}
         result = {"faces": records, "image": {"width": found["width"], "height": found["height"]},
                   "model": model, "detection": found["detection"], "timings_ms": timings}
-        if self.feedback is not None and remember and faces:
-            result["feedback"] = await self._remember(found["crops"], records, model)
+        if self.corrections is not None and remember and faces:
+            result["corrections"] = await self._remember(found["crops"], records, model)
             timings["remember"] = _ms(time.perf_counter() - done)
         timings["total"] = _ms(time.perf_counter() - start)
         return result
@@ -350,20 +348,20 @@ class Ingress:
         info, detector = await asyncio.gather(self._call(self.regressor.info.remote()),
                                               self._call(self.detector.info.remote()))
         limits = self.settings.model_dump(include={"max_body_bytes", "max_pixels", "max_frames"})
-        folder = None if self.feedback is None else self.settings.resolved_feedback_dir()
+        folder = None if self.corrections is None else self.settings.resolved_corrections_dir()
         return {**info, "detector": detector, "limits": limits,
-                "feedback": feedback_info(self.settings.feedback, folder)}
+                "corrections": corrections_info(self.settings.corrections, folder)}
 
-    @api.post("/feedback", response_model=FeedbackOut, responses=FEEDBACK_ERRORS,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": FeedbackIn.model_json_schema()}}}})
+    # /feedback: the deprecated old name of /corrections, the same handler.
+    @api.post("/feedback", deprecated=True, **CORRECTION_ROUTE)
+    @api.post("/corrections", **CORRECTION_ROUTE)
     async def correct(self, request: Request) -> dict[str, Any]:
-        """Store a correction: the actual age of a face a recent /predict answer named by its
-        face id. Off unless the server has a feedback folder (args.feedback.dir)."""
-        if self.feedback is None:
-            raise ApiError(404, FEEDBACK_OFF)
+        """Store a correction: the true age of a face a recent /predict answer named by its
+        face id. Off unless the server has a corrections folder (args.corrections.dir)."""
+        if self.corrections is None:
+            raise ApiError(404, CORRECTIONS_OFF)
         face_id, age = await read_correction(request)
-        stored = await self._call(self.feedback.correct.remote(face_id, age))
+        stored = await self._call(self.corrections.correct.remote(face_id, age))
         if "error" in stored:
             raise ApiError(stored["status"], stored["error"])
         return stored
@@ -387,5 +385,5 @@ def app(args: dict[str, Any]) -> serve.Application:
                              args.detector_threads)
     regressor = AgeRegressor.bind(str(path), args.tta, args.device, args.interval_coverage,
                                   args.regressor_threads)
-    feedback = bind_store(args.resolved_feedback_dir(), args.feedback)  # None: corrections off
-    return Ingress.bind(detector, regressor, args.model_dump(), feedback)
+    corrections = bind_store(args.resolved_corrections_dir(), args.corrections)  # None: off
+    return Ingress.bind(detector, regressor, args.model_dump(), corrections)

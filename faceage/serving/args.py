@@ -3,17 +3,18 @@
 Torch-free, like the Ingress that imports it.
 """
 
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from faceage import CHECKOUT, DEFAULT_MODEL_PATH
 from faceage.errors import UserError
 from faceage.inference.detection import DetectorConfig
 from faceage.inference.images import DEFAULT_MAX_PIXELS
 from faceage.inference.interval import DEFAULT_COVERAGE
-from faceage.serving.feedback import FeedbackSettings
+from faceage.serving.corrections import CorrectionSettings
 
 MiB = 1024 * 1024
 
@@ -69,19 +70,34 @@ class ServeArgs(BaseModel):
                                                        "detected concurrently")
     health_timeout_s: float = Field(10.0, gt=0, description="/healthz waits this long for "
                                                             "the Detector and AgeRegressor")
-    feedback: FeedbackSettings = Field(
-        default_factory=FeedbackSettings, description="corrections from users (POST /feedback); "
-                                                      "off unless feedback.dir is set")
+    corrections: CorrectionSettings = Field(
+        default_factory=CorrectionSettings, description="corrections from users (POST "
+        "/corrections); off unless corrections.dir is set")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_feedback_key(cls, data: Any) -> Any:
+        """``args.feedback``, the deprecated old name of ``args.corrections``: still taken (its
+        keys win over ``corrections``'), with a warning."""
+        if isinstance(data, dict) and "feedback" in data:
+            warnings.warn("serve/config.yaml args.feedback is deprecated: it is now "
+                          "args.corrections (same keys: dir, keep_faces, keep_s); rename it",
+                          FutureWarning, stacklevel=2)
+            data = dict(data)
+            old, new = data.pop("feedback"), data.get("corrections")
+            data["corrections"] = ({**new, **old} if isinstance(old, dict)
+                                   and isinstance(new, dict) else old)
+        return data
 
     def resolved_model_path(self) -> Path:
         if self.model_path is None:
             return DEFAULT_MODEL_PATH
         return _from_repo(self.model_path, "args.model_path")
 
-    def resolved_feedback_dir(self) -> Path | None:
-        if self.feedback.dir is None:
+    def resolved_corrections_dir(self) -> Path | None:
+        if self.corrections.dir is None:
             return None
-        return _from_repo(self.feedback.dir, "args.feedback.dir")
+        return _from_repo(self.corrections.dir, "args.corrections.dir")
 
 
 def _from_repo(name: str, key: str) -> Path:

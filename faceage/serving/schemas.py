@@ -6,6 +6,8 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from faceage.config import MAX_AGE
+
 
 class FaceOut(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
@@ -31,10 +33,10 @@ class ModelRef(BaseModel):
     version: str
 
 
-class FeedbackIds(BaseModel):
-    """Present when the server takes corrections (``args.feedback.dir``)."""
+class CorrectionIds(BaseModel):
+    """Present when the server takes corrections (``args.corrections.dir``)."""
 
-    face_ids: list[str] = Field(description="one per face, in order: POST /feedback "
+    face_ids: list[str] = Field(description="one per face, in order: POST /corrections "
                                             "{face_id, age} to correct that face's age")
     keep_s: float = Field(description="the server forgets a face after this many seconds "
                                       "(or sooner, once it has seen many newer faces)")
@@ -45,7 +47,7 @@ class Prediction(BaseModel):
     image: ImageSize
     model: ModelRef
     timings_ms: dict[str, float] = Field(description="decode, detect, age and total")
-    feedback: FeedbackIds | None = None
+    corrections: CorrectionIds | None = None
 
 
 class FrameResult(BaseModel):
@@ -58,7 +60,7 @@ class FrameResult(BaseModel):
     image: ImageSize | None = None
     model: ModelRef | None = None
     timings_ms: dict[str, float] | None = None
-    feedback: FeedbackIds | None = None
+    corrections: CorrectionIds | None = None
     detection: Literal["whole frame", "near previous faces"] | None = Field(
         None, description="/stream: where the Detector searched (near the previous frame's "
                           "faces, falling back to the whole frame when none is there)")
@@ -71,26 +73,27 @@ class FramesResult(BaseModel):
     timings_ms: dict[str, float]
 
 
-class FeedbackIn(BaseModel):
-    """POST /feedback: the actual age of a face a recent /predict answer named."""
+class CorrectionIn(BaseModel):
+    """POST /corrections: the true age of a face a recent /predict answer named."""
 
-    face_id: str = Field(description="from the answer's feedback.face_ids")
-    age: float = Field(ge=0, le=120, description="the person's actual age in years, 0-120")
+    face_id: str = Field(description="from the answer's corrections.face_ids")
+    age: float = Field(ge=0, le=MAX_AGE,
+                       description=f"the person's true age in years, 0-{MAX_AGE}")
 
 
-class FeedbackOut(BaseModel):
-    """A stored correction: the entry in the feedback folder's manifest."""
+class CorrectionOut(BaseModel):
+    """A stored correction: the entry in the corrections folder's manifest."""
 
     model_config = ConfigDict(protected_namespaces=())
 
-    id: str = Field(description="the entry id (`faceage feedback list/delete`)")
+    id: str = Field(description="the entry id (`faceage corrections list/delete`)")
     age: float
     predicted: float = Field(description="the model's answer for this face")
     age_interval: list[float] = Field(description="the model's interval for this face")
     model: ModelRef
     time: str = Field(description="when it was stored, UTC ISO 8601")
     replaced: bool = Field(description="true: it replaced an earlier correction of this face")
-    stored_in: str = Field(description="the server's feedback folder")
+    stored_in: str = Field(description="the server's corrections folder")
 
 
 class ErrorOut(BaseModel):
@@ -121,11 +124,15 @@ ERROR_RESPONSES = {code: {"model": ErrorOut, "description": text} for code, text
     415: "unsupported content type",
     503: "at capacity or a replica is restarting: retry after a moment",
 }.items()}
-FEEDBACK_ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in {
-    400: "not JSON, no face_id, or an age that is not a number in 0-120",
+CORRECTION_ERRORS = {code: {"model": ErrorOut, "description": text} for code, text in {
+    400: f"not JSON, no face_id, or an age that is not a number in 0-{MAX_AGE}",
     404: "corrections are off, or the face id is unknown or expired",
     413: "a body over 4 KiB",
     415: "not application/json",
     503: "the store is restarting or the folder is locked: retry after a moment",
-    507: "the feedback folder's disk is full; nothing was stored",
+    507: "the corrections folder's disk is full; nothing was stored",
 }.items()}
+# POST /corrections (and /feedback, its deprecated alias): a JSON body, its answer and errors.
+CORRECTION_ROUTE = {"response_model": CorrectionOut, "responses": CORRECTION_ERRORS,
+                    "openapi_extra": {"requestBody": {"required": True, "content": {
+                        "application/json": {"schema": CorrectionIn.model_json_schema()}}}}}

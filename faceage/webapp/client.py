@@ -127,7 +127,7 @@ def _check_result(body: Any, url: str) -> dict:
 
 
 class ServeClient:
-    """Calls one Serve endpoint: ``predict`` for photos and frames, ``feedback`` for
+    """Calls one Serve endpoint: ``predict`` for photos and frames, ``correct`` for
     corrections, ``health`` and ``model``.
 
     ``predict`` rides out Serve's load shedding and a lost Ingress (``predict_retry``: ``retries``
@@ -199,11 +199,11 @@ class ServeClient:
                                  headers={"Content-Type": content_type})
         return _check_result(self._json(response), response.url)
 
-    def feedback(self, face_id: str, age: float) -> dict:
-        """``POST /feedback``: store ``age`` as the actual age of the face ``face_id`` names (an
-        id from a /predict answer's ``feedback.face_ids``). Not retried: a correction is sent
-        once; a 404 (corrections off, or the face forgotten) raises ``ServeError``."""
-        response = self._request("POST", "/feedback", json={"face_id": face_id, "age": age})
+    def correct(self, face_id: str, age: float) -> dict:
+        """``POST /corrections``: store ``age`` as the true age of the face ``face_id`` names
+        (an id from a /predict answer's ``corrections.face_ids``). Not retried: a correction is
+        sent once; a 404 (corrections off, or the face forgotten) raises ``ServeError``."""
+        response = self._request("POST", "/corrections", json={"face_id": face_id, "age": age})
         body = self._json(response)
         if not isinstance(body, dict) or "id" not in body:
             raise ServeError(f"{response.url} answered, but not with a stored correction",

@@ -74,7 +74,7 @@ def shrink(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 def face_thumbnail(rgb: np.ndarray, box: Sequence[float], height: int = 96,
                    margin: float = 0.2) -> np.ndarray:
     """The face in ``box`` (widened by ``margin`` of its size on each side), ``height`` px high:
-    which face an 'actual age' input is about."""
+    which face a correction input is about."""
     h, w = rgb.shape[:2]
     x1, y1, x2, y2 = (float(v) for v in box)
     mx, my = (x2 - x1) * margin, (y2 - y1) * margin

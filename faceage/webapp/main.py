@@ -26,8 +26,8 @@ from faceage.inference.images import load_photo  # (Pillow only; no torch)
 from faceage.webapp.client import ServeClient, ServeError, normalise_url, serve_url_from_env
 from faceage.webapp.corrections import (
     correction_form,
+    corrections_settings,
     face_ids,
-    feedback_settings,
     privacy_note,
 )
 from faceage.webapp.draw import draw_frame, encode_image, face_thumbnail, interval_text, shrink
@@ -191,8 +191,8 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
 
 
 def photo_corrections(url: str, key: str, rgb, faces: list[dict], ids: list[str]) -> None:
-    """An 'actual age' input per face, when Serve takes corrections and named the faces."""
-    settings = feedback_settings(serve_health(url))
+    """A correction input per face, when Serve takes corrections and named the faces."""
+    settings = corrections_settings(serve_health(url))
     if settings is None or not ids:
         return
     privacy_note(settings)
@@ -299,7 +299,7 @@ def run_annotation(url: str, data: bytes, name: str, every_nth: int, in_flight: 
 
 
 def show_video_result(url: str | None, digest: str, name: str, result) -> None:
-    """The annotated video, its download, the faces followed and their 'Actual age' inputs."""
+    """The annotated video, its download, the faces followed and their correction inputs."""
     with st.container(key="video-result"):
         st.success(f"{result.frames} frames ({result.analysed} analysed by Serve) in "
                    f"{result.seconds:.1f} s: {result.frames_per_second:.1f} frames/s.")
@@ -316,7 +316,7 @@ def show_video_result(url: str | None, digest: str, name: str, result) -> None:
                       for row in result.faces], hide_index=True)
         else:
             st.info("No face found in the analysed frames.")
-        settings = feedback_settings(serve_health(url)) if url else None
+        settings = corrections_settings(serve_health(url)) if url else None
         if settings is not None and result.corrections:
             privacy_note(settings)
             st.caption("Each face is sent as it was in the frame where it was detected most "

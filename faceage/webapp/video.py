@@ -122,7 +122,7 @@ def analyse_frame(client: ServeClient, rgb: np.ndarray, max_side: int) -> dict:
     small, scale = shrink(rgb, max_side)
     result = client.predict(encode_jpeg(small))
     faces = scale_faces(result["faces"], 1 / scale)
-    ids = (result.get("feedback") or {}).get("face_ids") or []
+    ids = (result.get("corrections") or {}).get("face_ids") or []
     if len(ids) == len(faces):
         for face, face_id in zip(faces, ids, strict=True):
             face["face_id"] = face_id

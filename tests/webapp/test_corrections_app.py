@@ -1,5 +1,5 @@
-"""The web app's 'actual age' inputs in a real Chromium: a correction typed under a photo (and
-under a video's followed face) ends up in the session Serve's feedback folder.
+"""The web app's correction inputs in a real Chromium: a correction typed under a photo (and
+under a video's followed face) ends up in the session Serve's corrections folder.
 
 The set-up of tests/webapp/test_app.py (Debian's Chromium, Streamlit on a free loopback port, the
 session's Serve), with two differences: this module runs a Streamlit of its own, and drives
@@ -32,7 +32,7 @@ artifacts, browser_tools, face_video = (test_app.artifacts, test_app.browser_too
 def app_url(browser_tools, serve_url, artifacts):
     """``app/main.py`` on a free loopback port, talking to the session's Serve."""
     port = free_port()
-    log = artifacts / "streamlit-feedback.log"
+    log = artifacts / "streamlit-corrections.log"
     proc = start_streamlit(port, serve_url, log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,7 +72,7 @@ def in_chromium(url: str, steps, screenshot: Path):
 
 
 def send_age(page, container, age: int) -> str:
-    """Type ``age`` into the container's first 'actual age' input, press Send; the entry id the
+    """Type ``age`` into the container's first correction input, press Send; the entry id the
     page reports."""
     form = container.locator('[class*="st-key-correct-"]').first
     form.wait_for()
@@ -94,7 +94,7 @@ def stored_row(folder: Path, entry: str) -> dict:
     return row
 
 
-def test_a_photo_correction_reaches_the_manifest(app_url, serve_feedback_dir, astronaut_path,
+def test_a_photo_correction_reaches_the_manifest(app_url, serve_corrections_dir, astronaut_path,
                                                 artifacts):
     def steps(page):
         upload(page, "photos", astronaut_path)
@@ -106,15 +106,15 @@ def test_a_photo_correction_reaches_the_manifest(app_url, serve_feedback_dir, as
         return note, entry, result.locator("table").inner_text(), exceptions
 
     note, entry, table, exceptions = in_chromium(app_url, steps,
-                                                 artifacts / "feedback-photo.png")
-    assert str(serve_feedback_dir) in note and "the model's answer and version" in note
-    row = stored_row(serve_feedback_dir, entry)
-    assert row["age"] == "41" and Image.open(serve_feedback_dir / row["path"]).format == "JPEG"
+                                                 artifacts / "corrections-photo.png")
+    assert str(serve_corrections_dir) in note and "the model's answer and version" in note
+    row = stored_row(serve_corrections_dir, entry)
+    assert row["age"] == "41" and Image.open(serve_corrections_dir / row["path"]).format == "JPEG"
     assert f"{float(row['predicted']):.1f}" in table
     assert exceptions == 0
 
 
-def test_a_video_face_correction_reaches_the_manifest(app_url, serve_feedback_dir, face_video,
+def test_a_video_face_correction_reaches_the_manifest(app_url, serve_corrections_dir, face_video,
                                                      artifacts):
     def steps(page):
         page.get_by_role("tab", name="Video").click()
@@ -127,7 +127,7 @@ def test_a_video_face_correction_reaches_the_manifest(app_url, serve_feedback_di
         result.wait_for(timeout=STEP_MS * 2)
         return send_age(page, result, 52), page.locator('[data-testid="stException"]').count()
 
-    entry, exceptions = in_chromium(app_url, steps, artifacts / "feedback-video.png")
-    row = stored_row(serve_feedback_dir, entry)
-    assert row["age"] == "52" and (serve_feedback_dir / row["path"]).is_file()
+    entry, exceptions = in_chromium(app_url, steps, artifacts / "corrections-video.png")
+    row = stored_row(serve_corrections_dir, entry)
+    assert row["age"] == "52" and (serve_corrections_dir / row["path"]).is_file()
     assert exceptions == 0

@@ -1,22 +1,24 @@
-"""Corrections from users as training data: the faces a server remembers for a while, and the
-feedback folder (aligned crops and ``manifest.csv``) that training and evaluation read.
+"""The corrections folder: users' corrections as training data, in the one format the server
+writes and ``faceage corrections``, training and evaluation read.
 
-A served prediction keeps each face's aligned crop and the model's answer in a ``FaceMemory``
-(the last N faces, each for a limited time); a correction, ``FeedbackFolder.add``, writes that
-crop as a JPEG next to the manifest and appends one row, under a file lock. The manifest is a
-faceage CSV manifest: ``path,age`` plus columns the readers keep and ignore (``predicted``,
-``predicted_low``, ``predicted_high``, ``model_name``, ``model_version``, ``time``, ``id``). The
-crops are already framed by the served model's crop policy, so the folder is a ``manifest``
-source (images used whole), not a ``csv`` one (photos, detected again):
+A correction, ``CorrectionFolder.add``, writes the aligned crop of a served face (a
+``RememberedFace``: the crop and the model's answer, which the server's ``CorrectionStore`` held,
+faceage/serving/corrections.py) as a JPEG next to the manifest and appends one row, under a file
+lock. The manifest is a faceage CSV manifest: ``path,age`` plus columns the readers keep and
+ignore (``predicted``, ``predicted_low``, ``predicted_high``, ``model_name``, ``model_version``,
+``time``, ``id``). The crops are already framed by the served model's crop policy, so the folder
+is a ``manifest`` source (images used whole), not a ``csv`` one (photos, detected again):
 
     data.sources: [{format: manifest, path: DIR/manifest.csv}]      # faceage train
     faceage evaluate --model M --data manifest:DIR/manifest.csv     # the model's error on them
-    faceage feedback list DIR | faceage feedback delete DIR ID... | --all
+    faceage corrections list DIR | faceage corrections delete DIR ID... | --all
+
+Plumbing, not the data layer: the Serve application writes it, and Serve imports no data module
+(pyproject.toml's ``serving`` contract). OpenCV and filelock only: no torch, no pandas.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import errno
 import io
@@ -25,9 +27,7 @@ import os
 import re
 import secrets
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,8 +44,8 @@ JPEG_QUALITY = 95
 LOCK_TIMEOUT_S = 30.0
 
 
-class FeedbackError(UserError):
-    """A correction or a feedback folder that cannot be used; ``status`` is its HTTP status."""
+class CorrectionError(UserError):
+    """A correction or a corrections folder that cannot be used; ``status`` is its HTTP status."""
 
     def __init__(self, message: str, *, status: int = 400):
         super().__init__(message)
@@ -58,18 +58,20 @@ def new_face_id() -> str:
 
 
 def check_age(value) -> float:
-    """``value`` as an age in years, 0-120; anything else is a ``FeedbackError`` (400)."""
+    """``value`` as an age in years, 0 to ``MAX_AGE``; anything else is a ``CorrectionError``
+    (400)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FeedbackError(f"age {value!r} is not a number; give the person's age in years "
-                            f"(0-{MAX_AGE})")
+        raise CorrectionError(f"age {value!r} is not a number; give the person's age in years "
+                              f"(0-{MAX_AGE})")
     if not math.isfinite(value) or not 0 <= value <= MAX_AGE:
-        raise FeedbackError(f"age {value!r} is outside 0-{MAX_AGE}; give the person's age in "
-                            "years")
+        raise CorrectionError(f"age {value!r} is outside 0-{MAX_AGE}; give the person's age "
+                              "in years")
     return float(value)
 
 
 def encode_crop(rgb) -> bytes:
-    """JPEG bytes of an aligned RGB crop (what the folder stores, and what memory holds)."""
+    """JPEG bytes of an aligned RGB crop: what the folder stores and the server's face memory
+    holds."""
     import cv2
 
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
@@ -91,50 +93,6 @@ class RememberedFace:
     model_version: str
 
 
-class FaceMemory:
-    """The last ``capacity`` faces by id, each for at most ``keep_s`` seconds (thread-safe)."""
-
-    def __init__(self, capacity: int = 2048, keep_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.capacity = capacity
-        self.keep_s = keep_s
-        self._clock = clock
-        self._faces: OrderedDict[str, tuple[float, RememberedFace]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._faces)
-
-    def remember(self, face_id: str, face: RememberedFace) -> None:
-        now = self._clock()
-        with self._lock:
-            self._faces[face_id] = (now, face)
-            self._faces.move_to_end(face_id)
-            while len(self._faces) > self.capacity:
-                self._faces.popitem(last=False)
-            while self._faces:  # the oldest first: stop at the first one still fresh
-                first = next(iter(self._faces.values()))
-                if now - first[0] <= self.keep_s:
-                    break
-                self._faces.popitem(last=False)
-
-    def recall(self, face_id: str) -> RememberedFace:
-        """The face ``face_id`` names; unknown, forgotten or expired: ``FeedbackError`` (404)."""
-        with self._lock:
-            entry = self._faces.get(face_id)
-            if entry is not None and self._clock() - entry[0] > self.keep_s:
-                del self._faces[face_id]
-                entry = None
-            if entry is not None:
-                self._faces.move_to_end(face_id)
-        if entry is None:
-            raise FeedbackError(
-                f"face {face_id!r} is not known here: the server keeps the faces of its last "
-                f"{self.capacity} answers for {self.keep_s:.0f} s. Send the photo to /predict "
-                "again and correct the face id of that answer.", status=404)
-        return entry[1]
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -150,11 +108,11 @@ def _csv_text(rows: Iterable[dict], header: bool) -> str:
     return out.getvalue()
 
 
-class FeedbackFolder:
+class CorrectionFolder:
     """A folder of corrections: ``manifest.csv`` and one ``ID.jpg`` crop per row.
 
     Every change happens under ``manifest.csv.lock`` (a file lock: threads and processes, the
-    server and ``faceage feedback delete``); a crop is written to a temporary file and renamed,
+    server and ``faceage corrections delete``); a crop is written to a temporary file and renamed,
     a row appended (and cut back off if the write fails), a rewrite made in a temporary file and
     renamed, so a full disk or a crash leaves no partial crop or row.
     """
@@ -167,8 +125,9 @@ class FeedbackFolder:
         if create:
             self._create()
         elif not self.manifest.is_file():
-            raise FeedbackError(f"{self.root} is not a feedback folder (it has no {MANIFEST}); "
-                                "name the folder the server was started with (--feedback-dir)")
+            raise CorrectionError(f"{self.root} is not a corrections folder (it has no "
+                                  f"{MANIFEST}); name the folder the server was started with "
+                                  "(--corrections-dir)")
 
     def _create(self) -> None:
         try:
@@ -187,20 +146,21 @@ class FeedbackFolder:
         try:
             lock.acquire()
         except Timeout:
-            raise FeedbackError(f"{self.manifest} stayed locked for {self.lock_timeout:.0f} s "
-                                "(another process is changing it); try again", status=503) from None
+            raise CorrectionError(f"{self.manifest} stayed locked for {self.lock_timeout:.0f} "
+                                  "s (another process is changing it); try again",
+                                  status=503) from None
         try:
             yield
         finally:
             lock.release()
 
-    def _os_error(self, exc: OSError, doing: str) -> FeedbackError:
+    def _os_error(self, exc: OSError, doing: str) -> CorrectionError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return FeedbackError(f"the disk of the feedback folder {self.root} is full; nothing "
-                                 "was stored. Free some space there and send it again.",
-                                 status=507)
-        return FeedbackError(f"cannot {doing} the feedback folder {self.root}: "
-                             f"{exc.strerror or exc}", status=500)
+            return CorrectionError(f"the disk of the corrections folder {self.root} is full; "
+                                   "nothing was stored. Free some space there and send it "
+                                   "again.", status=507)
+        return CorrectionError(f"cannot {doing} the corrections folder {self.root}: "
+                               f"{exc.strerror or exc}", status=500)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -210,8 +170,8 @@ class FeedbackFolder:
             with open(self.manifest, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames != COLUMNS:
-                    raise FeedbackError(f"{self.manifest} has columns {reader.fieldnames}, not "
-                                        f"a feedback manifest's {COLUMNS}", status=500)
+                    raise CorrectionError(f"{self.manifest} has columns {reader.fieldnames}, "
+                                          f"not a corrections manifest's {COLUMNS}", status=500)
                 return list(reader)
         except OSError as exc:
             raise self._os_error(exc, "read") from None
@@ -267,7 +227,7 @@ class FeedbackFolder:
         the first. Returns the row and whether it replaced one."""
         age = check_age(age)
         if not FACE_ID.match(face_id):
-            raise FeedbackError(f"face id {face_id!r} is not one this server gives", status=404)
+            raise CorrectionError(f"face id {face_id!r} is not one this server gives", status=404)
         stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
         row = {"path": f"{face_id}.jpg", "age": f"{age:g}", "predicted": f"{face.predicted:g}",
                "predicted_low": f"{face.low:g}", "predicted_high": f"{face.high:g}",
@@ -291,7 +251,7 @@ class FeedbackFolder:
 
     def delete(self, ids: Iterable[str] = (), everything: bool = False) -> list[str]:
         """Remove the entries ``ids`` (or all of them): rows first, then their crops. An id
-        that is not there deletes nothing and raises ``FeedbackError``."""
+        that is not there deletes nothing and raises ``CorrectionError``."""
         wanted = set(ids)
         try:
             with self._locked():
@@ -299,9 +259,9 @@ class FeedbackFolder:
                 present = {r["id"] for r in rows}
                 missing = sorted(wanted - present)
                 if missing and not everything:
-                    raise FeedbackError(f"no entries {', '.join(missing)} in {self.manifest}; "
-                                        "nothing was deleted (`faceage feedback list "
-                                        f"{self.root}` shows the ids)")
+                    raise CorrectionError(f"no entries {', '.join(missing)} in {self.manifest}; "
+                                          "nothing was deleted (`faceage corrections list "
+                                          f"{self.root}` shows the ids)")
                 gone = rows if everything else [r for r in rows if r["id"] in wanted]
                 self._rewrite([] if everything else [r for r in rows if r["id"] not in wanted])
                 files = [self.root / r["path"] for r in gone]
@@ -315,62 +275,3 @@ class FeedbackFolder:
         except OSError as exc:
             raise self._os_error(exc, "change") from None
         return [r["id"] for r in gone]
-
-
-# -- `faceage feedback` ----------------------------------------------------------------------------
-
-
-def add_feedback_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = sub.add_parser("list", help="the corrections in a feedback folder",
-                        description="List the corrections (id, age given, the model's answer, "
-                                    "model, time) and the model's error on them.")
-    ls.add_argument("folder", type=Path, help="the folder the server stores corrections in")
-    rm = sub.add_parser("delete", help="delete corrections: their rows and crops",
-                        description="Delete corrections by id (or all of them): the manifest "
-                                    "row and the face crop.")
-    rm.add_argument("folder", type=Path, help="the folder the server stores corrections in")
-    rm.add_argument("ids", nargs="*", metavar="ID", help="entry ids (`faceage feedback list`)")
-    rm.add_argument("--all", action="store_true", help="delete every correction")
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
-
-
-def list_entries(folder: FeedbackFolder, out=print) -> None:
-    """Print the folder's corrections as a table, then the model's error on them."""
-    rows = folder.rows()
-    out(f"{len(rows)} correction{'s' * (len(rows) != 1)} in {folder.manifest}")
-    if not rows:
-        return
-    out(f"{'id':<16}  {'age':>5}  {'model said':>10}  {'interval':>11}  {'model':<28}  time")
-    for r in rows:
-        interval = f"{_float(r['predicted_low']):.0f}-{_float(r['predicted_high']):.0f}"
-        model = f"{r['model_name']} {r['model_version']}".strip()
-        out(f"{r['id']:<16}  {_float(r['age']):>5.1f}  {_float(r['predicted']):>10.1f}  "
-            f"{interval:>11}  {model[:28]:<28}  {r['time']}")
-    errors = [abs(_float(r["predicted"]) - _float(r["age"])) for r in rows]
-    inside = sum(_float(r["predicted_low"]) <= _float(r["age"]) <= _float(r["predicted_high"])
-                 for r in rows)
-    out(f"the models' mean absolute error on them: {sum(errors) / len(errors):.2f} years; "
-        f"{inside} of {len(rows)} ages inside the model's interval")
-    out(f"train on them: data.sources: [{{format: manifest, path: {folder.manifest}}}]")
-
-
-def run_feedback_command(args: argparse.Namespace, out=print) -> int:
-    """``faceage feedback list|delete``."""
-    folder = FeedbackFolder(args.folder)
-    if args.action == "list":
-        list_entries(folder, out)
-        return 0
-    if args.all == bool(args.ids):
-        raise FeedbackError("name the entries to delete (ids from `faceage feedback list`), or "
-                            "--all for every one, not both")
-    gone = folder.delete(args.ids, everything=args.all)
-    out(f"deleted {len(gone)} correction{'s' * (len(gone) != 1)} (rows and crops) from "
-        f"{folder.root}")
-    return 0
