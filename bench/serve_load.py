@@ -47,7 +47,8 @@ import psutil
 import requests
 
 from faceage import DEFAULT_MODEL_PATH
-from faceage.config import add_set_argument, parse_override
+from faceage.arguments import add_set_argument
+from faceage.config import parse_override
 from faceage.runtime import apply_ray_env_defaults
 from faceage.serving.local import LocalServe
 from faceage.webapp.client import ServeError, StreamClient

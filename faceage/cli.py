@@ -34,7 +34,7 @@ COMMAND_TABLE = (
     Command("train", "train a model with Ray Train and export it",
             "Train with Ray Train (progressive unfreezing) and export the best checkpoint as a "
             "model file.",
-            "faceage.config:add_train_arguments", "faceage.training.driver:run_train_command"),
+            "faceage.arguments:add_train_arguments", "faceage.training.driver:run_train_command"),
     Command("tune", "compare backbones and schedules with Ray Tune (ASHA)",
             "Ray Tune over training runs (one TorchTrainer per trial, ASHA on val MAE); writes "
             "a results table, a plot and the best trial's model file.",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,6 +246,10 @@ class TrainConfig(StrictModel):
                                   "the last epoch, and at least every N epochs")
     checkpoint_minutes: float = Field(10.0, gt=0, description="... and N minutes after the last")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs, tests)")
+    consistency: float = Field(
+        0.0, ge=0.0, description="train on two augmented views of every image (another crop, "
+        "tilt, mirror) and add this times their mean age difference in years: a face and its "
+        "mirror, or two framings of it, read the same; doubles each step's work (0: off)")
     stop_patience: int | None = Field(
         None, ge=1, description="end the last stage once val MAE has not improved for this "
                                 "many of its epochs (null: every planned epoch runs)")
@@ -392,17 +395,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def add_set_argument(p: argparse.ArgumentParser,
-                     help: str = "override a setting, e.g. train.batch_size=32") -> None:
-    """The one ``--set`` option: ``--set a=1 b=2`` and ``--set a=1 --set b=2`` alike give
-    ``args.overrides == ["a=1", "b=2"]``, each item read by ``parse_override``."""
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                   metavar="KEY=VALUE", help=help)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """``--config FILE`` and ``--set KEY=VALUE ...`` as ``faceage train`` takes them."""
-    p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    add_set_argument(p)

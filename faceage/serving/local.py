@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from faceage import bundled_path, compat
-from faceage.config import add_set_argument, parse_override
+from faceage.arguments import add_set_argument
+from faceage.config import parse_override
 from faceage.errors import UserError
 from faceage.runtime import (
     REPO_ROOT,

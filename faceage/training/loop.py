@@ -100,14 +100,41 @@ class StepContext:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch: int, loss_fn,
-                    ctx: StepContext, augment: BatchAugment,
-                    max_steps: int | None) -> dict[str, float]:
-    """One pass over ``loader``: uint8 batches are augmented on the device, then a step each."""
-    model.train()
-    schedule.apply(model, schedule.stage_at(epoch))
+def step_loss(model, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, loss_fn,
+              ctx: StepContext, consistency: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's loss and the predictions of each image's (first) view.
+
+    With ``consistency`` above 0, ``x`` holds two views of every image (all first views, then
+    all second ones, each augmented on its own: another crop, tilt, mirror, colour): both are
+    trained on, and ``consistency`` times their mean difference in years is added, so a face
+    reads the same however it is framed or mirrored (stability training)."""
     inner = _inner(model)
     laplace = getattr(inner, "uncertainty", "none") == "laplace"
+    views = 2 if consistency > 0 else 1
+    low, high = low.repeat(views), high.repeat(views)
+    with ctx.autocast():
+        if laplace:
+            pred, log_scale = model(x, with_log_scale=True)
+        else:
+            pred = model(x)
+    loss = range_loss(loss_fn, pred.float(), low, high)
+    if laplace:
+        # The age's loss is the configured one; the scale adds a term on the detached error
+        # (for a range row, the censored likelihood of the range).
+        loss = loss + laplace_range_nll(pred, log_scale, low, high, inner.age_std)
+    if views == 2:
+        first, second = pred.float().chunk(2)
+        loss = loss + consistency * (first - second).abs().mean()
+    return loss, pred[:len(pred) // views]
+
+
+def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch: int, loss_fn,
+                    ctx: StepContext, augment: BatchAugment,
+                    max_steps: int | None, consistency: float = 0.0) -> dict[str, float]:
+    """One pass over ``loader``: uint8 batches are augmented on the device, then a step each
+    (``consistency``: two views of each image, ``step_loss``)."""
+    model.train()
+    schedule.apply(model, schedule.stage_at(epoch))
     total_loss = total_abs = 0.0
     seen = 0
     data_seconds = 0.0
@@ -117,19 +144,12 @@ def train_one_epoch(model, loader, optimizer, schedule: UnfreezeSchedule, epoch:
         if max_steps is not None and step >= max_steps:
             break
         schedule.set_lrs(optimizer, epoch, step)
-        x = ctx.memory_format(augment(ctx.to_device(images)))
+        images = ctx.to_device(images)
+        x = augment(images) if consistency <= 0 else torch.cat([augment(images), augment(images)])
+        x = ctx.memory_format(x)
         low, high = age_bounds(ctx.to_device(targets))
         data_seconds += time.perf_counter() - tick
-        with ctx.autocast():
-            if laplace:
-                pred, log_scale = model(x, with_log_scale=True)
-            else:
-                pred = model(x)
-        loss = range_loss(loss_fn, pred.float(), low, high)
-        if laplace:
-            # The age's loss is the configured one; the scale adds a term on the detached error
-            # (for a range row, the censored likelihood of the range).
-            loss = loss + laplace_range_nll(pred, log_scale, low, high, inner.age_std)
+        loss, pred = step_loss(model, x, low, high, loss_fn, ctx, consistency)
         optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
             ctx.scaler.scale(loss).backward()

@@ -262,7 +262,7 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
         # Seeded per epoch and worker: a resumed epoch draws the augmentations it would have.
         torch.manual_seed((run.cfg.seed * 100_003 + epoch) * 1_009 + run.rank)
         stats = train_one_epoch(wrapped, run.loader, optimizer, run.schedule, epoch, loss_fn,
-                                run.ctx, run.augment, run.steps)
+                                run.ctx, run.augment, run.steps, run.cfg.train.consistency)
         loss_sum, abs_sum, images = sum_across(
             [stats["loss_sum"], stats["abs_sum"], stats["images"]], run.world)
         val, calibration, band = validate(run)

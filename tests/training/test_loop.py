@@ -282,3 +282,27 @@ def test_the_last_stage_stops_once_val_mae_stops_falling():
     assert not stops_early(history(6.0, 6.1, stage=1), 2, 1)  # not yet in the last stage
     # The earlier stages' better val MAE does not count against the last stage.
     assert not stops_early(history(7.0, 6.9, earlier=(5.0, 4.0)), 2, 1)
+
+
+def test_consistency_trains_both_views_and_penalises_their_difference():
+    """``train.consistency``: two views of each image in one forward pass; the loss is both
+    views' own loss plus the weight times their mean age difference."""
+    from faceage.models.network import build_model
+    from faceage.training.loop import StepContext, make_loss, step_loss
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", "none", head_hidden=8, dropout=0.0,
+                        uncertainty="none").eval()
+    ctx = StepContext(torch.device("cpu"), None, channels_last=False, scaler=None)
+    views = torch.randn(6, 3, 32, 32)  # 3 images: first views, then second views
+    ages = torch.tensor([20.0, 40.0, 60.0])
+    loss_fn = make_loss("l1")
+    with torch.no_grad():
+        pred = model(views)
+        loss, first = step_loss(model, views, ages, ages, loss_fn, ctx, consistency=0.5)
+        plain, alone = step_loss(model, views[:3], ages, ages, loss_fn, ctx, consistency=0.0)
+    assert torch.allclose(first, pred[:3]) and torch.allclose(alone, pred[:3])
+    own = (pred - ages.repeat(2)).abs().mean()
+    gap = (pred[:3] - pred[3:]).abs().mean()
+    assert float(loss) == pytest.approx(float(own + 0.5 * gap), rel=1e-5)
+    assert float(plain) == pytest.approx(float((pred[:3] - ages).abs().mean()), rel=1e-5)

@@ -315,8 +315,8 @@ def test_set_takes_several_items_after_one_flag_or_one_per_flag(command):
     ``--set`` (faceage.config.add_set_argument)."""
     import argparse
 
+    from faceage.arguments import add_set_argument
     from faceage.cli import build_parser
-    from faceage.config import add_set_argument
 
     parser = build_parser(command)
     assert parser.parse_args([command, "--set", "a=1", "b=2"]).overrides == ["a=1", "b=2"]

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from faceage.config import Config, add_set_argument
+from faceage.arguments import add_set_argument
+from faceage.config import Config
 from faceage.errors import TrainingFailed
 from faceage.training.checkpoints import METRIC
 from faceage.training.tune.plan import (
