@@ -12,6 +12,7 @@ from pathlib import Path
 
 from faceage import DEFAULT_MODEL_PATH, __version__, bundled_path
 from faceage.errors import TrainingFailed, UserError
+from faceage.inference.model_metadata import model_file_metadata
 from faceage.runtime import apply_ray_env_defaults
 
 
@@ -73,36 +74,6 @@ def _function(name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-
-
-def model_file_metadata(path: Path) -> dict:
-    """A model file's metadata without torch: the JSON string inside ``torch.save``'s zip.
-
-    The pickle is read with every class it names replaced by an inert stand-in, so nothing the
-    file names is imported or run (the tensors are skipped, not rebuilt)."""
-    import io
-    import json
-    import pickle
-    import zipfile
-
-    class Inert(dict):
-        def __setstate__(self, state):
-            pass
-
-    def inert(*_args, **_kwargs):
-        return Inert()
-
-    class MetadataOnly(pickle.Unpickler):
-        def find_class(self, module, name):
-            return inert
-
-        def persistent_load(self, pid):
-            return None
-
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-        blob = MetadataOnly(io.BytesIO(archive.read(min(pickles, key=len)))).load()
-    return json.loads(blob["metadata_json"])
 
 
 def version_text() -> str:

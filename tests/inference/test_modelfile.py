@@ -221,3 +221,10 @@ def test_a_flip_averaged_model_reads_a_face_and_its_mirror_the_same_on_every_rou
     assert by_default.tta is True
     assert FacePipeline(load_model_file(flip_path), no_face="whole", tta=False).tta is False
     assert FacePipeline(load_model_file(model_path), no_face="whole").tta is False
+
+
+def test_metadata_reads_without_torch_as_the_loader_reads_it(model_path):
+    """``faceage --version`` reads the model's name and version without importing torch."""
+    from faceage.inference.model_metadata import model_file_metadata
+
+    assert model_file_metadata(model_path) == load_model_file(model_path).metadata
