@@ -36,19 +36,20 @@ class Preflight:
     resuming: bool
 
 
-def preflight(cfg: Config) -> Preflight:
+def preflight(cfg: Config, data: RunData | None = None) -> Preflight:
     """Every check that needs neither Ray nor decoded images, in one place; creates nothing.
 
     A relative path inside a Ray job, object storage, an unknown backbone, unavailable
     pretrained weights, stages naming groups the backbone lacks, missing or empty data, too
     little data for the batch size and an incompatible earlier run of the same name all end
-    here with one message.
+    here with one message. ``data``: the run data already read for these same ``cfg.data``
+    settings (Tune's trials of one data shape), else it is read here.
     """
     check_job_paths(cfg)
     cfg = cfg.with_absolute_paths()
     check_storage_path(cfg)
     check_model_and_schedule(cfg)
-    data = RunData.read(cfg.data)
+    data = data if data is not None else RunData.read(cfg.data)
     check_split_counts(cfg, data.table)
     return Preflight(cfg, data, check_resume_compatible(cfg, cfg.run_dir()))
 

@@ -317,6 +317,7 @@ def check_trials_buildable(plan: TunePlan) -> None:
     discrete = [d for d in plan.dims if d.kind not in ("uniform", "loguniform")]
     fixed = {d.key: d.candidates()[0] for d in plan.dims if d not in discrete}
     seen: set[str] = set()
+    read: dict[str, Any] = {}  # the run data of each data shape, read once
     with tempfile.TemporaryDirectory(prefix="faceage-tune-") as tmp:
         for combo in itertools.product(*(d.candidates() for d in discrete)):
             params = {**fixed, **dict(zip([d.key for d in discrete], combo, strict=True))}
@@ -325,8 +326,10 @@ def check_trials_buildable(plan: TunePlan) -> None:
             if shape in seen:
                 continue
             seen.add(shape)
+            data_key = json.dumps(cfg.with_absolute_paths().data.model_dump(mode="json"),
+                                  sort_keys=True)
             try:
-                preflight(cfg)
+                read[data_key] = preflight(cfg, read.get(data_key)).data
             except UserError as exc:
                 named = ", ".join(f"{k}={v}" for k, v in params.items()) or "the base settings"
                 raise UserError(f"trials with {named}: {exc}") from None
