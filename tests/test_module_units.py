@@ -176,10 +176,13 @@ def test_learning_curves_and_tune_table():
     assert path.read_bytes()[:4] == b"\x89PNG"
     table = pd.DataFrame([{"trial": "t1", "backbone": "mobilenet_v2", "params": "lr 1",
                            "best_val_mae": 5.25, "best_epoch": 3, "epochs_run": 3,
-                           "epochs_planned": 4, "time_s": 61.0, "status": "completed"}])
+                           "epochs_planned": 4, "time_s": 61.0, "status": "completed",
+                           "images_per_s": 118.6}])
     md = markdown_table(table)
     assert md.splitlines()[0].startswith("| trial | backbone")
-    assert "| t1 | mobilenet_v2 | lr 1 | 5.25 | 3 | 3/4 | 61 | completed |" in md
+    assert "| t1 | mobilenet_v2 | lr 1 | 5.25 | 119 | 3 | 3/4 | 61 | completed |" in md
+    # A table from before the speed column still renders.
+    assert "| 5.25 | - | 3 |" in markdown_table(table.drop(columns="images_per_s"))
 
 
 # -- webapp ---------------------------------------------------------------------------------------
