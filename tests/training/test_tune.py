@@ -146,6 +146,8 @@ def test_tiny_search_writes_table_plot_and_best_model(ray_local, tiny_utkface, t
     ({"space": {"model": {"grid": [{"backbone": "vgg11"}]}}}, "unknown backbone 'vgg11'"),
     ({"space": {"model": {"grid": [{"input_size": 8}]}}},
      "model.input_size: Input should be greater than or equal"),
+    ({"space": {"data": {"balance": {"strength": {"grid": [0.25, 0.5]}}}}},
+     "'data.balance.strength' is searched inside a section; give it as one dotted key"),
 ])
 def test_bad_search_space_stops_before_any_trial(tiny_utkface, tmp_path, change, message):
     settings = tiny_tune(tiny_utkface, tmp_path / "runs", tmp_path / "cache")

@@ -184,7 +184,22 @@ def _section_dimension(key: str, spec: Any) -> Dimension:
     if not isinstance(values, list) or not values or not all(isinstance(v, dict) for v in values):
         raise UserError(f"space.{key}: a whole section takes mappings of its settings, as a "
                         f"value, a list or {{grid: [...]}}; got {spec!r}")
+    for value in values:
+        inner = _nested_search(value, key)
+        if inner:  # e.g. --set space.data.balance.strength={grid: [...]} nests the dotted key
+            raise UserError(f"space.{key}: {inner!r} is searched inside a section; give it as "
+                            f"one dotted key of the space, {inner!r}: {{grid: [...]}}")
     return Dimension(key, kind, list(values))
+
+
+def _nested_search(value: Any, path: str) -> str | None:
+    """The dotted path of a search ({grid: ...}, {choice: ...}, a range) inside ``value``."""
+    if not isinstance(value, dict):
+        return None
+    if len(value) == 1 and next(iter(value)) in ("grid", "choice", "uniform", "loguniform"):
+        return path
+    return next((found for k, v in value.items() if (found := _nested_search(v, f"{path}.{k}"))),
+                None)
 
 
 def trial_config(base: Config, params: dict[str, Any], schedules: dict[str, list[dict]],
