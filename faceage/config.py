@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from faceage.errors import UserError
+from faceage.yaml_settings import apply_overrides, read_yaml_mapping
 
 # The oldest age a label or a correction may give.
 MAX_AGE = 120
@@ -323,41 +324,6 @@ class Config(StrictModel):
         return out
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``dotted.key=value`` → (``["dotted", "key"]``, value parsed as YAML).
-
-    The one ``--set`` syntax of ``faceage train``, ``faceage tune`` and
-    ``python -m faceage.serving.local``: the value is YAML, so ``3``, ``1e-4``, ``true``,
-    ``[a, b]`` and ``{k: v}`` get their types and anything YAML cannot read stays a string.
-    """
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts):
-        raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, "
-                        "e.g. --set train.batch_size=32")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    return [p.strip() for p in parts], value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a raw config dict (in place) and return it."""
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
@@ -367,19 +333,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"  {where}: {err['msg']}")
         raise UserError("\n".join(lines)) from None
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file holding a mapping; every way it can be wrong is one ``UserError``."""
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of settings at the top level")
-    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -30,7 +30,6 @@ import yaml
 
 from faceage import bundled_path, compat
 from faceage.arguments import add_set_argument
-from faceage.config import parse_override
 from faceage.errors import UserError
 from faceage.runtime import (
     REPO_ROOT,
@@ -47,6 +46,7 @@ from faceage.runtime import (
     wait_until,
 )
 from faceage.serving.environment import apply_serve_env
+from faceage.yaml_settings import parse_override
 
 DEFAULT_CONFIG = bundled_path("serve/config.yaml")
 READY = "faceage serve ready:"

@@ -329,3 +329,19 @@ def test_set_takes_several_items_after_one_flag_or_one_per_flag(command):
     add_set_argument(serve_like)
     assert serve_like.parse_args(["--set", "x=1", "--set", "y=2"]).overrides == ["x=1", "y=2"]
     assert serve_like.parse_args([]).overrides == []  # the default list is not shared
+
+
+def test_a_set_item_is_a_dotted_key_and_a_yaml_value():
+    from faceage.errors import UserError
+    from faceage.yaml_settings import apply_overrides, parse_override
+
+    assert parse_override("train.lr = 0.001") == (["train", "lr"], 0.001)
+    assert parse_override("a=[1, b]") == (["a"], [1, "b"])
+    assert parse_override("a=: x") == (["a"], ": x")  # not YAML: the text as it is
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_override("a..b=1")
+    raw = {"data": {"limit": 5}, "name": "x"}
+    assert apply_overrides(raw, ["data.limit=null", "model.input_size=64"]) == {
+        "data": {"limit": None}, "name": "x", "model": {"input_size": 64}}
+    with pytest.raises(UserError, match="'name' is not a section"):
+        apply_overrides(raw, ["name.first=1"])

@@ -23,11 +23,10 @@ from faceage.config import (
     Config,
     StageConfig,
     StrictModel,
-    apply_overrides,
     config_from_dict,
-    read_yaml_mapping,
 )
 from faceage.errors import UserError
+from faceage.yaml_settings import apply_overrides, read_yaml_mapping
 
 SPACE_KEYS = ("backbone", "pretrained", "input_size", "uncertainty", "lr_scale", "schedule",
               "loss")
