@@ -25,7 +25,7 @@ import requests
 
 from faceage import DEFAULT_MODEL_PATH
 from faceage.runtime import apply_ray_env_defaults
-from faceage.serving.local import LocalServe
+from faceage.serving.local_process import LocalServe
 from testkit.photos import phone_heic, phone_jpeg, small_jpeg
 
 MAX_BODY = 16 * 1024 * 1024

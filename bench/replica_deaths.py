@@ -31,7 +31,7 @@ import requests
 
 from faceage import DEFAULT_MODEL_PATH  # noqa: E402
 from faceage.runtime import apply_ray_env_defaults, wait_until  # noqa: E402
-from faceage.serving.local import LocalServe  # noqa: E402
+from faceage.serving.local_process import LocalServe  # noqa: E402
 from testkit.frames import webcam_jpegs
 from testkit.models import untrained_model_file
 

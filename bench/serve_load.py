@@ -49,7 +49,7 @@ import requests
 from faceage import DEFAULT_MODEL_PATH
 from faceage.arguments import add_set_argument
 from faceage.runtime import apply_ray_env_defaults
-from faceage.serving.local import LocalServe
+from faceage.serving.local_process import LocalServe
 from faceage.webapp.client import ServeError, StreamClient
 from faceage.yaml_settings import parse_override
 from testkit.frames import webcam_jpegs

@@ -172,7 +172,7 @@ def check_address_is_on_this_machine(address: str) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     """Start Ray, Serve and Streamlit; block until Ctrl-C or SIGTERM; stop all of them."""
-    from faceage.serving.local import LocalServe
+    from faceage.serving.local_process import LocalServe
 
     model = _model_path(args)
     address = os.environ.get("RAY_ADDRESS") or None
@@ -235,7 +235,7 @@ def _model_path(args: argparse.Namespace) -> Path:
 def _say_plan(args: argparse.Namespace, model: Path, address: str | None, ports: dict[str, int],
               overrides: dict[str, str], log_dir: Path) -> tuple[str, str | None]:
     """Print what is about to start and where; the Serve URL and the app's (None: no app)."""
-    from faceage.serving.local import DEFAULT_CONFIG
+    from faceage.serving.local_process import DEFAULT_CONFIG
 
     serve_url = f"http://{HOST}:{ports['--serve-port']}"
     app_url = None if args.no_app else f"http://{HOST}:{ports['--app-port']}"

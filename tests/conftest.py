@@ -125,7 +125,7 @@ def serve_app(serve_model_file, serve_corrections_dir, tmp_path_factory):
     Its own process and Ray instance, not the session's ``ray_local``: Serve holds CPUs for the
     whole session, which Ray Train's workers in the same instance would wait for.
     """
-    from faceage.serving.local import LocalServe
+    from faceage.serving.local_process import LocalServe
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     service = LocalServe({**SERVE_TEST_OVERRIDES, "args.model_path": str(serve_model_file),

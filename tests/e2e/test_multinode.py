@@ -55,7 +55,8 @@ def run_cluster() -> int:
     from ray.serve.schema import ServeDeploySchema
 
     from faceage import compat
-    from faceage.serving.local import DEFAULT_CONFIG, apply_overrides
+    from faceage.serving.local import apply_overrides
+    from faceage.serving.local_process import DEFAULT_CONFIG
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -14,7 +14,7 @@ from faceage.cli import main as faceage_main
 from faceage.inference.modelfile import load_model_file
 from faceage.models.backbones import BACKBONES
 from faceage.models.dlib_age import packaged_weights
-from faceage.serving.local import LocalServe
+from faceage.serving.local_process import LocalServe
 from testkit.served import assert_same_faces, cli_faces
 
 # (backbone, its published start, input size); the start is used where its package is installed.

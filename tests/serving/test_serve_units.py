@@ -34,7 +34,8 @@ def test_config_yaml_validates_and_fits_two_cores():
 
     from faceage.serving.app import ServeArgs
     from faceage.serving.deployments import BatchSettings
-    from faceage.serving.local import DEFAULT_CONFIG, apply_overrides
+    from faceage.serving.local import apply_overrides
+    from faceage.serving.local_process import DEFAULT_CONFIG
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config = ServeDeploySchema.model_validate(raw)
