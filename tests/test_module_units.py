@@ -146,6 +146,19 @@ def test_epoch_line_names_each_source():
     assert "[utk 5.00] [aaf 6.00] all 5.40" in line and "lr 1.0e-03" in line
 
 
+def test_start_line_says_what_a_fresh_run_trains():
+    import torch
+
+    from faceage.config import Config
+    from faceage.training.worker_setup import start_line
+
+    run_ = SimpleNamespace(cfg=Config(), ctx=SimpleNamespace(dtype=torch.bfloat16), total_epochs=2,
+                           steps=10, world=1, device=torch.device("cpu"),
+                           schedule=SimpleNamespace(describe=lambda: "  stage head: 1 epoch"))
+    assert start_line(run_) == ("[faceage] mobilenet_v2 @ 128px, 2 epochs x 10 steps of 64 x 1 "
+                                "worker(s) on cpu, precision bfloat16\n  stage head: 1 epoch")
+
+
 def test_report_summarises_exact_and_range_labels():
     from faceage.training.report import summarise
 
