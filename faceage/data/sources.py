@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from faceage.config import DataConfig
+from faceage.data.age_labels import with_age_range
 from faceage.data.readers import (
     FORMATS,
     UTKFACE_RACES,
@@ -30,7 +31,6 @@ from faceage.data.readers import (
     gender_name,
     read_prepared,
     take_limit,
-    with_age_range,
 )
 from faceage.data.split import split_by_key
 from faceage.errors import UserError

@@ -93,6 +93,18 @@ def test_missing_label_columns_are_named(tmp_path):
         read_manifest(csv)
 
 
+def test_labels_become_ranges_an_exact_age_its_own(tmp_path):
+    from faceage.data.age_labels import manifest_ages, with_age_range
+
+    rows = pd.DataFrame({"path": ["a", "b"], "age": [30, None], "age_low": [None, 7],
+                         "age_high": [None, 12]})
+    ages = manifest_ages(rows, tmp_path / "labels.csv")  # the path only names the file in errors
+    assert ages[["age", "age_low", "age_high"]].values.tolist() == [[30, 30, 30], [9.5, 7, 12]]
+    exact = with_age_range(pd.DataFrame({"age": [4, 50]}))
+    assert exact["age_low"].tolist() == exact["age_high"].tolist() == [4.0, 50.0]
+    assert with_age_range(ages).equals(ages)
+
+
 def test_mixed_rows_carry_their_ranges_to_the_table_and_split_csv(tmp_path, utkface_images):
     paths = utkface_images(tmp_path / "img", 4)
     csv = write_csv(tmp_path / "faces.csv", "path,age,age_low,age_high\n"
