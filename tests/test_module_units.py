@@ -210,6 +210,21 @@ def test_the_photo_table_rows():
                      "box": "10, 21, 110, 140"}]
 
 
+def test_the_interval_note_and_the_tabs_the_page_renders(monkeypatch):
+    from faceage.webapp import main, serve_status
+    from faceage.webapp.video_tab import VIDEO_TYPES, video_tab
+
+    health = {"ok": True, "model": {"interval": {"coverage": 0.8}}}
+    monkeypatch.setattr(serve_status, "serve_health", lambda url: health)
+    assert serve_status.interval_coverage("http://serve") == "80% of faces"
+    health = {"ok": False, "error": "down"}
+    assert serve_status.interval_coverage("http://serve") == "most faces"
+    digest = serve_status.upload_digest(b"photo")
+    assert len(digest) == 12 and digest == serve_status.upload_digest(b"photo")
+    assert digest != serve_status.upload_digest(b"another photo")
+    assert main.video_tab is video_tab and "mp4" in VIDEO_TYPES
+
+
 def test_correction_inputs_follow_what_serve_says():
     from faceage.webapp.corrections import corrections_settings, face_ids
 

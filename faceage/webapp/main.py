@@ -10,11 +10,9 @@ imports torch or loads a model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -23,7 +21,7 @@ from streamlit_webrtc import WebRtcMode, webrtc_streamer
 from faceage.errors import ImageError
 from faceage.inference.annotate import age_label, scale_faces  # (Pillow only)
 from faceage.inference.images import load_photo  # (Pillow only; no torch)
-from faceage.webapp.client import ServeClient, ServeError, normalise_url, serve_url_from_env
+from faceage.webapp.client import ServeError, normalise_url, serve_url_from_env
 from faceage.webapp.corrections import (
     correction_form,
     corrections_settings,
@@ -32,71 +30,29 @@ from faceage.webapp.corrections import (
 )
 from faceage.webapp.draw import draw_frame, encode_image, face_thumbnail, interval_text, shrink
 from faceage.webapp.live import LiveAnnotator
-from faceage.webapp.video import VideoError, annotate_video, probe_video, suggested_stride
+from faceage.webapp.serve_status import (
+    interval_coverage,
+    predict_photo,
+    serve_health,
+    serve_status,
+    upload_digest,
+)
+from faceage.webapp.video_tab import video_tab
 from faceage.webapp.webrtc_guard import disarm_orphan_check
 
 PHOTO_TYPES = ["jpg", "jpeg", "png", "webp", "heic", "heif", "avif", "bmp", "gif", "tif", "tiff"]
 # Photos are shown, drawn on and offered for download at most this long: a 12 MP phone photo
 # would cost seconds to draw and encode, and the page shows it smaller anyway.
 DISPLAY_SIDE = 1600
-VIDEO_TYPES = ["mp4", "mov", "m4v", "webm", "mkv", "avi"]
 WEBCAM_KEY = "webcam"
 ICE_SERVERS_ENV = "FACEAGE_ICE_SERVERS"
 DEFAULT_ICE_SERVERS = [{"urls": ["stun:stun.l.google.com:19302"]}]
-SLOW_HEALTH_S = 1.5
 LOGGER = logging.getLogger("faceage.app")
 if not LOGGER.handlers:  # Streamlit configures only its own loggers; ours go to stderr too
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     LOGGER.addHandler(_handler)
     LOGGER.setLevel(logging.INFO)
-
-
-# -- Serve ---------------------------------------------------------------------------------------
-
-
-@st.cache_data(ttl=2, show_spinner=False)
-def serve_health(url: str) -> dict:
-    """Whether Serve at ``url`` answers, how fast, and its model (cached for 2 s)."""
-    with ServeClient(url) as client:
-        try:
-            seconds = client.health()
-            model = client.model()
-        except ServeError as exc:
-            return {"ok": False, "error": str(exc), "kind": exc.kind}
-    return {"ok": True, "seconds": seconds, "model": model}
-
-
-@st.cache_data(ttl=600, max_entries=64, show_spinner=False)
-def predict_photo(url: str, data: bytes, content_type: str) -> dict:
-    """Serve's answer for one photo; reruns (every click) reuse it instead of asking again."""
-    with ServeClient(url) as client:
-        return client.predict(data, content_type)
-
-
-def interval_coverage(url: str) -> str:
-    """``80 % of faces``, from Serve's /model answer (its ``interval``), for the page's note."""
-    health = serve_health(url)
-    info = ((health.get("model") or {}).get("interval") or {}) if health.get("ok") else {}
-    coverage = info.get("coverage")
-    return f"{coverage:.0%} of faces" if isinstance(coverage, (int, float)) else "most faces"
-
-
-@st.fragment(run_every=10)
-def serve_status(url: str) -> None:
-    """One line on whether Serve is up; refreshes by itself so recovery shows without a click."""
-    health = serve_health(url)
-    with st.container(key="serve-status"):
-        if not health["ok"]:
-            st.error(f"{health['error']} The page keeps working and uses Serve again as soon "
-                     "as it is back.", icon="🔌")
-        elif health["seconds"] > SLOW_HEALTH_S:
-            st.warning(f"Serve at {url} is slow: its health check took {health['seconds']:.1f} s. "
-                       "Results may take a while.", icon="🐢")
-        else:
-            model = health["model"]
-            st.caption(f"Serve at {url} is up · model {model.get('name', '?')} "
-                       f"{model.get('version', '')} · {health['seconds'] * 1000:.0f} ms")
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -135,10 +91,6 @@ def sidebar() -> tuple[str | None, dict]:
 
 
 # -- image ---------------------------------------------------------------------------------------
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()[:12]
 
 
 def face_rows(faces: list[dict]) -> list[dict]:
@@ -182,12 +134,13 @@ def show_photo(index: int, name: str, data: bytes, content_type: str, url: str) 
             stem = Path(name).stem or "photo"
             st.download_button("Download annotated image", encode_image(annotated, "PNG"),
                                file_name=f"{stem}-faceage.png", mime="image/png",
-                               key=f"download-photo-{index}-{_digest(data)}", on_click="ignore")
+                               key=f"download-photo-{index}-{upload_digest(data)}",
+                               on_click="ignore")
             timings = result.get("timings_ms") or {}
             if timings:
                 st.caption(" · ".join(f"{k} {v:.0f} ms" for k, v in timings.items()
                                       if isinstance(v, (int, float))))
-        photo_corrections(url, f"photo-{_digest(data)}", rgb, drawn_faces, face_ids(result))
+        photo_corrections(url, f"photo-{upload_digest(data)}", rgb, drawn_faces, face_ids(result))
 
 
 def photo_corrections(url: str, key: str, rgb, faces: list[dict], ids: list[str]) -> None:
@@ -221,109 +174,6 @@ def image_tab(url: str | None) -> None:
         # A browser that does not know the type (HEIC on some systems) sends none: Serve sniffs.
         show_photo(index, upload.name, upload.getvalue(),
                    upload.type or "application/octet-stream", url)
-
-
-# -- video ---------------------------------------------------------------------------------------
-
-
-def video_tab(url: str | None) -> None:
-    upload = st.file_uploader("Video", type=VIDEO_TYPES, key="video",
-                              help="Frames go to Serve; the annotated video plays here.")
-    if upload is None:
-        st.caption("Upload a video to get it back with faces, boxes and steady ages.")
-        return
-    data = upload.getvalue()
-    digest = _digest(data)
-    try:
-        info = probe_video(data, upload.name)
-    except VideoError as exc:
-        st.error(str(exc))
-        return
-    length = f"{info.frames} frames" if info.frames else "unknown length"
-    if info.duration_s:
-        length += f", {info.duration_s:.1f} s"
-    st.caption(f"{upload.name}: {info.width}x{info.height}, {info.fps:.1f} frames/s, {length}")
-    left, right = st.columns(2)
-    every_nth = int(left.number_input(
-        "Analyse every Nth frame", min_value=1, max_value=1000,
-        value=suggested_stride(info.frames), key=f"every-nth-{digest}",
-        help="Long videos are sampled: frames in between keep the boxes and ages of the last "
-             "analysed frame. 1 analyses every frame."))
-    in_flight = int(right.slider(
-        "Frames in flight", min_value=1, max_value=16, value=4, key="frames-in-flight",
-        help="How many frames wait on Serve at once; more uses more replicas."))
-    if info.frames:
-        st.caption(f"{-(-info.frames // every_nth)} of {info.frames} frames go to Serve.")
-    job = (digest, every_nth, url)
-    if st.button("Annotate video", type="primary", key="annotate-video",
-                 disabled=url is None):
-        result = run_annotation(url, data, upload.name, every_nth, in_flight)
-        if result is None:
-            return
-        st.session_state["video-result"] = (job, upload.name, result)
-    stored = st.session_state.get("video-result")
-    if stored and stored[0] == job:
-        show_video_result(url, digest, *stored[1:])
-
-
-def run_annotation(url: str, data: bytes, name: str, every_nth: int, in_flight: int):
-    """``annotate_video`` with a progress bar; the ``VideoResult``, or None after saying on the
-    page why it failed."""
-    bar = st.progress(0.0, text="Sending frames to Serve…")
-    last_update = [0.0]
-
-    def progress(done: int, total: int | None, fps: float) -> None:
-        now = time.monotonic()
-        if now - last_update[0] < 0.2:
-            return
-        last_update[0] = now
-        fraction = min(1.0, done / total) if total else 0.0
-        bar.progress(fraction, text=f"{done}/{total or '?'} frames · {fps:.1f} frames/s")
-
-    try:
-        with ServeClient(url) as client:
-            result = annotate_video(data, client, every_nth=every_nth, max_in_flight=in_flight,
-                                    name=name, progress=progress)
-    except (ServeError, VideoError) as exc:
-        bar.empty()
-        st.error(f"{name}: {exc}")
-        return None
-    except Exception as exc:  # a codec or container failure: a message, not a traceback
-        LOGGER.exception("annotating %s failed", name)
-        bar.empty()
-        st.error(f"{name}: annotating the video failed ({type(exc).__name__}: {exc}).")
-        return None
-    bar.progress(1.0, text=f"{result.frames}/{result.frames} frames · "
-                           f"{result.frames_per_second:.1f} frames/s")
-    return result
-
-
-def show_video_result(url: str | None, digest: str, name: str, result) -> None:
-    """The annotated video, its download, the faces followed and their correction inputs."""
-    with st.container(key="video-result"):
-        st.success(f"{result.frames} frames ({result.analysed} analysed by Serve) in "
-                   f"{result.seconds:.1f} s: {result.frames_per_second:.1f} frames/s.")
-        if result.rejected_frames:
-            st.warning(f"Serve rejected {result.rejected_frames} frames; they show the last "
-                       "known faces.")
-        st.video(result.mp4, format="video/mp4")
-        st.download_button("Download annotated video", result.mp4,
-                           file_name=f"{Path(name).stem}-faceage.mp4", mime="video/mp4",
-                           key=f"download-video-{digest}", on_click="ignore")
-        if result.faces:
-            st.markdown("Faces followed across frames (smoothed age):")
-            st.table([{k: f"{v:.1f}" if isinstance(v, float) else v for k, v in row.items()}
-                      for row in result.faces], hide_index=True)
-        else:
-            st.info("No face found in the analysed frames.")
-        settings = corrections_settings(serve_health(url)) if url else None
-        if settings is not None and result.corrections:
-            privacy_note(settings)
-            st.caption("Each face is sent as it was in the frame where it was detected most "
-                       "surely (its picture below).")
-            for face in result.corrections:
-                correction_form(url, f"video-{digest}-{face['track']}", face["face_id"],
-                                f"face {face['track']}", face["age"], face["thumb"])
 
 
 # -- webcam --------------------------------------------------------------------------------------
