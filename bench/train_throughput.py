@@ -8,6 +8,8 @@ bounded. Not a test: it prints a table.
     uv run python bench/train_throughput.py --rounds 3          # ../shared UTKFace, 2 CPUs
     uv run python bench/train_throughput.py --stage head --steps 20 --ddp
     uv run python bench/train_throughput.py --precisions fp32 bf16 --worker-niceness 0
+    uv run python bench/train_throughput.py --backbone dlib_age_resnet --size 64 \
+        --images 16896 --steps 256 --rounds 2        # the shipped recipe's epochs
 
 Variants run interleaved, every one once per round; the table gives medians over rounds and the
 median of each variant's ratio to the plain loop within its round. ``cores busy``: the CPU time
@@ -41,6 +43,7 @@ def make_config(args, workers: int, threads: int, storage: str, name: str,
     return load_config(None, [
         f"data.path={args.data}", f"data.limit={args.images}", f"storage_path={storage}",
         f"name={name}", "model.pretrained=none", f"model.input_size={args.size}",
+        f"model.backbone={args.backbone}",
         f"train.batch_size={args.batch}", f"train.max_steps_per_epoch={args.steps}",
         f"schedule.stages=[{{name: {args.stage}, train: {stage}, epochs: {args.epochs}}}]",
         f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads}",
@@ -101,6 +104,8 @@ def main() -> int:
     p.add_argument("--data", default=str(UTKFACE), help="UTKFace folder (default ../shared)")
     p.add_argument("--images", type=int, default=2048, help="stable subset of the data")
     p.add_argument("--size", type=int, default=128, help="input size in pixels")
+    p.add_argument("--backbone", default="mobilenet_v2",
+                   help="the network (the shipped recipe: dlib_age_resnet --size 64)")
     p.add_argument("--batch", type=int, default=64, help="batch per worker")
     p.add_argument("--steps", type=int, default=8, help="steps per epoch per worker")
     p.add_argument("--epochs", type=int, default=2, help="epochs; the last one is reported")

@@ -17,3 +17,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """``--config FILE`` and ``--set KEY=VALUE ...`` as ``faceage train`` takes them."""
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     add_set_argument(p)
+
+
+# What runs a network at inference (faceage.inference.engines).
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def add_engine_argument(p: argparse.ArgumentParser) -> None:
+    """``--engine``: torch, ONNX Runtime, or auto (the faster per network on this CPU)."""
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="what runs the detector's nets and the age network: torch, onnxruntime "
+                        "(CPU), or auto: whichever is faster for each net here, from a short "
+                        "probe at load (default)")

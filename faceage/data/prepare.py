@@ -192,9 +192,10 @@ def prepare_detector(**settings: Any) -> DetectorConfig:
 
 def detector_metadata(detector: DetectorConfig) -> dict:
     """A detector's settings as prepare records them, its part of the cache key: without
-    ``decode_side``, which prepare does not use (it reads every file whole), so sets prepared
-    before that setting existed are still found and reused."""
-    return detector.model_dump(mode="json", exclude={"decode_side"})
+    ``decode_side``, which prepare does not use (it reads every file whole), and ``engine``
+    (torch or ONNX Runtime find the same faces), so sets prepared before those settings
+    existed are still found and reused."""
+    return detector.model_dump(mode="json", exclude={"decode_side", "engine"})
 
 
 def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: dict,

@@ -48,6 +48,10 @@ class DetectorConfig(BaseModel):
     pad_fraction: float = Field(0.3, ge=0.0, le=1.0, description="padding per side, as a "
                                                                  "fraction of the longer side")
     max_faces: int = Field(100, ge=1, description="keep at most this many faces (largest first)")
+    engine: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="what runs the P-, R- and O-nets: torch, ONNX Runtime (CPU), or "
+        "auto: whichever is faster for each net on this CPU at this thread count, from a short "
+        "probe at load (docs/benchmarks.md, \"ONNX Runtime\")")
 
 
 @dataclass
@@ -64,20 +68,23 @@ class Face:
         return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
 
 
-# One set of MTCNN nets per process on the CPU: they load from the package in ~50 ms but are
-# shared by every detector (Serve's photo and stream profiles hold one each).
-_MTCNN_NETS: Any = None
+# One set of MTCNN nets per process, engine and thread count on the CPU, shared by every
+# detector (Serve's photo and stream profiles hold one each): loading takes ~50 ms, an ONNX
+# export and the ``auto`` probe a second or two more.
+_MTCNN_NETS: dict[tuple[str, int], Any] = {}
 
 
-def _mtcnn_nets(device: str = "cpu"):
-    global _MTCNN_NETS
+def _mtcnn_nets(device: str = "cpu", engine: str = "torch"):
+    import torch
+
     from faceage.inference.mtcnn import load_nets
 
     if device != "cpu":
-        return load_nets(device)
-    if _MTCNN_NETS is None:
-        _MTCNN_NETS = load_nets("cpu")
-    return _MTCNN_NETS
+        return load_nets(device, engine)
+    key = (engine, torch.get_num_threads())
+    if key not in _MTCNN_NETS:
+        _MTCNN_NETS[key] = load_nets("cpu", engine)
+    return _MTCNN_NETS[key]
 
 
 class FaceDetector:
@@ -89,7 +96,12 @@ class FaceDetector:
             config = DetectorConfig(**config)
         self.config = config or DetectorConfig()
         self.device = device
-        self._nets = _mtcnn_nets(device)
+        self._nets = _mtcnn_nets(device, self.config.engine)
+
+    @property
+    def engines(self) -> dict[str, dict[str, Any]]:
+        """Each net's runtime and why (``/model``)."""
+        return {c.network: c.info() for c in self._nets.engines}
 
     def _run_mtcnn(self, image: np.ndarray, min_face: float) -> tuple[np.ndarray, np.ndarray]:
         from faceage.inference.mtcnn import detect_faces

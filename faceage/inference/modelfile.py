@@ -26,6 +26,7 @@ import torch
 
 from faceage import DEFAULT_MODEL_PATH, __version__
 from faceage.errors import UserError
+from faceage.inference.engines import EngineChoice, Runner, choose_runner
 from faceage.inference.interval import (  # noqa: F401 (AgeEstimates: re-exported, its old home)
     DEFAULT_COVERAGE,
     AgeEstimates,
@@ -96,13 +97,40 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     return json.loads(blob["metadata_json"]), blob["state_dict"]
 
 
+class _AgesAndScales(torch.nn.Module):
+    """``AgeNet.forward_with_scale`` as one module with tensor outputs only (what an ONNX export
+    and a runner need): ``(ages,)`` or ``(ages, scales)``."""
+
+    def __init__(self, net: AgeNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ages, scales = self.net.forward_with_scale(x)
+        return (ages,) if scales is None else (ages, scales)
+
+
 @dataclass
 class AgeModel:
-    """A loaded model file: the network in eval mode and its metadata; predicts from face crops."""
+    """A loaded model file: the network in eval mode and its metadata; predicts from face crops.
+
+    ``runner`` runs the network (torch, or ONNX Runtime on an export of it: ``engine``)."""
 
     net: AgeNet
     metadata: dict[str, Any]
     device: torch.device
+    runner: Runner | None = None
+    engine: EngineChoice | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner, self.engine = choose_runner("age", _AgesAndScales(self.net),
+                                                     self._example(), "torch", self.device)
+
+    def _example(self, batch: int = 8) -> torch.Tensor:
+        """A batch as the regressor sees them: what the ``auto`` probe times and exports with."""
+        size = self.input_size
+        return torch.rand(batch, 3, size, size, device=self.device)
 
     @property
     def input_size(self) -> int:
@@ -171,13 +199,13 @@ class AgeModel:
                                  tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Ages and Laplace scales (None for a one-output head) of a preprocessed batch."""
         x = batch.to(self.device)
-        ages, scales = self.net.forward_with_scale(x)
+        n = len(x)
+        if tta:  # each face and its mirror image in one call, averaged
+            x = torch.cat([x, torch.flip(x, dims=[3])])
+        out = [o.float() for o in self.runner(x)]
         if tta:
-            fa, fs = self.net.forward_with_scale(torch.flip(x, dims=[3]))
-            ages = (ages + fa) / 2
-            scales = None if scales is None else (scales + fs) / 2
-        return (ages.float().cpu().numpy(),
-                None if scales is None else scales.float().cpu().numpy())
+            out = [(o[:n] + o[n:]) / 2 for o in out]
+        return out[0].cpu().numpy(), (out[1].cpu().numpy() if len(out) > 1 else None)
 
     def predict_batch(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         return self.predict_batch_with_scale(batch, tta)[0]
@@ -238,8 +266,11 @@ def calibration_of(metadata: dict[str, Any]) -> IntervalCalibration:
                              f"assumed MAE of {FALLBACK_MAE:g} years")
 
 
-def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeModel:
-    """Load a model file (default: the shipped model) ready for inference."""
+def load_model_file(path: str | Path | None = None, device: str = "cpu",
+                    engine: str = "torch") -> AgeModel:
+    """Load a model file (default: the shipped model) ready for inference, the network run by
+    ``engine`` (faceage.inference.engines; ``auto``: the faster of torch and ONNX Runtime on
+    this CPU, from a short probe)."""
     path = Path(path) if path is not None else DEFAULT_MODEL_PATH
     if not path.exists() and path == DEFAULT_MODEL_PATH:
         raise UserError(
@@ -256,5 +287,9 @@ def load_model_file(path: str | Path | None = None, device: str = "cpu") -> AgeM
             f"{path}: weights do not match backbone {meta['backbone']}: {exc}"
         ) from None
     dev = torch.device(device)
-    net.to(dev).eval()
-    return AgeModel(net, meta, dev)
+    net.to(dev).eval().requires_grad_(False)
+    model = AgeModel(net, meta, dev)
+    if engine != "torch":
+        model.runner, model.engine = choose_runner("age", _AgesAndScales(net), model._example(),
+                                                   engine, dev)
+    return model

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from faceage.arguments import add_engine_argument
 from faceage.errors import ImageError, UserError
 from faceage.inference.detection import DetectorConfig
 from faceage.inference.images import Photo, load_image
@@ -122,7 +123,7 @@ def run_predict(args: argparse.Namespace, out=None, err=None) -> int:
     paths = expand_inputs(args.paths)
     output = Path(args.output).expanduser() if args.output else None
     _check_output(output, len(paths))
-    model = load_model_file(args.model)
+    model = load_model_file(args.model, engine=args.engine)
     pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta,
                             coverage=args.coverage)
     failures = 0
@@ -153,6 +154,8 @@ def detector_config(args: argparse.Namespace) -> DetectorConfig:
         cfg["min_score"] = args.min_score
     if getattr(args, "min_face_fraction", None) is not None:
         cfg["min_face_fraction"] = args.min_face_fraction
+    if getattr(args, "engine", None):
+        cfg["engine"] = args.engine
     try:
         return DetectorConfig(**cfg)
     except ValidationError as exc:
@@ -182,7 +185,7 @@ def run_video(args: argparse.Namespace, out=None, err=None) -> int:
     dst = Path(args.output).expanduser()
     if dst.suffix.lower() not in (".mp4", ".mkv", ".mov", ".avi"):
         raise UserError(f"--output {dst}: name a video file (.mp4, .mkv, .mov)")
-    model = load_model_file(args.model)
+    model = load_model_file(args.model, engine=args.engine)
     pipeline = FacePipeline(model, detector_config(args), no_face=args.no_face, tta=args.tta,
                             coverage=args.coverage)
     frames = faces_seen = 0
@@ -228,6 +231,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
                    help="each age interval covers this share of faces like the validation "
                         "faces (above 0, at most 0.99; default 0.8: a central 80%% interval)")
+    add_engine_argument(p)
     p.add_argument("--video", help="a video file to annotate frame by frame (needs --output)")
     p.add_argument("--min-face-size", type=int, help="smallest face in pixels (default 20)")
     p.add_argument("--min-score", type=float, help="detection score threshold (default 0.9)")

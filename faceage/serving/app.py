@@ -384,6 +384,6 @@ def app(args: dict[str, Any]) -> serve.Application:
                              args.max_pixels, args.device, args.stream_detector.model_dump(),
                              args.detector_threads)
     regressor = AgeRegressor.bind(str(path), args.tta, args.device, args.interval_coverage,
-                                  args.regressor_threads)
+                                  args.regressor_threads, args.regressor_engine)
     corrections = bind_store(args.resolved_corrections_dir(), args.corrections)  # None: off
     return Ingress.bind(detector, regressor, args.model_dump(), corrections)

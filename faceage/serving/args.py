@@ -51,6 +51,9 @@ class ServeArgs(BaseModel):
                                 "whole CPU of its num_cpus, at least one)")
     regressor_threads: int | None = Field(
         None, ge=1, description="torch threads per AgeRegressor replica (default: Ray's)")
+    regressor_engine: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="what runs the age network: torch, ONNX Runtime (CPU), or auto: the "
+        "faster on this CPU from a short probe at load (the detector's nets: detector.engine)")
     no_face: Literal["skip", "whole"] = Field(
         "skip", description="no face found: report none, or age the whole image")
     tta: bool | None = Field(

@@ -152,6 +152,7 @@ class Detector:
         return {"device": self.device, "threads": self.torch.threads,
                 "detector": photo.detector.config.model_dump(),
                 "stream_detector": self.finders["stream"].detector.config.model_dump(),
+                "engines": photo.detector.engines,
                 "no_face": photo.no_face, "crop_size": photo.size,
                 "crop_policy": photo.policy.to_metadata(), "max_pixels": self.max_pixels}
 
@@ -162,8 +163,10 @@ class AgeRegressor:
     """The exported model; ``@serve.batch`` merges face crops of concurrent requests."""
 
     def __init__(self, model_path: str, tta: bool | None, device: str,
-                 coverage: float = DEFAULT_COVERAGE, threads: int | None = None):
+                 coverage: float = DEFAULT_COVERAGE, threads: int | None = None,
+                 engine: str = "auto"):
         self.torch = TorchThread(threads)
+        self.engine = engine
         self.path = str(model_path)
         self.tta = tta
         self.coverage = coverage
@@ -171,7 +174,7 @@ class AgeRegressor:
         self.model = self.torch.run(self._load, model_path, replica_device(device))
 
     def _load(self, model_path: str, device: str):
-        model = load_model_file(model_path, device=device)
+        model = load_model_file(model_path, device=device, engine=self.engine)
         self.tta = model.resolve_tta(self.tta)
         size = model.input_size
         model.predict([np.zeros((size, size, 3), np.uint8)], tta=self.tta)
@@ -195,6 +198,6 @@ class AgeRegressor:
     def info(self) -> dict[str, Any]:
         return {"name": self.model.name, "version": self.model.version, "path": self.path,
                 "device": str(self.model.device), "threads": self.torch.threads,
-                "tta": self.tta,
+                "engine": self.model.engine.info(), "tta": self.tta,
                 "interval": self.model.interval_info(self.coverage),
                 "batching": self.batching.model_dump(), "metadata": self.model.metadata}

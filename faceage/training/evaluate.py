@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from faceage.arguments import add_engine_argument
 from faceage.config import DataConfig, SourceConfig, SplitConfig
 from faceage.data.readers import FORMATS
 from faceage.errors import ImageError, UserError
@@ -149,7 +150,7 @@ def run_evaluate(args: argparse.Namespace, out=None) -> int:
 
     out = out or sys.stdout
     one_source = is_one_source(args)
-    model = load_model_file(args.model)
+    model = load_model_file(args.model, engine=args.engine)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL_PATH
     run = RunData.read(evaluation_data(args, model.metadata))
     started = time.perf_counter()
@@ -217,6 +218,7 @@ def predict_sources(model, run, args: argparse.Namespace,
         detect[spec.name] = bool(args.detect or spec.needs_prepare)
         preds = evaluate_model(model, own, detect=detect[spec.name],
                                tta=model.resolve_tta(args.tta),
+                               detector={"engine": getattr(args, "engine", "auto")},
                                progress=not args.json, coverage=args.coverage,
                                grayscale=getattr(args, "grayscale", False))
         parts.append(range_outcomes(
@@ -315,6 +317,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
                    help="the age intervals' coverage (above 0, at most 0.99; default 0.8); the "
                         "report says how often the true age falls inside and the mean width")
+    add_engine_argument(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-mlflow", action="store_true",
                    help="do not add the report to the MLflow run that trained the model (by "

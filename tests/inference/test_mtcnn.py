@@ -94,7 +94,7 @@ def test_the_weights_ship_in_the_package_and_load(nets):
     for name in [*WEIGHT_FILES.values(), "LICENSE-facenet-pytorch"]:
         assert folder.joinpath(name).is_file(), name
     assert "onet.pt" in folder.joinpath("LICENSE-facenet-pytorch").read_text()
-    for net in (nets.pnet, nets.rnet, nets.onet):
+    for net in nets.modules.values():
         assert not net.training and not any(p.requires_grad for p in net.parameters())
     assert nets.device == torch.device("cpu")
 
@@ -103,9 +103,10 @@ def test_the_nets_are_facenet_pytorchs(nets, monkeypatch):
     """Same state_dict keys and values as facenet-pytorch's nets, same outputs."""
     fp = pytest.importorskip("facenet_pytorch.models.mtcnn")
     torch.manual_seed(0)
-    for ours, theirs, shape in ((nets.pnet, fp.PNet(), (1, 3, 37, 51)),
-                                (nets.rnet, fp.RNet(), (5, 3, 24, 24)),
-                                (nets.onet, fp.ONet(), (5, 3, 48, 48))):
+    mods = nets.modules
+    for ours, theirs, shape in ((mods["pnet"], fp.PNet(), (1, 3, 37, 51)),
+                                (mods["rnet"], fp.RNet(), (5, 3, 24, 24)),
+                                (mods["onet"], fp.ONet(), (5, 3, 48, 48))):
         theirs.eval()
         a, b = ours.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -299,6 +299,13 @@ def test_health_model_and_docs(serve_url, serve_model_file):
     assert model["device"] == "cpu" and model["detector"]["device"] == "cpu"
     assert model["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}
     assert model["threads"] >= 1 and model["detector"]["threads"] >= 1
+    # What runs each network, and why: asked for, or the faster in the load-time probe.
+    engines = [model["engine"], *model["detector"]["engines"].values()]
+    assert set(model["detector"]["engines"]) == {"pnet", "rnet", "onet"}
+    for e in engines:
+        assert e["engine"] in ("torch", "onnxruntime") and e["asked"] == "auto"
+        assert e["chosen_by"] == "probe" and e["engine"] == min(e["probe_ms"],
+                                                                  key=e["probe_ms"].get)
     assert model["limits"]["max_body_bytes"] == MAX_BODY
     interval = model["interval"]
     assert interval["coverage"] == 0.8 and interval["method"] in (

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faceage.inference.engines import EngineChoice, Runner, choose_runner
+
 WEIGHT_FILES = {"pnet": "pnet.pt", "rnet": "rnet.pt", "onet": "onet.pt"}
 
 
@@ -38,13 +40,18 @@ def blocked(x: torch.Tensor) -> torch.Tensor:
     oneDNN's pooling is fast). P-net, one large image at a time, is faster in NCHW.
     """
     mkldnn = torch.backends.mkldnn
-    if x.device.type == "cpu" and mkldnn.is_available() and mkldnn.enabled and len(x):
+    if (x.device.type == "cpu" and mkldnn.is_available() and mkldnn.enabled and len(x)
+            and not torch.onnx.is_in_onnx_export()):
         return x.to_mkldnn()
     return x
 
 
 def _pool(x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
-    return pool(x) if x.is_mkldnn else max_pool_ceil(x, pool)
+    """``pool(x)``, through ``max_pool_ceil`` where torch's own kernel is slow (NCHW on the
+    CPU; an ONNX export keeps the MaxPool operator)."""
+    if x.is_mkldnn or torch.onnx.is_in_onnx_export():
+        return pool(x)
+    return max_pool_ceil(x, pool)
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,7 @@ class PNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, H, W) normalised → box offsets (N, 4, h, w), class probabilities (N, 2, h, w)."""
-        x = max_pool_ceil(self.prelu1(self.conv1(x)), self.pool1)
+        x = _pool(self.prelu1(self.conv1(x)), self.pool1)
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         # Both 1x1 heads as one matrix product: torch runs a 1x1 convolution with 2 or 4 output
         # channels through its slow im2col path, a tenth of P-net's time.
@@ -146,17 +153,24 @@ class ONet(nn.Module):
         return self.dense6_2(x), self.dense6_3(x), self.softmax6_1(self.dense6_1(x))
 
 
+# What each net's runtime is chosen on (engine ``auto``): P-net on the first pyramid level of a
+# 640x480 frame for 20 px faces, R-net on a photo's typical candidates, O-net on a few faces.
+PROBE_SHAPES = {"pnet": (1, 3, 288, 384), "rnet": (128, 3, 24, 24), "onet": (16, 3, 48, 48)}
+# P-net sees every pyramid level's size; R- and O-net take any number of fixed-size crops.
+DYNAMIC_AXES = {"pnet": {0: "n", 2: "h", 3: "w"}, "rnet": {0: "n"}, "onet": {0: "n"}}
+
+
 @dataclass(frozen=True)
 class MtcnnNets:
-    """The three nets, in eval mode on one device."""
+    """The three nets on one device, each called through the runtime chosen for it (a tensor
+    in, a tuple of tensors out: faceage.inference.engines)."""
 
-    pnet: PNet
-    rnet: RNet
-    onet: ONet
-
-    @property
-    def device(self) -> torch.device:
-        return self.pnet.conv1.weight.device
+    pnet: Runner
+    rnet: Runner
+    onet: Runner
+    device: torch.device
+    modules: dict[str, nn.Module]  # the torch nets the runners were made from, by name
+    engines: tuple[EngineChoice, ...] = ()
 
 
 def load_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -165,11 +179,17 @@ def load_state_dict(name: str) -> dict[str, torch.Tensor]:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def load_nets(device: str | torch.device = "cpu") -> MtcnnNets:
-    """P-, R- and O-net with the shipped weights, in eval mode, without gradients."""
-    nets = {}
+def load_nets(device: str | torch.device = "cpu", engine: str = "torch") -> MtcnnNets:
+    """P-, R- and O-net with the shipped weights, in eval mode, without gradients, each run by
+    ``engine`` (``auto``: whichever of torch and ONNX Runtime is faster for that net here)."""
+    runners, modules, choices = {}, {}, []
     for name, cls in (("pnet", PNet), ("rnet", RNet), ("onet", ONet)):
         net = cls()
         net.load_state_dict(load_state_dict(name))
-        nets[name] = net.eval().requires_grad_(False).to(device)
-    return MtcnnNets(**nets)
+        net = modules[name] = net.eval().requires_grad_(False).to(device)
+        example = torch.rand(PROBE_SHAPES[name], device=device) * 2 - 1
+        runners[name], choice = choose_runner(name, net, example, engine, device,
+                                              DYNAMIC_AXES[name])
+        choices.append(choice)
+    return MtcnnNets(**runners, device=torch.device(device), modules=modules,
+                     engines=tuple(choices))

@@ -1,0 +1,112 @@
+"""ONNX Runtime against torch (faceage.inference.engines): the same faces and the same ages from
+either runtime, and ``auto`` keeping the faster of the two."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from faceage.errors import UserError
+from faceage.inference.detection import DetectorConfig, FaceDetector
+from faceage.inference.engines import choose_runner
+from faceage.inference.images import load_image
+from faceage.inference.modelfile import load_model_file
+from testkit.frames import group_photo, place
+from testkit.models import untrained_model_file
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One thread, as a Serve replica runs: on a busy machine two spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_onnxruntime_finds_the_faces_torch_finds(astronaut_path, rocket_path):
+    """P-, R- and O-net exported and run by ONNX Runtime: same faces (IoU >= 0.99), scores and
+    landmarks, on photos whose pyramids differ from the export's example size."""
+    torch_det = FaceDetector(DetectorConfig(engine="torch"))
+    ort_det = FaceDetector(DetectorConfig(engine="onnxruntime"))
+    assert {e["engine"] for e in ort_det.engines.values()} == {"onnxruntime"}
+    assert {e["engine"] for e in torch_det.engines.values()} == {"torch"}
+    astronaut = load_image(astronaut_path)
+    images = {"astronaut": astronaut, "rocket": load_image(rocket_path),
+              "group": group_photo(), "small face": place(astronaut, 0.6, 200, 260),
+              "at the edge": place(astronaut, 1.2, 560, 180)}
+    found = 0
+    for label, image in images.items():
+        ours, theirs = torch_det.detect(image), ort_det.detect(image)
+        assert len(ours) == len(theirs), label
+        for a, b in zip(ours, theirs, strict=True):
+            assert iou(a.box, b.box) >= 0.99, (label, a.box, b.box)
+            assert abs(a.score - b.score) < 1e-3, label
+            assert np.abs(a.landmarks - b.landmarks).max() < 0.5, label
+        found += len(ours)
+    assert found >= 7  # the astronaut in four images, and the group photo's faces
+
+
+@pytest.fixture(scope="module")
+def laplace_model(tmp_path_factory):
+    """A model file with a two-output head (ages and scales), the default recipe's network."""
+    from faceage.inference.modelfile import save_model_file
+    from faceage.inference.preprocess import preprocessing_metadata
+    from faceage.models.network import build_model
+
+    torch.manual_seed(1)
+    net = build_model("dlib_age_resnet", "none", 64, 0.0, uncertainty="laplace")
+    path = tmp_path_factory.mktemp("engines") / "laplace.pt"
+    return save_model_file(net, path, {"name": "laplace", "crop_policy": {"name": "utkface-chip"},
+                                       "preprocessing": preprocessing_metadata(64)})
+
+
+@pytest.mark.parametrize("model_kind", ["one output, MobileNetV2", "laplace, dlib"])
+def test_onnxruntime_gives_the_ages_torch_gives(model_kind, laplace_model, tmp_path):
+    path = (laplace_model if model_kind.startswith("laplace") else
+            untrained_model_file(tmp_path / "m.pt", "mobilenet_v2", 64, 96))
+    by_torch = load_model_file(path, engine="torch")
+    by_ort = load_model_file(path, engine="onnxruntime")
+    assert by_ort.engine.engine == "onnxruntime" and by_torch.engine.engine == "torch"
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 20):  # batch sizes other than the export's example
+        crops = [rng.integers(0, 256, (120, 120, 3), dtype=np.uint8) for _ in range(n)]
+        for tta in (False, True):
+            a, sa = by_torch.predict_with_scale(crops, tta)
+            b, sb = by_ort.predict_with_scale(crops, tta)
+            assert a.shape == b.shape == (n,)
+            np.testing.assert_allclose(a, b, atol=0.1, rtol=0)
+            assert (sa is None) == (sb is None) == model_kind.startswith("one")
+            if sa is not None:
+                np.testing.assert_allclose(sa, sb, atol=0.1, rtol=0)
+
+
+def test_auto_times_both_and_keeps_the_faster(laplace_model):
+    model = load_model_file(laplace_model, engine="auto")
+    info = model.engine.info()
+    assert info["asked"] == "auto" and info["chosen_by"] == "probe" and info["threads"] == 1
+    ms = info["probe_ms"]
+    assert set(ms) == {"torch", "onnxruntime"} and all(v > 0 for v in ms.values())
+    assert info["engine"] == min(ms, key=ms.get)
+    detector = FaceDetector(DetectorConfig(engine="auto"))
+    assert set(detector.engines) == {"pnet", "rnet", "onet"}
+    for choice in detector.engines.values():
+        assert choice["engine"] == min(choice["probe_ms"], key=choice["probe_ms"].get)
+
+
+def test_an_unknown_engine_is_refused_with_the_choices():
+    with pytest.raises(UserError, match="engine 'tensorrt': choose one of auto, torch, "
+                                        "onnxruntime"):
+        choose_runner("age", torch.nn.Identity(), torch.zeros(1, 3), "tensorrt")
+    with pytest.raises(ValueError, match="auto.*torch.*onnxruntime"):
+        DetectorConfig(engine="tensorrt")
