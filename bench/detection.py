@@ -11,7 +11,8 @@ photo with the astronaut's face pasted in, as bench/pipeline.py makes it).
 Variants, interleaved in every round (their order rotates) so that load on the machine hits them
 alike: facenet-pytorch's ``MTCNN.detect`` (``keep_all``, min face 20 px); faceage's
 ``detect_faces`` (the same work: one MTCNN pass); faceage's ``FaceDetector.detect`` (what the
-pipeline calls: one pass, plus a padded pass when a face fills the frame). Medians per frame
+pipeline calls: one pass, plus a padded pass when a face fills the frame; without the mirror
+pass the photo profile adds, ``mirror: false``). Medians per frame
 of wall and CPU time (this process, all threads); the "x faster" columns are facenet-pytorch's
 total over the variant's in the same round: median over rounds (min-max). ``--wild N``
 also checks both find the same faces on N photos of bench/wild_faces.py (UTKFace test chips in
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceage.inference.detection import FaceDetector
+from faceage.inference.detection import DetectorConfig, FaceDetector
 from faceage.inference.mtcnn import detect_faces, load_nets
 from testkit.frames import group_photo, place
 
@@ -107,7 +108,7 @@ def main() -> None:
 
     facenet = MTCNN(keep_all=True, min_face_size=20, device="cpu").eval()
     nets = load_nets()
-    detector = FaceDetector()
+    detector = FaceDetector(DetectorConfig(mirror=False))  # one pass, as facenet-pytorch does
     variants = {"facenet-pytorch MTCNN.detect": lambda im: facenet.detect(im, landmarks=True),
                 "faceage detect_faces": lambda im: detect_faces(im, nets, 20.0),
                 "faceage FaceDetector.detect": detector.detect}

@@ -186,16 +186,18 @@ def run_prepare(data: str, fmt: str, out: str, *, limit: int | None = None,
 
 def prepare_detector(**settings: Any) -> DetectorConfig:
     """The detector training crops are prepared with: every face from ``min_face_size`` up,
-    whatever the photo's size (no ``min_face_fraction``, as prepare always ran)."""
-    return DetectorConfig(**{"min_face_fraction": 0.0, **settings})
+    whatever the photo's size (no ``min_face_fraction``), one pass (no ``mirror``), as prepare
+    always ran: training flips half its images anyway."""
+    return DetectorConfig(**{"min_face_fraction": 0.0, "mirror": False, **settings})
 
 
 def detector_metadata(detector: DetectorConfig) -> dict:
     """A detector's settings as prepare records them, its part of the cache key: without
-    ``decode_side``, which prepare does not use (it reads every file whole), and ``engine``
-    (torch or ONNX Runtime find the same faces), so sets prepared before those settings
-    existed are still found and reused."""
-    return detector.model_dump(mode="json", exclude={"decode_side", "engine"})
+    ``decode_side``, which prepare does not use (it reads every file whole), ``engine`` (torch
+    or ONNX Runtime find the same faces) and ``mirror`` when off, so sets prepared before those
+    settings existed are still found and reused."""
+    exclude = {"decode_side", "engine"} | ({"mirror"} if not detector.mirror else set())
+    return detector.model_dump(mode="json", exclude=exclude)
 
 
 def prepare_table(table: pd.DataFrame, root: Path, out: str | Path, *, source: dict,

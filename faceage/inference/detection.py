@@ -48,6 +48,10 @@ class DetectorConfig(BaseModel):
     pad_fraction: float = Field(0.3, ge=0.0, le=1.0, description="padding per side, as a "
                                                                  "fraction of the longer side")
     max_faces: int = Field(100, ge=1, description="keep at most this many faces (largest first)")
+    mirror: bool = Field(
+        True, description="also detect on the mirror image and average each face's box and "
+        "landmarks with its mirror's: a face and its mirror image are then framed alike, and "
+        "read alike (twice the detection time; the live-stream profile leaves it off)")
     engine: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="what runs the P-, R- and O-nets: torch, ONNX Runtime (CPU), or "
         "auto: whichever is faster for each net on this CPU at this thread count, from a short "
@@ -151,7 +155,12 @@ class FaceDetector:
         """All faces in an HxWx3 uint8 RGB image, largest first; ``min_face``: the smallest
         face in its pixels (default: ``min_face(h, w)``)."""
         image = check_image_array(image)
-        return self._detect(image, min_face or self.min_face(*image.shape[:2]), None)
+        min_face = min_face or self.min_face(*image.shape[:2])
+        faces = self._detect(image, min_face, None)
+        if self.config.mirror:
+            mirrored = self._detect(np.ascontiguousarray(image[:, ::-1]), min_face, None)
+            faces = mirror_average(faces, mirrored, image.shape[1])[: self.config.max_faces]
+        return faces
 
     def _detect(self, image: np.ndarray, min_face: float, scale: float | None) -> list[Face]:
         cfg = self.config
@@ -219,6 +228,51 @@ class FaceDetector:
                 if not any(_overlaps(boxes[i], b) for b in padded_boxes)]
         return (np.concatenate([padded_boxes, boxes[keep]]),
                 np.concatenate([padded_points, points[keep]]))
+
+
+# Landmarks of a mirrored face in LANDMARK_NAMES order: the eyes and mouth corners swap sides.
+MIRRORED_LANDMARKS = [1, 0, 2, 4, 3]
+
+
+def mirror_back(face: Face, width: int) -> Face:
+    """A face found on the mirror image of an image ``width`` pixels wide, in the image's
+    coordinates: pixel column ``i`` is column ``width - 1 - i`` there."""
+    box = face.box.copy()
+    box[[0, 2]] = (width - 1) - face.box[[2, 0]]
+    marks = face.landmarks[MIRRORED_LANDMARKS].copy()
+    marks[:, 0] = (width - 1) - marks[:, 0]
+    return Face(box=box, score=face.score, landmarks=marks)
+
+
+def mirror_average(faces: list[Face], mirrored: list[Face], width: int) -> list[Face]:
+    """The faces of an image and of its mirror image as one list: each pair that overlaps most
+    (IoU above 0.5) becomes one face, the mean of the two boxes, scores and landmarks; a face
+    of one pass only is kept as it is. The same computation on the mirror image gives the mirror
+    of the result, so a face and its mirror image get the same crop (up to the flip)."""
+    back = [mirror_back(f, width) for f in mirrored]
+    pairs = sorted(((_iou(a.box, b.box), i, j) for i, a in enumerate(faces)
+                    for j, b in enumerate(back)), reverse=True)
+    used_a, used_b, out = set(), set(), []
+    for overlap, i, j in pairs:
+        if overlap <= 0.5 or i in used_a or j in used_b:
+            continue
+        used_a.add(i)
+        used_b.add(j)
+        a, b = faces[i], back[j]
+        out.append(Face(box=(a.box + b.box) / 2, score=(a.score + b.score) / 2,
+                        landmarks=(a.landmarks + b.landmarks) / 2))
+    out += [f for i, f in enumerate(faces) if i not in used_a]
+    out += [f for j, f in enumerate(back) if j not in used_b]
+    out.sort(key=lambda f: -f.area)
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:

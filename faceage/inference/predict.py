@@ -156,6 +156,8 @@ def detector_config(args: argparse.Namespace) -> DetectorConfig:
         cfg["min_face_fraction"] = args.min_face_fraction
     if getattr(args, "engine", None):
         cfg["engine"] = args.engine
+    if getattr(args, "mirror", None) is not None:
+        cfg["mirror"] = args.mirror
     try:
         return DetectorConfig(**cfg)
     except ValidationError as exc:
@@ -231,6 +233,10 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coverage", type=coverage_arg, default=DEFAULT_COVERAGE,
                    help="each age interval covers this share of faces like the validation "
                         "faces (above 0, at most 0.99; default 0.8: a central 80%% interval)")
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="also detect on the mirror image and average each face with its "
+                        "mirror's, so a face and its mirror image read alike (default: on; "
+                        "twice the detection time)")
     add_engine_argument(p)
     p.add_argument("--video", help="a video file to annotate frame by frame (needs --output)")
     p.add_argument("--min-face-size", type=int, help="smallest face in pixels (default 20)")

@@ -18,9 +18,9 @@ from faceage.serving.corrections import CorrectionSettings
 
 MiB = 1024 * 1024
 
-# The live-stream profile's defaults: detect on a copy at most 320 px long, and only faces at
-# least a tenth of the frame's shorter side (a webcam user fills much more).
-STREAM_DETECTOR_DEFAULTS = {"max_side": 320, "min_face_fraction": 0.1}
+# The live-stream profile's defaults: detect on a copy at most 320 px long, only faces at least
+# a tenth of the frame's shorter side (a webcam user fills much more), in one pass (no mirror).
+STREAM_DETECTOR_DEFAULTS = {"max_side": 320, "min_face_fraction": 0.1, "mirror": False}
 
 
 class ServeArgs(BaseModel):

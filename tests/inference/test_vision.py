@@ -278,7 +278,9 @@ def test_a_close_up_is_re_found_padded_with_a_bounded_pyramid(astronaut, detecto
     big, small = detector.detect(canvas)
     side = max(big.box[2] - big.box[0], big.box[3] - big.box[1])
     assert side >= 0.6 * 400 and small.box[0] > 400 and small.area < big.area / 10
-    (first_shape, first_min), (padded_shape, padded_min) = calls
+    assert len(calls) == 4  # and the same two on the mirror image
+    (first_shape, first_min), (padded_shape, padded_min) = calls[:2]
+    assert [shape for shape, _ in calls[2:]] == [first_shape, padded_shape]
     assert first_shape == canvas.shape and first_min == 20
     assert padded_shape[0] > 400 and padded_min >= 0.4 * side
 
@@ -301,6 +303,60 @@ def test_detect_near_searches_around_the_previous_boxes(astronaut, detector, unt
     assert tracked and len(faces) == 1 and faces[0].crop is not None
     faces, tracked = finder.find_tracked(frame, [[540, 360, 600, 420]])
     assert not tracked and len(faces) == 1  # nothing there: the whole frame was searched
+
+
+def test_a_face_and_its_mirror_image_are_framed_alike(astronaut, detector):
+    """``mirror`` (the photo default): the faces of the mirror image are the mirror of the
+    photo's faces, to float precision, and so are their crops; one pass is not symmetric."""
+    from testkit.frames import group_photo, place
+
+    one_pass = FaceDetector(DetectorConfig(mirror=False))
+    images = {"astronaut": astronaut, "group": group_photo(),
+              "close-up": place(astronaut, 1.6, 330, 300)}
+    policy = CropPolicy()
+    worst_one_pass = 0.0
+    for label, image in images.items():
+        w = image.shape[1]
+        flipped = np.ascontiguousarray(image[:, ::-1])
+        faces, mirrored = detector.detect(image), detector.detect(flipped)
+        assert len(faces) == len(mirrored) >= 1, label
+        for a, b in zip(faces, mirrored, strict=True):
+            assert np.allclose(a.box[[1, 3]], b.box[[1, 3]], atol=1e-3), label
+            assert np.allclose(a.box[[0, 2]], (w - 1) - b.box[[2, 0]], atol=1e-3), label
+            marks = b.landmarks[[1, 0, 2, 4, 3]]
+            assert np.allclose(a.landmarks[:, 0], (w - 1) - marks[:, 0], atol=1e-3), label
+            assert np.allclose(a.landmarks[:, 1], marks[:, 1], atol=1e-3), label
+            crop_a, crop_b = (align_face(image, a, policy, 64),
+                              align_face(flipped, b, policy, 64))
+            # Equal up to the template's own asymmetry (its centre is 0.004 of the side left
+            # of the middle) and rounding: a fraction of a grey level on average.
+            assert np.abs(crop_a.astype(int) - crop_b[:, ::-1]).mean() < 6, label
+        a, b = one_pass.detect(image)[0], one_pass.detect(flipped)[0]
+        worst_one_pass = max(worst_one_pass, float(np.abs(
+            a.landmarks[:, 0] - ((w - 1) - b.landmarks[[1, 0, 2, 4, 3], 0])).max()))
+    assert worst_one_pass > 0.1  # MTCNN alone is not mirror-symmetric
+
+
+def test_mirror_average_keeps_faces_found_by_one_pass_only():
+    from faceage.inference.detection import mirror_average
+
+    def face(x1, y1, x2, y2, score=0.99):
+        marks = np.array([[x1 + 5, y1 + 5], [x2 - 5, y1 + 5], [(x1 + x2) / 2, (y1 + y2) / 2],
+                          [x1 + 6, y2 - 5], [x2 - 6, y2 - 5]], np.float32)
+        return Face(np.array([x1, y1, x2, y2], np.float32), score, marks)
+
+    width = 100
+    # Found by both (the mirror pass finds it 2 px to the side), by the first pass only, and
+    # by the mirror pass only.
+    first = [face(10, 10, 40, 40), face(60, 60, 90, 95)]
+    mirrored = [face(width - 1 - 42, 10, width - 1 - 12, 40, 0.97),
+                face(width - 1 - 30, 70, width - 1 - 5, 95)]
+    merged = mirror_average(first, mirrored, width)
+    assert len(merged) == 3
+    both = min(merged, key=lambda f: abs(f.box[0] - 11))
+    assert np.allclose(both.box, [11, 10, 41, 40]) and both.score == pytest.approx(0.98)
+    assert np.allclose(both.landmarks[0], [16, 15]) and np.allclose(both.landmarks[1], [36, 15])
+    assert [f.area for f in merged] == sorted((f.area for f in merged), reverse=True)
 
 
 def test_grayscale_photo(astronaut, detector):
