@@ -16,8 +16,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """``dotted.key=value`` → (``["dotted", "key"]``, value parsed as YAML).
 
     The one ``--set`` syntax of ``faceage train``, ``faceage tune`` and
-    ``python -m faceage.serving.local``: the value is YAML, so ``3``, ``1e-4``, ``true``,
-    ``[a, b]`` and ``{k: v}`` get their types and anything YAML cannot read stays a string.
+    ``python -m faceage.serving.local``: the value is YAML, so ``3``, ``0.001``, ``true``,
+    ``[a, b]`` and ``{k: v}`` get their types and anything YAML cannot read stays a string
+    (``1e-4`` too, YAML 1.1 wanting ``1.0e-4``; the schema's float fields still take it).
     """
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
