@@ -95,7 +95,9 @@ class EngineChoice:
     ms: dict[str, float] = field(default_factory=dict)  # probe medians, per runtime
 
     def info(self) -> dict:
-        how = "probe" if self.asked == "auto" and self.ms else "asked"
+        """``chosen_by``: probe (``auto``, both timed), asked, or only-one (``auto`` on a GPU
+        or without the onnxruntime package)."""
+        how = "probe" if self.ms else ("asked" if self.asked == self.engine else "only-one")
         return {"engine": self.engine, "asked": self.asked, "chosen_by": how,
                 "threads": self.threads, **({"probe_ms": self.ms} if self.ms else {})}
 

@@ -110,3 +110,14 @@ def test_an_unknown_engine_is_refused_with_the_choices():
         choose_runner("age", torch.nn.Identity(), torch.zeros(1, 3), "tensorrt")
     with pytest.raises(ValueError, match="auto.*torch.*onnxruntime"):
         DetectorConfig(engine="tensorrt")
+
+
+def test_onnxruntime_is_for_the_cpu_and_auto_elsewhere_is_torch():
+    """On another device (a GPU; ``meta`` stands in for one here) ONNX Runtime is refused with
+    the reason, and ``auto`` is torch without a probe, saying so."""
+    net, x = torch.nn.Identity(), torch.zeros(1, 3, device="meta")
+    with pytest.raises(UserError, match="onnxruntime runs on the CPU.*age is on meta"):
+        choose_runner("age", net, x, "onnxruntime", device="meta")
+    _, choice = choose_runner("age", net, x, "auto", device="meta")
+    assert choice.info() == {"engine": "torch", "asked": "auto", "chosen_by": "only-one",
+                             "threads": torch.get_num_threads()}
