@@ -3,24 +3,62 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
 from faceage.cli import main as faceage_main
 
 
-def cli_faces(model: Path, *paths: Path, capsys) -> dict[str, list[dict]]:
+def served_engines(info: dict) -> dict[str, str]:
+    """The runtime Serve runs each network on (``/model``): ``{"age": ..., "pnet": ...}``."""
+    detector = info["detector"]["engines"]
+    return {"age": info["engine"]["engine"], **{n: e["engine"] for n, e in detector.items()}}
+
+
+@contextmanager
+def engines_pinned(engines: dict[str, str]) -> Iterator[None]:
+    """``auto`` in this process picks ``engines[network]`` instead of probing.
+
+    The probe times both runtimes, so two processes may pick differently where they are close,
+    and torch and ONNX Runtime agree as the parity tests ask (0.1 years), not to the last printed
+    digit. Comparing Serve with the CLI means comparing the same runtimes: the CLI takes
+    Serve's picks."""
+    from faceage.inference import detection, modelfile
+    from faceage.inference import engines as engines_module
+    from faceage.inference.mtcnn import nets
+
+    choose = engines_module.choose_runner
+
+    def pinned(network, module, example, engine, *args, **kwargs):
+        return choose(network, module, example,
+                      engines.get(network, engine) if engine == "auto" else engine,
+                      *args, **kwargs)
+
+    with mock.patch.object(modelfile, "choose_runner", pinned), \
+            mock.patch.object(nets, "choose_runner", pinned), \
+            mock.patch.dict(detection._MTCNN_NETS, clear=True):  # none loaded unpinned
+        yield
+
+
+def cli_faces(model: Path, *paths: Path, capsys,
+              engines: dict[str, str] | None = None) -> dict[str, list[dict]]:
     """``faceage predict --json`` in this process: faces per path. On one torch thread, as
     Serve's replicas run: on some CPUs oneDNN's kernels for 1 and 2 threads differ in the last
-    bits, enough to move an age by 0.02 years."""
+    bits, enough to move an age by 0.02 years. ``engines``: the runtime per network where the
+    CLI would pick one (``served_engines``), else each is probed as usual."""
     import torch
 
     capsys.readouterr()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert faceage_main(["predict", "--json", "--model", str(model), *map(str, paths)]) == 0
+        with engines_pinned(engines or {}):
+            code = faceage_main(["predict", "--json", "--model", str(model), *map(str, paths)])
+        assert code == 0
     finally:
         torch.set_num_threads(threads)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]

@@ -32,7 +32,7 @@ from faceage.inference.modelfile import read_model_file
 from faceage.runtime import wait_until
 from testkit.frames import jpeg
 from testkit.photos import png_header_only
-from testkit.served import assert_same_faces, cli_faces
+from testkit.served import assert_same_faces, cli_faces, served_engines
 
 # Every test here needs the session's Serve application (minutes to start on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -173,8 +173,9 @@ def frames_640x480(astronaut_path) -> list[bytes]:
 def test_predict_equals_the_cli(serve_url, serve_model_file, astronaut_path, rocket_path,
                                 two_faces_path, capsys):
     photos = [astronaut_path, rocket_path, two_faces_path]
-    expected = cli_faces(serve_model_file, *photos, capsys=capsys)
     model = requests.get(serve_url + "/model", timeout=TIMEOUT).json()
+    expected = cli_faces(serve_model_file, *photos, capsys=capsys,
+                         engines=served_engines(model))
     for photo in photos:
         r = post_image(serve_url, photo.read_bytes())
         assert r.status_code == 200, r.text
@@ -532,7 +533,9 @@ def test_phone_photos_work_on_every_route(serve_app, serve_url, serve_model_file
     """12 and 48 MP JPEGs and a 12 MP HEIC through the Serve `faceage up` runs (gRPC between
     deployments): one face with its interval on /predict (raw and multipart), /predict/frames
     and /stream, its box in the original photo's pixels and equal to `faceage predict`'s."""
-    expected = cli_faces(serve_model_file, *phone_photos.values(), capsys=capsys)
+    model = requests.get(serve_url + "/model", timeout=TIMEOUT).json()
+    expected = cli_faces(serve_model_file, *phone_photos.values(), capsys=capsys,
+                         engines=served_engines(model))
     with replicas_survive(serve_app, serve_url):
         for name, path in phone_photos.items():
             data, content_type = path.read_bytes(), content_type_of(name)
