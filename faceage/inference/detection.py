@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from faceage.inference.images import check_image_array
+from faceage.inference.overlap import iou, overlaps
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
@@ -225,7 +226,7 @@ class FaceDetector:
         big = max(min_face, 0.5 * float(sides.max()))
         padded_boxes, padded_points = self.detect_raw(image, True, big, scale)
         keep = [i for i in np.flatnonzero(sides < big)
-                if not any(_overlaps(boxes[i], b) for b in padded_boxes)]
+                if not any(overlaps(boxes[i], b) for b in padded_boxes)]
         return (np.concatenate([padded_boxes, boxes[keep]]),
                 np.concatenate([padded_points, points[keep]]))
 
@@ -250,7 +251,7 @@ def mirror_average(faces: list[Face], mirrored: list[Face], width: int) -> list[
     of one pass only is kept as it is. The same computation on the mirror image gives the mirror
     of the result, so a face and its mirror image get the same crop (up to the flip)."""
     back = [mirror_back(f, width) for f in mirrored]
-    pairs = sorted(((_iou(a.box, b.box), i, j) for i, a in enumerate(faces)
+    pairs = sorted(((iou(a.box, b.box), i, j) for i, a in enumerate(faces)
                     for j, b in enumerate(back)), reverse=True)
     used_a, used_b, out = set(), set(), []
     for overlap, i, j in pairs:
@@ -267,14 +268,3 @@ def mirror_average(faces: list[Face], mirrored: list[Face], width: int) -> list[
     return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether boxes ``[x1, y1, x2, y2, ...]`` ``a`` and ``b`` intersect."""
-    return bool(min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]))

@@ -12,6 +12,7 @@ from faceage.inference.detection import DetectorConfig, FaceDetector
 from faceage.inference.engines import choose_runner
 from faceage.inference.images import load_image
 from faceage.inference.modelfile import load_model_file
+from faceage.inference.overlap import iou
 from testkit.frames import group_photo, place
 from testkit.models import untrained_model_file
 
@@ -25,13 +26,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_onnxruntime_finds_the_faces_torch_finds(astronaut_path, rocket_path):

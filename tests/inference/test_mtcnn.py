@@ -21,6 +21,7 @@ from faceage.inference.mtcnn.boxes import crop_windows, nms_min
 from faceage.inference.mtcnn.detect import detect_faces, pyramid_scales
 from faceage.inference.mtcnn.nets import WEIGHT_FILES, load_nets, max_pool_ceil
 from faceage.inference.mtcnn.resample import MEAN, SCALE, crop_resize, integral_image, resize_level
+from faceage.inference.overlap import iou
 from testkit.frames import group_photo, place
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,13 +62,6 @@ def photos(astronaut_path, rocket_path) -> dict[str, np.ndarray]:
                                  }.items():
         out[f"frame {name}"] = place(astronaut, zoom, cx, cy)
     return out
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def assert_same_faces(facenet, nets, image: np.ndarray, label: str) -> int:

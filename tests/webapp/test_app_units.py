@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from faceage.inference.annotate import scale_faces
+from faceage.inference.overlap import iou
 from faceage.runtime import free_port
 from faceage.webapp.client import (
     ServeClient,
@@ -23,7 +24,7 @@ from faceage.webapp.client import (
     websocket_url,
 )
 from faceage.webapp.draw import draw_frame, encode_jpeg, shrink
-from faceage.webapp.tracking import AgeSmoother, iou
+from faceage.webapp.tracking import AgeSmoother
 from faceage.webapp.video import VideoError, probe_video, suggested_stride
 
 REPO = Path(__file__).resolve().parents[2]
