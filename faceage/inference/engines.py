@@ -3,8 +3,9 @@ module.
 
 The model file (and the package's MTCNN weights) stay the one source of truth: an ONNX graph is
 exported from the loaded torch module at load time, in memory, never shipped or cached apart
-from it. ``auto`` times both runtimes on a typical input, interleaved, and keeps the faster:
-which wins depends on the CPU and the thread count (docs/benchmarks.md, "ONNX Runtime").
+from it. ``auto`` times both runtimes on a typical input, interleaved, and keeps ONNX Runtime
+where it is clearly faster (``PROBE_MARGIN``), else torch: which wins depends on the CPU and the
+thread count (docs/benchmarks.md, "ONNX Runtime").
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from faceage.errors import UserError
 # Interleaved calls per runtime in the ``auto`` probe (after one warm-up each): the median
 # decides; ~5x the net's time on the probe input, a fraction of a second for these nets.
 PROBE_ROUNDS = 5
+# ``auto`` leaves torch only for a clear win: ONNX Runtime must take under 1/1.1 of torch's time.
+# Where the two are even (P-net on one thread), the probe's noise would otherwise decide, and two
+# processes on one machine (Serve's replicas, the CLI) could run the same net differently; torch
+# also follows a replica's thread count per call, an ONNX Runtime session keeps its own.
+PROBE_MARGIN = 1.1
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
@@ -120,9 +126,9 @@ def probe(runners: dict[str, Runner], example: torch.Tensor,
 def choose_runner(network: str, module: torch.nn.Module, example: torch.Tensor,
                   engine: str, device: torch.device | str = "cpu",
                   dynamic: dict[int, str] | None = None) -> tuple[Runner, EngineChoice]:
-    """The runner for ``module`` under ``engine`` (``auto``: the faster on ``example``, which is
-    also the export's example input), and what was chosen. ONNX Runtime runs on the CPU only:
-    on another device, and where the package is missing, ``auto`` is torch."""
+    """The runner for ``module`` under ``engine`` (``auto``: the clearly faster on ``example``,
+    which is also the export's example input), and what was chosen. ONNX Runtime runs on the
+    CPU only: on another device, and where the package is missing, ``auto`` is torch."""
     check_engine(engine)
     threads = torch.get_num_threads()
 
@@ -139,6 +145,6 @@ def choose_runner(network: str, module: torch.nn.Module, example: torch.Tensor,
     if engine == "onnxruntime":
         return ort_runner, EngineChoice(network, "onnxruntime", engine, threads)
     ms = probe({"torch": torch_runner, "onnxruntime": ort_runner}, example)
-    best = min(ms, key=ms.get)
+    best = "onnxruntime" if ms["onnxruntime"] * PROBE_MARGIN < ms["torch"] else "torch"
     return ({"torch": torch_runner, "onnxruntime": ort_runner}[best],
             EngineChoice(network, best, engine, threads, ms))

@@ -305,8 +305,9 @@ def test_health_model_and_docs(serve_url, serve_model_file):
     assert set(model["detector"]["engines"]) == {"pnet", "rnet", "onet"}
     for e in engines:
         assert e["engine"] in ("torch", "onnxruntime") and e["asked"] == "auto"
-        assert e["chosen_by"] == "probe" and e["engine"] == min(e["probe_ms"],
-                                                                  key=e["probe_ms"].get)
+        ms = e["probe_ms"]  # ONNX Runtime only for a clear win (engines.PROBE_MARGIN)
+        assert e["chosen_by"] == "probe" and e["engine"] == (
+            "onnxruntime" if ms["onnxruntime"] * 1.1 < ms["torch"] else "torch")
     assert model["limits"]["max_body_bytes"] == MAX_BODY
     interval = model["interval"]
     assert interval["coverage"] == 0.8 and interval["method"] in (
