@@ -14,12 +14,13 @@ sends frames over one WebSocket per client to /stream (the live-stream profile; 
 keeps ``--in-flight`` frames out, a row per value: 1 sends the next frame when the previous answer
 is back, 2 is what the webcam page does), ``unbatched`` is /predict with AgeRegressor's
 max_batch_size 1. ``--env-variant`` starts one more Serve instance per value with those
-environment variables (Serve's switches are read when its processes start) and runs its rows in
-the same rounds. The in-process rows are FacePipeline on the same
-bytes (decode, detect, align, age) in this process, with each detection profile, run while the
-Serve application is up and idle. Every variant runs once per round, in turn, ``--rounds`` times:
-the table has medians over the rounds and the ratios of each Serve row to in-process are taken
-within each round (a busy minute on a shared machine slows the variants beside each other).
+environment variables (Serve's switches are read when its processes start), ``--set-variant``
+one with those serve/config.yaml overrides; their rows run in the same rounds. The in-process
+rows are FacePipeline on the same bytes (decode, detect, align, age) in this process, with each
+detection profile, run while the Serve application is up and idle. Every variant runs once per
+round, in turn, ``--rounds`` times: the table has medians over the rounds and the ratios of each
+Serve row to in-process are taken within each round (a busy minute on a shared machine slows the
+variants beside each other).
 
 ``--soak S`` then runs 16 /predict clients (``--soak-clients``) for S seconds and reports each
 replica's private memory (USS: pages no other process shares) and resident memory. Every level
@@ -350,6 +351,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, *lines])
 
 
+def key_values(parser: argparse.ArgumentParser, flag: str, spec: str) -> list[list[str]]:
+    """``A=1,B=2`` as ``[["A", "1"], ["B", "2"]]``; a malformed one stops with a usage error."""
+    pairs = [item.split("=", 1) for item in spec.split(",") if item]
+    if not pairs or any(len(pair) != 2 or not pair[0] for pair in pairs):
+        parser.error(f"{flag} {spec!r}: give KEY=VALUE pairs separated by commas")
+    return pairs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model file (default: the shipped model, else an untrained "
@@ -376,13 +385,19 @@ def main() -> int:
                    help="also run the Serve rows on a second Serve instance started with these "
                         "environment variables (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0), in the "
                         "same rounds; repeatable")
+    p.add_argument("--set-variant", action="append", default=[],
+                   metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also run the Serve rows on another Serve instance with these "
+                        "serve/config.yaml overrides on top of --set, in the same rounds; "
+                        "repeatable")
     args = p.parse_args()
-    env_variants = []
-    for spec in args.env_variant:
-        pairs = [item.split("=", 1) for item in spec.split(",") if item]
-        if not pairs or any(len(pair) != 2 or not pair[0] for pair in pairs):
-            p.error(f"--env-variant {spec!r}: give KEY=VALUE pairs separated by commas")
-        env_variants.append(dict(pairs))
+    # Each other instance: (label, its environment, its serve/config.yaml overrides).
+    instances = [(spec, dict(key_values(p, "--env-variant", spec)), {})
+                 for spec in args.env_variant]
+    instances += [(spec, {}, {".".join(keys): value for keys, value in map(
+                      parse_override, ("=".join(kv) for kv in key_values(p, "--set-variant",
+                                                                         spec)))})
+                  for spec in args.set_variant]
     apply_ray_env_defaults()
     from faceage.serving.app import ServeArgs
 
@@ -417,12 +432,12 @@ def main() -> int:
                 # so do the other instances' (--env-variant): each idles while another runs.
                 variants = inproc + (serve_variants(service.url, batched, args.clients,
                                                     args.in_flight) if batched else [])
-                for env in env_variants if batched else []:
-                    other = stack.enter_context(LocalServe(config, num_cpus=args.num_cpus,
+                for label, env, more in instances if batched else []:
+                    other = stack.enter_context(LocalServe({**config, **more},
+                                                           num_cpus=args.num_cpus,
                                                            timeout=900, env=env))
-                    suffix = " [" + ",".join(f"{k}={v}" for k, v in env.items()) + "]"
                     variants += serve_variants(other.url, batched, args.clients, args.in_flight,
-                                               suffix)
+                                               f" [{label}]")
                 run_rounds(variants, frames, args.rounds, args.seconds, args.warmup, results)
                 if args.soak and batched:
                     print(f"[bench] soak: {args.soak_clients} clients on /predict for "
