@@ -181,7 +181,7 @@ def main() -> int:
                     ray.shutdown()
 
     load = os.getloadavg()[0]
-    print(f"\nmobilenet_v2 @ {args.size}px, stage '{args.stage}', batch {args.batch}/worker, "
+    print(f"\n{args.backbone} @ {args.size}px, stage '{args.stage}', batch {args.batch}/worker, "
           f"{args.steps} steps x {args.epochs} epochs (last reported), {args.cpus} CPUs, "
           f"{args.rounds} rounds, load average {load:.1f}")
     print("| loop | worker niceness | precision | workers x threads | images/s (median) "
