@@ -41,21 +41,66 @@ def test_the_report_sees_training_modules():
     assert loaded_training_modules(code) == ["faceage.data.datasets"]
 
 
-def test_the_inference_modules_load_no_training_code():
-    assert loaded_training_modules(
-        "import faceage.inference.images, faceage.inference.detection, "
-        "faceage.inference.alignment, faceage.inference.pipeline, faceage.inference.stream, "
-        "faceage.inference.modelfile, faceage.inference.preprocess, "
-        "faceage.inference.annotate") == []
+# One fresh interpreter imports each entry point in turn, the torch-free ones first, and reports
+# what is loaded after each: a module loaded by an earlier step is still there at a later report,
+# so each step's report covers the steps before it too (one interpreter start, not four: each
+# takes 5-15 s here). pandas is made unimportable from the start: Ray Serve imports it itself
+# when it is installed (ray/serve/_private/utils.py, optional); faceage's code must not need it.
+STEPS = {
+    # faceage/serving/app.py (the Ingress replicas' module) and what the Ingress unpickles from
+    # the model deployments (Face, AgeEstimates) and /stream's NextFrameSearch: no torch.
+    "ingress": "import faceage.serving.app, faceage.inference.interval, "
+               "faceage.inference.detection, faceage.inference.stream",
+    "inference": "import faceage.inference.images, faceage.inference.detection, "
+                 "faceage.inference.alignment, faceage.inference.pipeline, "
+                 "faceage.inference.stream, faceage.inference.modelfile, "
+                 "faceage.inference.preprocess, faceage.inference.annotate",
+    # What `faceage predict` imports before it touches a photo: its parser and its modules.
+    "predict": "from faceage.cli import build_parser\n"
+               "build_parser('predict').parse_args(['predict', 'x.jpg'])\n"
+               "import faceage.inference.predict, faceage.inference.annotate, "
+               "faceage.inference.modelfile",
+    "serve": "import faceage.serving.app, faceage.serving.deployments",
+}
+TORCH_SIDE = ("torch", "torchvision", "facenet_pytorch", "faceage.inference.modelfile",
+              "faceage.serving.deployments")
 
 
-def test_predict_command_imports_no_training_code():
-    """What `faceage predict` imports before it touches a photo: its parser and its modules."""
-    code = ("from faceage.cli import build_parser\n"
-            "build_parser('predict').parse_args(['predict', 'x.jpg'])\n"
-            "import faceage.inference.predict, faceage.inference.annotate\n"
-            "import faceage.inference.modelfile\n")
-    assert loaded_training_modules(code) == []
+@pytest.fixture(scope="module")
+def loaded_after_each_step() -> dict[str, dict[str, list[str]]]:
+    """``{step: {"training": [...], "torch": [...]}}``: what was loaded once the step ran."""
+    code = "import json, sys\nsys.modules['pandas'] = None\nreports = {}\n"
+    for step, imports in STEPS.items():
+        code += imports + "\n" + (
+            f"reports[{step!r}] = {{'training': sorted(m for m in sys.modules if sys.modules[m] "
+            f"is not None and any(m == t or m.startswith(t + '.') for t in {TRAINING!r})), "
+            f"'torch': sorted(m for m in {TORCH_SIDE!r} if m in sys.modules)}}\n")
+    code += "print(json.dumps(reports))\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_ingress_module_loads_no_torch(loaded_after_each_step):
+    """The model deployments live in faceage/serving/deployments.py, which only the application
+    builder imports."""
+    assert loaded_after_each_step["ingress"] == {"training": [], "torch": []}
+
+
+def test_the_inference_modules_load_no_training_code(loaded_after_each_step):
+    assert loaded_after_each_step["inference"]["training"] == []
+    assert "torch" in loaded_after_each_step["inference"]["torch"]  # the step did import
+
+
+def test_predict_command_imports_no_training_code(loaded_after_each_step):
+    assert loaded_after_each_step["predict"]["training"] == []
+
+
+def test_serve_app_imports_no_training_code(loaded_after_each_step):
+    """faceage/serving/app.py's and faceage/serving/deployments.py's closure."""
+    assert loaded_after_each_step["serve"]["training"] == []
+    assert "faceage.serving.deployments" in loaded_after_each_step["serve"]["torch"]
 
 
 @pytest.mark.slow
@@ -66,28 +111,3 @@ def test_faceage_predict_run_imports_no_training_code(astronaut_path):
             "assert rc == 0, rc\n")
     assert loaded_training_modules(code) == []
 
-
-def test_serve_app_imports_no_training_code():
-    """faceage/serving/app.py's and faceage/serving/deployments.py's closure, with pandas made
-    unimportable: Ray Serve imports pandas itself when it is installed
-    (ray/serve/_private/utils.py, optional), faceage's code must not need it."""
-    code = ("import sys\nsys.modules['pandas'] = None\n"
-            "import faceage.serving.app, faceage.serving.deployments\n")
-    assert loaded_training_modules(code) == []
-
-
-def test_the_ingress_module_loads_no_torch():
-    """faceage/serving/app.py (the Ingress replicas' module) without torch: the model deployments
-    live in faceage/serving/deployments.py, which only the application builder imports; what the
-    Ingress unpickles from them (Face, AgeEstimates) is torch-free too, and so is /stream's
-    NextFrameSearch."""
-    code = ("import sys\nimport faceage.serving.app\n"
-            "import faceage.inference.interval, faceage.inference.detection\n"
-            "import faceage.inference.stream\n"
-            "import json\nprint(json.dumps(sorted(m for m in ('torch', 'torchvision', "
-            "'facenet_pytorch', 'faceage.inference.modelfile', 'faceage.serving.deployments') "
-            "if m in sys.modules)))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
