@@ -137,4 +137,3 @@ def load_onnx_weights(net: DlibAgeNet, path: str | Path) -> DlibAgeNet:
         for param, value in pairs:
             param.copy_(value)
     return net
-
