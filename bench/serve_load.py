@@ -429,7 +429,8 @@ def main() -> int:
                 service = (stack.enter_context(LocalServe(config, num_cpus=args.num_cpus,
                                                           timeout=900)) if batched else None)
                 # The in-process variants run while Serve is up and idle, in the same rounds;
-                # so do the other instances' (--env-variant): each idles while another runs.
+                # so do the other instances' (--env-variant, --set-variant): each idles while
+                # another runs.
                 variants = inproc + (serve_variants(service.url, batched, args.clients,
                                                     args.in_flight) if batched else [])
                 for label, env, more in instances if batched else []:
