@@ -19,6 +19,12 @@ def served_engines(info: dict) -> dict[str, str]:
     return {"age": info["engine"]["engine"], **{n: e["engine"] for n, e in detector.items()}}
 
 
+def auto_pick(probe_ms: dict[str, float]) -> str:
+    """What ``auto`` must pick from its probe's medians: ONNX Runtime where it takes under 1/1.1
+    of torch's time, else torch (stated here apart from faceage.inference.engines)."""
+    return "onnxruntime" if probe_ms["onnxruntime"] * 1.1 < probe_ms["torch"] else "torch"
+
+
 @contextmanager
 def engines_pinned(engines: dict[str, str]) -> Iterator[None]:
     """``auto`` in this process picks ``engines[network]`` instead of probing.

@@ -1,5 +1,5 @@
 """ONNX Runtime against torch (faceage.inference.engines): the same faces and the same ages from
-either runtime, and ``auto`` keeping the faster of the two."""
+either runtime, and ``auto`` keeping the clearly faster of the two."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from faceage.inference.modelfile import load_model_file
 from faceage.inference.overlap import iou
 from testkit.frames import group_photo, place
 from testkit.models import untrained_model_file
+from testkit.served import auto_pick
 
 pytest.importorskip("onnxruntime")
 
@@ -85,24 +86,19 @@ def test_onnxruntime_gives_the_ages_torch_gives(model_kind, laplace_model, tmp_p
                 np.testing.assert_allclose(sa, sb, atol=0.1, rtol=0)
 
 
-def clear_winner(ms: dict[str, float]) -> str:
-    """``auto``'s rule: ONNX Runtime where it takes under 1/1.1 of torch's time, else torch."""
-    return "onnxruntime" if ms["onnxruntime"] * 1.1 < ms["torch"] else "torch"
-
-
 def test_auto_times_both_and_keeps_a_clear_winner(laplace_model):
     model = load_model_file(laplace_model, engine="auto")
     info = model.engine.info()
     assert info["asked"] == "auto" and info["chosen_by"] == "probe" and info["threads"] == 1
     ms = info["probe_ms"]
     assert set(ms) == {"torch", "onnxruntime"} and all(v > 0 for v in ms.values())
-    assert info["engine"] == clear_winner(ms)
+    assert info["engine"] == auto_pick(ms)
     detector = FaceDetector(DetectorConfig(engine="auto"))
     assert set(detector.engines) == {"pnet", "rnet", "onet"}
     for choice in detector.engines.values():
-        assert choice["engine"] == clear_winner(choice["probe_ms"])
-    assert clear_winner({"torch": 10.0, "onnxruntime": 9.5}) == "torch"  # even: stays on torch
-    assert clear_winner({"torch": 10.0, "onnxruntime": 9.0}) == "onnxruntime"
+        assert choice["engine"] == auto_pick(choice["probe_ms"])
+    assert auto_pick({"torch": 10.0, "onnxruntime": 9.5}) == "torch"  # even: stays on torch
+    assert auto_pick({"torch": 10.0, "onnxruntime": 9.0}) == "onnxruntime"
 
 
 def test_an_unknown_engine_is_refused_with_the_choices():

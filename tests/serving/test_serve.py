@@ -32,7 +32,7 @@ from faceage.inference.modelfile import read_model_file
 from faceage.runtime import wait_until
 from testkit.frames import jpeg
 from testkit.photos import png_header_only
-from testkit.served import assert_same_faces, cli_faces, served_engines
+from testkit.served import assert_same_faces, auto_pick, cli_faces, served_engines
 
 # Every test here needs the session's Serve application (minutes to start on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -305,9 +305,7 @@ def test_health_model_and_docs(serve_url, serve_model_file):
     assert set(model["detector"]["engines"]) == {"pnet", "rnet", "onet"}
     for e in engines:
         assert e["engine"] in ("torch", "onnxruntime") and e["asked"] == "auto"
-        ms = e["probe_ms"]  # ONNX Runtime only for a clear win (engines.PROBE_MARGIN)
-        assert e["chosen_by"] == "probe" and e["engine"] == (
-            "onnxruntime" if ms["onnxruntime"] * 1.1 < ms["torch"] else "torch")
+        assert e["chosen_by"] == "probe" and e["engine"] == auto_pick(e["probe_ms"])
     assert model["limits"]["max_body_bytes"] == MAX_BODY
     interval = model["interval"]
     assert interval["coverage"] == 0.8 and interval["method"] in (
