@@ -351,6 +351,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, *lines])
 
 
+def as_overrides(items) -> dict:
+    """``KEY=VALUE`` items (``--set``'s syntax) as ``{"dotted.key": value}``, for LocalServe."""
+    return {".".join(keys): value for keys, value in map(parse_override, items)}
+
+
 def key_values(parser: argparse.ArgumentParser, flag: str, spec: str) -> list[list[str]]:
     """``A=1,B=2`` as ``[["A", "1"], ["B", "2"]]``; a malformed one stops with a usage error."""
     pairs = [item.split("=", 1) for item in spec.split(",") if item]
@@ -394,14 +399,13 @@ def main() -> int:
     # Each other instance: (label, its environment, its serve/config.yaml overrides).
     instances = [(spec, dict(key_values(p, "--env-variant", spec)), {})
                  for spec in args.env_variant]
-    instances += [(spec, {}, {".".join(keys): value for keys, value in map(
-                      parse_override, ("=".join(kv) for kv in key_values(p, "--set-variant",
-                                                                         spec)))})
+    instances += [(spec, {}, as_overrides("=".join(pair)
+                                          for pair in key_values(p, "--set-variant", spec)))
                   for spec in args.set_variant]
     apply_ray_env_defaults()
     from faceage.serving.app import ServeArgs
 
-    overrides = {".".join(keys): value for keys, value in map(parse_override, args.overrides)}
+    overrides = as_overrides(args.overrides)
     serve_args = ServeArgs()
     profiles = {"photo profile": serve_args.detector,
                 "stream profile": serve_args.stream_detector}
