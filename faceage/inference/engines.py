@@ -54,6 +54,10 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor,
     ``x`` has the ``dynamic`` axes (``{0: "n"}``: any batch size). Modules take their
     export-friendly path while ``torch.onnx.is_in_onnx_export()`` (plain layouts, no oneDNN)."""
     buf = io.BytesIO()
+    # The exporter puts back the training flag the top module had, on every submodule: a
+    # wrapper left in train mode would turn the network's BatchNorm to batch statistics, and the
+    # next torch call would overwrite its running statistics.
+    module.eval()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The tracer warns about every Python int taken from a shape; the dynamic axes are
         # declared, and the parity tests check the graph at other sizes.

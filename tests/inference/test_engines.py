@@ -101,6 +101,26 @@ def test_auto_times_both_and_keeps_a_clear_winner(laplace_model):
     assert auto_pick({"torch": 10.0, "onnxruntime": 9.0}) == "onnxruntime"
 
 
+def test_choosing_a_runtime_leaves_the_torch_network_as_the_file_has_it(laplace_model):
+    """Exporting and timing the network leave it in eval mode with the file's BatchNorm
+    statistics, so ages from auto's torch pick are ``--engine torch``'s. (The exporter once
+    put the wrapper's train mode back on the network; the probe's torch calls then overwrote
+    the running statistics, and torch predicted on batch statistics.)"""
+    from faceage.inference.modelfile import read_model_file
+
+    _, state = read_model_file(laplace_model)
+    rng = np.random.default_rng(2)
+    crops = [rng.integers(0, 256, (80, 80, 3), dtype=np.uint8) for _ in range(3)]
+    want = load_model_file(laplace_model, engine="torch").predict(crops)
+    for engine in ("auto", "onnxruntime"):
+        model = load_model_file(laplace_model, engine=engine)
+        assert not any(m.training for m in model.net.modules()), engine
+        assert all(torch.equal(v, state[k]) for k, v in model.net.state_dict().items()), engine
+        with torch.inference_mode():
+            ages = model.net(model.preprocess(crops)).numpy()
+        np.testing.assert_allclose(ages, want, atol=1e-4, rtol=0)
+
+
 def test_an_unknown_engine_is_refused_with_the_choices():
     with pytest.raises(UserError, match="engine 'tensorrt': choose one of auto, torch, "
                                         "onnxruntime"):
