@@ -1,4 +1,4 @@
-"""The ``faceage`` command: prepare, train, tune, evaluate, predict, up, corrections."""
+"""The ``faceage`` command: prepare, train, tune, evaluate, calibrate, predict, up, corrections."""
 
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ COMMAND_TABLE = (
             "Evaluate a model file; writes a JSON report and a PNG.",
             "faceage.training.evaluate:add_evaluate_arguments",
             "faceage.training.evaluate:run_evaluate"),
+    Command("calibrate", "refit a model file's age interval on validation faces",
+            "Predict the val split of a training config's sources by the path faceage predict "
+            "takes and refit the model's age interval on it; writes a new model file.",
+            "faceage.training.calibrate:add_calibrate_arguments",
+            "faceage.training.calibrate:run_calibrate_command"),
     Command("up", "Ray head, dashboard, Serve API and Streamlit app, locally",
             "Start a Ray head with its dashboard (or use $RAY_ADDRESS), the Serve application of "
             "serve/config.yaml and the Streamlit app; Ctrl-C stops them all.",

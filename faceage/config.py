@@ -242,6 +242,9 @@ class TrainConfig(StrictModel):
     )
     channels_last: bool = True
     eval_tta: bool = Field(False, description="average with the flipped image when validating")
+    eval_zoom: float | None = Field(
+        None, gt=0.5, lt=1.0, description="with eval_tta, also average a closer view of each "
+        "face (this share of each side) and its mirror; the model file's tta_zoom")
     keep_checkpoints: int = Field(2, ge=1, description="best N checkpoints kept, by val MAE")
     checkpoint_every: int = Field(5, ge=1, description="checkpoint when val MAE improves, at "
                                   "the last epoch, and at least every N epochs")

@@ -104,6 +104,7 @@ class _AgesAndScales(torch.nn.Module):
     def __init__(self, net: AgeNet):
         super().__init__()
         self.net = net
+        self.train(net.training)  # a new Module is in train mode; it follows the network's
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ages, scales = self.net.forward_with_scale(x)
@@ -143,6 +144,15 @@ class AgeModel:
         route (``faceage predict``, ``evaluate``, Serve); a face and its mirror then read the
         same. Model files written before this was recorded say no."""
         return bool(self.metadata.get("flip_average", False))
+
+    @property
+    def tta_zoom(self) -> float | None:
+        """With the mirror average on, each face is also seen closer: the centre ``tta_zoom``
+        of each side of its crop (``closer_view``), with its mirror image, and the ages and
+        scales are the mean of the four views (``train.eval_zoom``, how the model was validated
+        and its interval calibrated). None: the face and its mirror only."""
+        zoom = self.metadata.get("tta_zoom")
+        return None if zoom is None else float(zoom)
 
     def resolve_tta(self, tta: bool | None) -> bool:
         """``tta`` as asked (``--tta``/``--no-tta``, ``args.tta``), else ``flip_average``."""
@@ -190,9 +200,10 @@ class AgeModel:
                 "residual_bounds": [round(lo, 3), round(hi, 3)],
                 "per_face_width": cal.method == "scaled-residual"}
 
-    def preprocess(self, crops: list[np.ndarray]) -> torch.Tensor:
-        """HxWx3 uint8 RGB face crops → a normalised batch, exactly as at evaluation time."""
-        return crops_to_batch(crops, self.metadata["preprocessing"])
+    def preprocess(self, crops: list[np.ndarray], zoom: float | None = None) -> torch.Tensor:
+        """HxWx3 uint8 RGB face crops → a normalised batch, exactly as at evaluation time
+        (``zoom``: of their ``closer_view``)."""
+        return crops_to_batch(crops, self.metadata["preprocessing"], zoom)
 
     @torch.inference_mode()
     def predict_batch_with_scale(self, batch: torch.Tensor,
@@ -212,12 +223,16 @@ class AgeModel:
 
     def predict_with_scale(self, crops: list[np.ndarray], tta: bool = False,
                            batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-        """Ages and scales (years; None for a one-output head) for a list of face crops."""
+        """Ages and scales (years; None for a one-output head) for a list of face crops; with
+        ``tta``, the mean over each face and its mirror image (and their ``tta_zoom`` views)."""
+        zooms = (None, self.tta_zoom) if tta and self.tta_zoom else (None,)
         ages, scales = [], []
         for i in range(0, len(crops), batch_size):
-            a, s = self.predict_batch_with_scale(self.preprocess(crops[i:i + batch_size]), tta)
-            ages.append(a)
-            scales.append(s)
+            chunk = crops[i:i + batch_size]
+            batch = torch.cat([self.preprocess(chunk, zoom) for zoom in zooms])
+            a, s = self.predict_batch_with_scale(batch, tta)
+            ages.append(a.reshape(len(zooms), -1).mean(axis=0))
+            scales.append(None if s is None else s.reshape(len(zooms), -1).mean(axis=0))
         if not ages:
             empty = np.zeros(0, dtype=np.float32)
             return empty, (None if self.net.uncertainty == "none" else empty)

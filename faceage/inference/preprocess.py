@@ -37,10 +37,23 @@ def preprocessing_metadata(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD
     }
 
 
-def crops_to_batch(crops: Sequence[np.ndarray], preprocessing: dict) -> torch.Tensor:
-    """HxWx3 uint8 RGB face crops → a normalised batch, as ``preprocessing`` metadata says."""
+def closer_view(images: torch.Tensor, share: float | None) -> torch.Tensor:
+    """The centre of (B)CHW images, ``share`` of each side: the face seen closer (one of the
+    views the mirror average takes with a model's ``tta_zoom``). As many pixels go from each
+    edge, so the closer view of a mirror image is the mirror image of the closer view."""
+    if share is None or share >= 1:
+        return images
+    h, w = images.shape[-2:]
+    top, left = round(h * (1 - share) / 2), round(w * (1 - share) / 2)
+    return images[..., top:h - top, left:w - left]
+
+
+def crops_to_batch(crops: Sequence[np.ndarray], preprocessing: dict,
+                   zoom: float | None = None) -> torch.Tensor:
+    """HxWx3 uint8 RGB face crops → a normalised batch, as ``preprocessing`` metadata says
+    (``zoom``: of each crop's ``closer_view``)."""
     tf = eval_transform(int(preprocessing["input_size"]), preprocessing["mean"],
                         preprocessing["std"])
     # np.require copies only read-only or strided arrays (np.asarray(PIL image) is read-only).
     tensors = [torch.from_numpy(np.require(c, np.uint8, ["C", "W"])) for c in crops]
-    return torch.stack([tf(t.permute(2, 0, 1)) for t in tensors])
+    return torch.stack([tf(closer_view(t.permute(2, 0, 1), zoom)) for t in tensors])

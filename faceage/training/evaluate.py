@@ -37,15 +37,16 @@ from faceage.training.report import (
 )
 
 BATCH_IMAGES = 32
-PREDICTION_COLUMNS = ["path", "age", "pred", "age_low", "age_high", "faces", "status"]
+PREDICTION_COLUMNS = ["path", "age", "pred", "age_low", "age_high", "scale", "faces", "status"]
 
 
 def evaluate_model(model, rows: pd.DataFrame, detect: bool, tta: bool = False,
                    detector=None, progress: bool = True,
                    coverage: float = DEFAULT_COVERAGE, grayscale: bool = False) -> pd.DataFrame:
     """Per-image predictions of ``rows`` (``path``, ``age``): ``path, age, pred, age_low,
-    age_high, faces, status`` (``age_low``/``age_high``: the central ``coverage`` interval
-    around ``pred``; ``status``: ok, no-face or unreadable).
+    age_high, scale, faces, status`` (``age_low``/``age_high``: the central ``coverage``
+    interval around ``pred``; ``scale``: the head's, NaN for a one-output head; ``status``: ok,
+    no-face or unreadable).
 
     Without ``detect`` the whole image is the face (pre-cropped data, as in training); with it,
     the largest detected face is aligned by the model's crop policy. ``grayscale``: every photo
@@ -62,7 +63,7 @@ def evaluate_model(model, rows: pd.DataFrame, detect: bool, tta: bool = False,
         crops, owners = [], []
         for path, age in zip(chunk["path"], chunk["age"], strict=True):
             row = {"path": path, "age": float(age), "pred": np.nan, "age_low": np.nan,
-                   "age_high": np.nan, "faces": 0, "status": "ok"}
+                   "age_high": np.nan, "scale": np.nan, "faces": 0, "status": "ok"}
             out.append(row)
             try:
                 image = load_image(path)
@@ -82,9 +83,13 @@ def evaluate_model(model, rows: pd.DataFrame, detect: bool, tta: bool = False,
             crops.append(faces[0].crop)
             owners.append(row)
         if crops:
-            estimates = model.estimate(crops, tta=tta, coverage=coverage)
-            for row, (pred, low, high) in zip(owners, estimates, strict=True):
-                row["pred"], row["age_low"], row["age_high"] = pred, low, high
+            ages, scales = model.predict_with_scale(crops, tta=tta)
+            # float32 ends, as ``AgeModel.estimate`` gives them
+            lows, highs = (a.astype(np.float32) for a in
+                           model.calibration.interval(ages, scales, coverage))
+            for i, row in enumerate(owners):
+                row.update(pred=float(ages[i]), age_low=float(lows[i]), age_high=float(highs[i]),
+                           scale=np.nan if scales is None else float(scales[i]))
         bar.update(len(chunk))
     bar.close()
     return pd.DataFrame(out, columns=PREDICTION_COLUMNS)

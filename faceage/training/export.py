@@ -73,6 +73,8 @@ def export_best(result, cfg: Config, run_dir: Path,
         # Validated (and its interval calibrated) on the mean of each face and its mirror:
         # every route predicts so by default.
         "flip_average": bool(cfg.train.eval_tta),
+        **({"tta_zoom": cfg.train.eval_zoom} if cfg.train.eval_tta and cfg.train.eval_zoom
+           else {}),
         "crop_policy": run_data.crop_policy,
         "data": data_metadata(run_data, cfg.data.split, latest.get("data_summary", {})),
         "metrics": {k: v for k, v in best_metrics.items()

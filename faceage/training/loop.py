@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from faceage.data.augment import BatchAugment
+from faceage.inference.preprocess import closer_view
 from faceage.models.network import laplace_range_nll
 from faceage.training.schedule import Stage, UnfreezeSchedule
 
@@ -183,10 +184,11 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def predict(model, loader, ctx: StepContext, transform,
-            tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def predict(model, loader, ctx: StepContext, transform, tta: bool,
+            zoom: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicted ages for every batch of uint8 images in ``loader`` (in order), and their Laplace
-    scales in years (None for a one-output head); with ``tta`` both average the flipped image's."""
+    scales in years (None for a one-output head); with ``tta`` both average the flipped image's,
+    and with ``zoom`` too, the flipped and plain ``closer_view``'s (``AgeModel.tta_zoom``)."""
     model.eval()
     laplace = getattr(_inner(model), "uncertainty", "none") == "laplace"
 
@@ -197,17 +199,17 @@ def predict(model, loader, ctx: StepContext, transform,
         return ages.float(), scales.float()
 
     ages_out, scales_out = [], []
+    zooms = (None, zoom) if tta and zoom else (None,)
     for images, _ in loader:
-        x = ctx.memory_format(transform(ctx.to_device(images)))
+        images = ctx.to_device(images)
+        views = [ctx.memory_format(transform(closer_view(images, z))) for z in zooms]
+        if tta:
+            views += [torch.flip(x, dims=[3]) for x in views]
         with ctx.autocast():
-            p, s = run(x)
-            if tta:
-                pf, sf = run(torch.flip(x, dims=[3]))
-                p = (p + pf) / 2
-                s = None if s is None else (s + sf) / 2
-        ages_out.append(p.cpu().numpy())
-        if s is not None:
-            scales_out.append(s.cpu().numpy())
+            outs = [run(x) for x in views]
+        ages_out.append(torch.stack([p for p, _ in outs]).mean(0).cpu().numpy())
+        if laplace:
+            scales_out.append(torch.stack([s for _, s in outs]).mean(0).cpu().numpy())
     ages = np.concatenate(ages_out) if ages_out else np.zeros(0, np.float32)
     if not laplace:
         return ages, None

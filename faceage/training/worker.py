@@ -177,7 +177,7 @@ def validate(run: WorkerRun) -> tuple[dict, IntervalCalibration, dict]:
     check_replicas_agree(run.model, run.world)
     share_buffers(run.model, run.world)
     preds, scales = predict(run.model, run.val_loader, run.ctx, run.val_transform,
-                            run.cfg.train.eval_tta)
+                            run.cfg.train.eval_tta, run.cfg.train.eval_zoom)
     preds = gather(preds, run.world)
     scales = None if scales is None else gather(scales, run.world)
     low, high = run.val_range[:, 0], run.val_range[:, 1]

@@ -223,6 +223,47 @@ def test_a_flip_averaged_model_reads_a_face_and_its_mirror_the_same_on_every_rou
     assert FacePipeline(load_model_file(model_path), no_face="whole").tta is False
 
 
+def test_a_closer_view_of_a_mirror_image_is_the_mirror_image_of_the_closer_view():
+    from faceage.inference.preprocess import closer_view
+
+    for h, w in ((64, 64), (71, 70), (200, 203)):
+        x = torch.rand(2, 3, h, w)
+        view = closer_view(x, 0.92)
+        assert view.shape[-1] == w - 2 * round(w * 0.04) < w
+        assert view.shape[-2] == h - 2 * round(h * 0.04) < h
+        assert torch.equal(closer_view(torch.flip(x, dims=[3]), 0.92), torch.flip(view, dims=[3]))
+        assert closer_view(x, None) is x and closer_view(x, 1.0) is x
+
+
+def test_a_closer_view_joins_the_mirror_average_where_the_model_file_says(model_path, tmp_path):
+    """``tta_zoom``: with the mirror average, ages and scales are the mean of four views (the
+    crop, its closer view and their mirror images); a face and its mirror still read alike, and
+    ``tta=False`` is still the plain network."""
+    torch.manual_seed(0)
+    # dlib's network: untrained, MobileNetV2's features are all but zero for every face
+    net = build_model("dlib_age_resnet", "none", head_hidden=16, dropout=0.0,
+                      uncertainty="laplace").eval()
+    path = save_model_file(net, tmp_path / "zoom.pt", {
+        "preprocessing": preprocessing_metadata(SIZE), "metrics": {"val_mae": 6.0},
+        "flip_average": True, "tta_zoom": 0.8})
+    model = load_model_file(path)
+    assert model.tta_zoom == 0.8 and model.resolve_tta(None)
+    assert load_model_file(model_path).tta_zoom is None  # files without it: the mirror only
+    images = crops(SIZE, 71, 100)
+    ages, scales = model.predict_with_scale(images, tta=True)
+    views = [model.preprocess(images, zoom) for zoom in (None, 0.8)]
+    with torch.inference_mode():
+        outs = [net.forward_with_scale(v) for x in views for v in (x, torch.flip(x, dims=[3]))]
+    assert np.allclose(ages, torch.stack([a for a, _ in outs]).mean(0).numpy(), atol=1e-4)
+    assert np.allclose(scales, torch.stack([s for _, s in outs]).mean(0).numpy(), atol=1e-4)
+    mirrors = [np.ascontiguousarray(c[:, ::-1]) for c in images]
+    assert np.allclose(model.predict(mirrors, tta=True), ages, atol=1e-4)
+    with torch.inference_mode():
+        plain = net.forward_with_scale(model.preprocess(images))[0].numpy()
+    assert np.allclose(model.predict(images, tta=False), plain, atol=1e-5)
+    assert not np.allclose(plain, ages, atol=1e-3)
+
+
 def test_metadata_reads_without_torch_as_the_loader_reads_it(model_path):
     """``faceage --version`` reads the model's name and version without importing torch."""
     from faceage.inference.model_metadata import model_file_metadata

@@ -120,6 +120,41 @@ def test_predict_returns_scales_of_a_laplace_head_and_averages_them_with_the_fli
     assert np.allclose(tta_scales[:3], ((s + fs) / 2).numpy(), atol=1e-4)
 
 
+def test_predict_with_a_zoom_averages_the_closer_view_and_both_mirrors_as_inference_does(
+        tmp_path):
+    """``train.eval_zoom``: validation averages four views, as a model file with that
+    ``tta_zoom`` predicts, so the interval is calibrated on the ages users get."""
+    from faceage.inference.modelfile import load_model_file, save_model_file
+    from faceage.inference.preprocess import closer_view, preprocessing_metadata
+
+    from faceage.models.network import build_model
+
+    torch.manual_seed(0)  # dlib's network: untrained, MobileNetV2 reads every face alike
+    model = build_model("dlib_age_resnet", "none", head_hidden=8, dropout=0.0,
+                        uncertainty="laplace")
+    ctx = StepContext(torch.device("cpu"), None, channels_last=False, scaler=None)
+    loader = two_batches()
+    ages, scales = predict(model, loader, ctx, eval_transform(32), tta=True, zoom=0.75)
+    images = next(iter(loader))[0]
+    views = [eval_transform(32)(closer_view(images, z)) for z in (None, 0.75)]
+    model.eval()
+    with torch.no_grad():
+        outs = [model.forward_with_scale(v) for x in views for v in (x, torch.flip(x, dims=[3]))]
+    assert np.allclose(ages[:3], torch.stack([a for a, _ in outs]).mean(0).numpy(), atol=1e-4)
+    assert np.allclose(scales[:3], torch.stack([s for _, s in outs]).mean(0).numpy(), atol=1e-4)
+    flip_only, _ = predict(model, loader, ctx, eval_transform(32), tta=True)
+    assert not np.allclose(ages, flip_only, atol=1e-3)
+    assert np.array_equal(predict(model, loader, ctx, eval_transform(32), tta=False, zoom=0.75)[0],
+                          predict(model, loader, ctx, eval_transform(32), tta=False)[0])
+
+    path = save_model_file(model, tmp_path / "zoom.pt", {
+        "preprocessing": preprocessing_metadata(32), "flip_average": True, "tta_zoom": 0.75})
+    crops = [im.permute(1, 2, 0).numpy() for im in images]
+    served_ages, served_scales = load_model_file(path).predict_with_scale(crops, tta=True)
+    assert np.allclose(served_ages, ages[:3], atol=1e-4)
+    assert np.allclose(served_scales, scales[:3], atol=1e-4)
+
+
 def test_the_scale_term_leaves_every_age_gradient_as_plain_l1():
     """The Laplace term trains only the scale row: trunk, hidden layer and age row get exactly
     the gradient of the configured age loss alone."""
