@@ -256,7 +256,8 @@ class TrainConfig(StrictModel):
         "mirror, or two framings of it, read the same; doubles each step's work (0: off)")
     stop_patience: int | None = Field(
         None, ge=1, description="end the last stage once val MAE has not improved for this "
-                                "many of its epochs (null: every planned epoch runs)")
+                                "many of its epochs, counted once half the stage has run "
+                                "(null: every planned epoch runs)")
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own console logs (INFO adds a line per report)"
     )

@@ -51,13 +51,18 @@ class Progress:
     checkpoint_time: float = field(default_factory=time.monotonic)
 
 
-def stops_early(history: list[dict], last_stage: int, patience: int | None) -> bool:
+def stops_early(history: list[dict], last_stage: int, patience: int | None,
+                settle: int = 0) -> bool:
     """Whether the last stage has gone ``patience`` epochs without a better val MAE than its
-    best (``train.stop_patience``): val MAE has stopped falling, more epochs would only cost."""
+    best (``train.stop_patience``): val MAE has stopped falling, more epochs would only cost.
+
+    Never before the stage has run ``settle`` epochs: while its LR is high (warmup, the top of
+    the cosine) val MAE is often worse than at the stage's first epoch, and falls as the LR
+    decays. The worker passes half the stage."""
     if patience is None:
         return False
     maes = [h[METRIC] for h in history if h["stage"] == last_stage]
-    if len(maes) <= patience:
+    if len(maes) <= patience or len(maes) < settle:
         return False
     best = maes.index(min(maes))
     return len(maes) - 1 - best >= patience

@@ -124,7 +124,9 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
     loss_fn = make_loss(run.cfg.train.loss)
     wrapped, optimizer, stage_index = run.model, None, None
     last_stage = len(run.cfg.schedule.stages) - 1
-    if stops_early(progress.history, last_stage, run.cfg.train.stop_patience):
+    # The stop counts once half the last stage has run (``stops_early``).
+    settle = (run.cfg.schedule.stages[-1].epochs + 1) // 2
+    if stops_early(progress.history, last_stage, run.cfg.train.stop_patience, settle):
         return  # a run that stopped early, started again: it is done
     for epoch in range(progress.start_epoch, run.total_epochs):
         stage = run.schedule.stage_at(epoch)
@@ -156,7 +158,8 @@ def train_epochs(run: WorkerRun, progress: Progress) -> None:
         }
         train = run.cfg.train
         now = time.monotonic()
-        stopping = stops_early([*progress.history, metrics], last_stage, train.stop_patience)
+        stopping = stops_early([*progress.history, metrics], last_stage, train.stop_patience,
+                               settle)
         due = stopping or checkpoint_due(progress, metrics, run.total_epochs,
                                          train.checkpoint_every, train.checkpoint_minutes, now)
         if due:

@@ -317,6 +317,11 @@ def test_the_last_stage_stops_once_val_mae_stops_falling():
     assert not stops_early(history(6.0, 6.1, stage=1), 2, 1)  # not yet in the last stage
     # The earlier stages' better val MAE does not count against the last stage.
     assert not stops_early(history(7.0, 6.9, earlier=(5.0, 4.0)), 2, 1)
+    # Not before half the stage has run: the run of dlib64-balance075 (a 24-epoch last stage,
+    # patience 4), whose val MAE rose while the LR was high, stopped at its 5th epoch.
+    rising = history(5.28, 5.54, 5.37, 5.59, 5.60)
+    assert stops_early(rising, 2, 4) and not stops_early(rising, 2, 4, settle=12)
+    assert stops_early(history(5.28, *[5.5] * 11), 2, 4, settle=12)
 
 
 def test_consistency_trains_both_views_and_penalises_their_difference():
