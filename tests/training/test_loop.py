@@ -126,7 +126,6 @@ def test_predict_with_a_zoom_averages_the_closer_view_and_both_mirrors_as_infere
     ``tta_zoom`` predicts, so the interval is calibrated on the ages users get."""
     from faceage.inference.modelfile import load_model_file, save_model_file
     from faceage.inference.preprocess import closer_view, preprocessing_metadata
-
     from faceage.models.network import build_model
 
     torch.manual_seed(0)  # dlib's network: untrained, MobileNetV2 reads every face alike
