@@ -9,7 +9,9 @@ import pytest
 
 from faceage.cli import main
 from faceage.config import AGE_BANDS
+from faceage.errors import UserError
 from faceage.inference.modelfile import load_model_file
+from faceage.training.calibrate import refit_interval
 from faceage.training.evaluate import evaluation_data
 
 
@@ -66,3 +68,25 @@ def test_calibrate_refuses_to_overwrite_its_model_and_a_bad_zoom(untrained_model
         main(["calibrate", "--data", f"utkface:{tmp_path / 'a'}", "--tta-zoom", "0.3",
               "--out", str(tmp_path / "x.pt")])
     assert "give a share of the side above 0.5" in capsys.readouterr().err
+
+
+def test_refit_interval_fits_exact_ages_and_ranges_only_without_them():
+    """As the worker does: exact-age faces only where there are any (range rows count to their
+    middle only in a run with no exact ages); a one-output head's NaN scales give the
+    plain-residual method; faceless rows never count."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(5, 70, 200)
+    exact = pd.DataFrame({"status": "ok", "pred": pred, "age": pred + rng.laplace(0, 4, 200),
+                          "scale": 4.0, "source": "a"})
+    exact = exact.assign(range_low=exact["age"], range_high=exact["age"])
+    ranges = exact.assign(range_low=exact["age"] - 3, range_high=exact["age"] + 3, source="b")
+    faceless = exact.assign(status="no-face")
+    cal, covered = refit_interval(pd.concat([exact, ranges, faceless], ignore_index=True))
+    assert cal.samples == 200 and cal.method == "scaled-residual"
+    assert 0.7 < covered["coverage"] <= 1 and covered["mean_width"] > 0
+    assert refit_interval(ranges)[0].samples == 200
+    assert refit_interval(exact.assign(scale=np.nan))[0].method == "residual"
+    with pytest.raises(UserError, match="no validation face"):
+        refit_interval(faceless)
