@@ -18,17 +18,9 @@ import numpy as np
 import torch
 
 from faceage.config import load_config
-from faceage.data.prepared_sources import prepare_raw_sources
-from faceage.data.run_data import RunData
 from faceage.inference.images import load_image
 from faceage.inference.modelfile import load_model_file
-
-
-def split_rows(config: str, split: str):
-    data = load_config(config).with_absolute_paths().data
-    run = RunData.read(data)
-    table = prepare_raw_sources(run.table, data, run.report)
-    return table[table["split"] == split].reset_index(drop=True)
+from faceage.training.calibrate import prepared_split
 
 
 def scores(rows, ages: np.ndarray) -> dict[str, float]:
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (a replica's one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = split_rows(args.config, args.split)
+    _, rows = prepared_split(load_config(args.config).with_absolute_paths().data, args.split)
     faces = [load_image(path) for path in rows["path"]]
     model = load_model_file(args.model, engine="auto")
     table = []

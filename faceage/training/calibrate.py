@@ -45,10 +45,19 @@ def refit_interval(preds) -> tuple[IntervalCalibration, dict[str, float]]:
     return cal, covered
 
 
-def run_calibrate_command(args: argparse.Namespace, out=None) -> int:
-    """Predict the validation split, refit the interval, write ``args.out``."""
+def prepared_split(data, split: str):
+    """The rows of ``data``'s ``split``, photo sources on their aligned crops (detected once and
+    cached, as training reads them), and the ``RunData`` they come from."""
     from faceage.data.prepared_sources import prepare_raw_sources
     from faceage.data.run_data import RunData
+
+    run = RunData.read(data)
+    table = prepare_raw_sources(run.table, data, run.report)
+    return run, table[table["split"] == split].reset_index(drop=True)
+
+
+def run_calibrate_command(args: argparse.Namespace, out=None) -> int:
+    """Predict the validation split, refit the interval, write ``args.out``."""
     from faceage.inference.modelfile import load_model_file, save_model_file
     from faceage.training.evaluate import evaluate_model, evaluation_data
 
@@ -60,11 +69,7 @@ def run_calibrate_command(args: argparse.Namespace, out=None) -> int:
         model.metadata.pop("tta_zoom", None)
         if args.tta_zoom < 1:
             model.metadata["tta_zoom"] = args.tta_zoom
-    data = evaluation_data(args, model.metadata)
-    run = RunData.read(data)
-    # Photo sources on their aligned crops, detected once and cached as training reads them.
-    table = prepare_raw_sources(run.table, data, run.report)
-    rows = table[table["split"] == "val"].reset_index(drop=True)
+    run, rows = prepared_split(evaluation_data(args, model.metadata), "val")
     if rows.empty:
         raise UserError("these sources have no validation images under the model's split")
     preds = evaluate_model(model, rows, detect=False, tta=model.resolve_tta(None)).assign(
