@@ -88,7 +88,7 @@ def main() -> None:
     print("making the photos ...", flush=True)
     twelve = phone_jpeg(12)
     photos = {"640x480 JPEG": small_jpeg(), "12 MP JPEG q95": twelve,
-              "48 MP JPEG q85": phone_jpeg(48), "12 MP HEIC": phone_heic()}
+              "48 MP JPEG q85": phone_jpeg(48), "12 MP HEIC": phone_heic(preset="medium")}
     at_limit = twelve + b"\0" * (MAX_BODY - len(twelve))
     rounds: list[dict[str, dict]] = []
     with LocalServe({"args.model_path": args.model}, num_cpus=2, timeout=900) as service:

@@ -44,9 +44,11 @@ def phone_jpeg(megapixels: int = 12, quality: int | None = None) -> bytes:
 
 
 @lru_cache(maxsize=2)
-def phone_heic(turned: bool = True) -> bytes:
+def phone_heic(turned: bool = True, preset: str = "ultrafast") -> bytes:
     """A 12-megapixel HEIC (4032x3024 upright); ``turned``: stored a quarter turn off with
-    EXIF orientation 6, as a phone held upright-sideways saves it."""
+    EXIF orientation 6, as a phone held upright-sideways saves it. ``preset``: x265's encoder
+    preset; "ultrafast" encodes in a quarter of the time of "medium" (x265's default, 2.3 s
+    against 8.4 s here) and any HEVC decoder reads both."""
     import pillow_heif
 
     pillow_heif.register_heif_opener()
@@ -56,7 +58,7 @@ def phone_heic(turned: bool = True) -> bytes:
         scene = scene.transpose(Image.Transpose.ROTATE_90)
         exif[0x0112] = 6
     buf = io.BytesIO()
-    scene.save(buf, "HEIF", quality=50, exif=exif.tobytes())
+    scene.save(buf, "HEIF", quality=50, exif=exif.tobytes(), enc_params={"preset": preset})
     return buf.getvalue()
 
 

@@ -253,6 +253,7 @@ def test_ray_head_reads_back_the_ports_ray_picked_and_stops_everything(tmp_path)
     assert not head.temp_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_workers_run_at_ordinary_priority(ray_local):
     """Ray's default worker niceness (15 more than the node's) would make a Ray Train worker

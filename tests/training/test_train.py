@@ -239,15 +239,16 @@ def test_cli_prints_the_message_without_a_traceback(tiny_utkface, tmp_path, caps
     assert "Traceback" not in err
 
 
-def test_python_m_faceage_train_goes_through_the_cli(tiny_utkface, tmp_path):
+def test_python_m_faceage_train_goes_through_the_cli():
+    """``python -m faceage.train ARGS`` is ``faceage train ARGS`` (its help, which loads no
+    torch: a fresh interpreter that imports the training code takes 10-25 s here)."""
     import subprocess
     import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "faceage.train", "--set",
-         *tiny_settings(tiny_utkface, tmp_path, "x", tmp_path), "model.backbone=alexnet"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown backbone 'alexnet'")
+    proc = subprocess.run([sys.executable, "-m", "faceage.train", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: faceage train ") and "--config" in proc.stdout
 
 
 @pytest.mark.slow
