@@ -19,21 +19,15 @@ import sys
 
 import numpy as np
 import pandas as pd
-import torch
 
 from faceage.config import AGE_BANDS
+from faceage.data.sampling import band_labels
 from faceage.inference.interval import band_index
 from faceage.inference.modelfile import load_model_file
 from faceage.training.calibrate import prepared_split
 from faceage.training.evaluate import evaluate_model, evaluation_data
 
 SIGNED = ("13-19", "20-30", "56-66", "67+")
-
-
-def band_names() -> list[str]:
-    edges = list(AGE_BANDS)
-    return [f"{lo:g}-{hi - 1:g}" for lo, hi in zip(edges, edges[1:], strict=False)] + \
-        [f"{edges[-1]:g}+"]
 
 
 def predictions(path: str, config: str, split: str) -> pd.DataFrame:
@@ -46,7 +40,7 @@ def predictions(path: str, config: str, split: str) -> pd.DataFrame:
 
 
 def table(label: str, preds: pd.DataFrame) -> tuple[list[str], pd.Series]:
-    names = band_names()
+    names = band_labels(AGE_BANDS)
     lines, per_source = [], []
     for source, rows in preds.groupby("source", sort=False):
         err = rows["pred"] - rows["age"]
@@ -66,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="a training config: its data sources")
     p.add_argument("--split", default="val", choices=("val", "test"))
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     models = [m.split("=", 1) if "=" in m else (m, m) for m in args.model]
     rows, bands = [], {}
     for label, path in models:
@@ -78,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
           + " |\n|---|---|---:|---:|---:|" + "---:|" * len(SIGNED))
     print("\n".join(rows))
     print("\n## Band MAE, mean over the sources\n")
-    names = band_names()
+    names = band_labels(AGE_BANDS)
     print("| model | " + " | ".join(names) + " | mean |\n|---|" + "---:|" * (len(names) + 1))
     for label, by_band in bands.items():
         print(f"| {label} | " + " | ".join(f"{by_band[b]:.2f}" for b in names)
