@@ -27,6 +27,7 @@ from faceage.inference.modelfile import load_model_file
 from faceage.training.calibrate import prepared_split
 from faceage.training.evaluate import evaluate_model, evaluation_data
 
+BANDS = band_labels(AGE_BANDS)  # 0-6, 7-12, ..., 67+
 SIGNED = ("13-19", "20-30", "56-66", "67+")
 
 
@@ -40,13 +41,12 @@ def predictions(path: str, config: str, split: str) -> pd.DataFrame:
 
 
 def table(label: str, preds: pd.DataFrame) -> tuple[list[str], pd.Series]:
-    names = band_labels(AGE_BANDS)
     lines, per_source = [], []
     for source, rows in preds.groupby("source", sort=False):
         err = rows["pred"] - rows["age"]
-        band = pd.Series(np.asarray(names)[band_index(rows["age"], AGE_BANDS)], index=rows.index)
-        mae = err.abs().groupby(band).mean().reindex(names)
-        signed = err.groupby(band).mean().reindex(names)
+        band = pd.Series(np.asarray(BANDS)[band_index(rows["age"], AGE_BANDS)], index=rows.index)
+        mae = err.abs().groupby(band).mean().reindex(BANDS)
+        signed = err.groupby(band).mean().reindex(BANDS)
         per_source.append(mae)
         lines.append(f"| {label} | {source} | {len(rows)} | {err.abs().mean():.2f} | "
                      f"{mae.mean():.2f} | " + " | ".join(f"{signed[b]:+.2f}" for b in SIGNED)
@@ -71,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
           + " |\n|---|---|---:|---:|---:|" + "---:|" * len(SIGNED))
     print("\n".join(rows))
     print("\n## Band MAE, mean over the sources\n")
-    names = band_labels(AGE_BANDS)
-    print("| model | " + " | ".join(names) + " | mean |\n|---|" + "---:|" * (len(names) + 1))
+    print("| model | " + " | ".join(BANDS) + " | mean |\n|---|" + "---:|" * (len(BANDS) + 1))
     for label, by_band in bands.items():
-        print(f"| {label} | " + " | ".join(f"{by_band[b]:.2f}" for b in names)
+        print(f"| {label} | " + " | ".join(f"{by_band[b]:.2f}" for b in BANDS)
               + f" | **{by_band.mean():.2f}** |")
     return 0
 
